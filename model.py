@@ -1,0 +1,542 @@
+"""
+VANS models: the VLM that reasons about what happens next and writes a caption,
+the VDM that renders the caption as a video, and the flow-matching steps that
+sampling and Joint-GRPO stage 2 are built on.
+
+    VLM  Qwen2.5-VL-3B-Instruct (+ LoRA r8/alpha32)    6 frames + question -> [Think]..[/Think][Ans]..[/Ans]
+    VDM  Wan2.1-T2V-1.3B: umT5 text encoder, Wan VAE, Wan DiT
+         caption + 6 reference latents of the input clip -> 9 latent frames -> 33 frames
+
+Reference-frame conditioning (as the official release): the input clip's 33
+frames are VAE-encoded to 9 latent frames; 6 of them, linspace(0, 8, 6) =
+[0, 1, 3, 4, 6, 8], are concatenated in front of the 9 noisy target frames on
+the time axis (RoPE positions 0-5 refs, 6-14 targets), the DiT sees one global
+timestep, and only its output on the 9 target frames is used. The refs stay
+clean at every step.
+
+Presets: "full" (hub weights; the configs below let tests build it on the meta
+device) and "tiny" (same classes, small random configs, tokenizers built in
+process: no files needed).
+"""
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+SYSTEM_PROMPT = (
+    "You will be given a video. Your task is to predict the next event based on the input video and the "
+    "user's instructions. Please begin by providing your detailed reasoning between the [Think]/[/Think] "
+    "tags, followed by your detailed description of the next event within the [Ans]/[/Ans] tags."
+)
+# Wan's default negative prompt (English), as in diffusers' WanPipeline example
+NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
+    "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly "
+    "drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy "
+    "background, three legs, many people in the background, walking backwards"
+)
+VLM_FRAMES = 6        # frames the VLM sees, sampled uniformly (official: min = max = 6 frames at fps 1)
+N_REFS = 6            # reference latent frames given to the DiT
+TEXT_LEN = 512        # umT5 max text length
+LORA = dict(r=8, lora_alpha=32, lora_dropout=0.05,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+HUB = {"qwen": "Qwen/Qwen2.5-VL-3B-Instruct", "wan": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "vans": "KlingTeam/VANS"}
+
+# Architecture configs. "full" mirrors the hub configs (used on the meta device
+# and to check parameter counts); "tiny" is for tests and the Shapes world.
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+CONFIGS = {
+    "full": dict(
+        vlm=dict(text_config=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                                  num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=128000,
+                                  rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                                  rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}),
+                 vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                                    out_hidden_size=2048, fullatt_block_indexes=[7, 15, 23, 31], window_size=112,
+                                    tokens_per_second=2),
+                 tie_word_embeddings=True),
+        dit=dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
+                 out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+                 qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
+        vae=dict(),  # AutoencoderKLWan defaults are Wan2.1's VAE
+        text=dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                  relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                  feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+        vlm_pixels=(128 * 28 * 28, 768 * 28 * 28),  # qwen-vl-utils' video min/max pixels per frame
+    ),
+    "tiny": dict(
+        vlm=dict(text_config=dict(vocab_size=256 + len(QWEN_SPECIAL), hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=8192, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                                  tie_word_embeddings=True,
+                                  rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+                 vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                                    fullatt_block_indexes=[1], window_size=112, tokens_per_second=2),
+                 tie_word_embeddings=True),
+        dit=dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=24, in_channels=16,
+                 out_channels=16, text_dim=32, freq_dim=32, ffn_dim=96, num_layers=2, cross_attn_norm=True,
+                 qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
+        vae=dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                 latents_mean=[0.0] * 16, latents_std=[1.0] * 16),
+        text=dict(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                  relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                  feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+        vlm_pixels=(4 * 28 * 28, 16 * 28 * 28),
+    ),
+}
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+# -----------------------------------------------------------------------------
+# building the networks
+
+def byte_tokenizer():
+    """Qwen2's byte-level BPE with no merges (one token per byte) and Qwen's special
+    tokens: the tiny VLM's tokenizer, built without any file."""
+    from tokenizers import pre_tokenizers
+    from transformers import Qwen2Tokenizer
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab.update({s: 256 + i for i, s in enumerate(QWEN_SPECIAL)})
+    return Qwen2Tokenizer(vocab=vocab, merges=[], additional_special_tokens=QWEN_SPECIAL[1:])
+
+
+def vlm_processor(tokenizer, preset):
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+    lo, hi = CONFIGS[preset]["vlm_pixels"]
+    video = Qwen2VLVideoProcessor(size={"shortest_edge": lo, "longest_edge": hi}, cap_pixels_per_frame=True)
+    return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer, video_processor=video)
+
+
+def build_vlm_net(preset, tokenizer):
+    """Random-init Qwen2.5-VL of a preset (under `with torch.device("meta")` for counting)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    ids = {f"{n}_token_id": tokenizer.convert_tokens_to_ids(t) for n, t in
+           [("image", "<|image_pad|>"), ("video", "<|video_pad|>"), ("vision_start", "<|vision_start|>"),
+            ("vision_end", "<|vision_end|>")]}
+    cfg = dict(CONFIGS[preset]["vlm"])
+    special = dict(bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                   pad_token_id=tokenizer.pad_token_id)
+    cfg["text_config"] = {**cfg["text_config"], **special}
+    return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**cfg, **ids, **special))
+
+
+def build_vdm_nets(preset):
+    """Random-init (DiT, VAE, umT5 encoder) of a preset."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+    c = CONFIGS[preset]
+    return WanTransformer3DModel(**c["dit"]), AutoencoderKLWan(**c["vae"]), UMT5EncoderModel(UMT5Config(**c["text"]))
+
+
+# -----------------------------------------------------------------------------
+# the VLM
+
+def chat_prompt(question, answer=None):
+    """Qwen2.5-VL's chat format with the paper's system prompt and the video in
+    front of the question; with an answer, the full SFT sequence."""
+    p = (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n"
+         f"<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>{question}<|im_end|>\n"
+         f"<|im_start|>assistant\n")
+    return p if answer is None else p + answer + "<|im_end|>"
+
+
+def extract(text, tag):
+    m = re.search(rf"\[{tag}\](.*?)\[/{tag}\]", text, re.S)
+    return m.group(1).strip() if m else None
+
+
+def caption_of(text):
+    """The VDM's caption: the text inside [Ans]...[/Ans], or the whole output if absent."""
+    ans = extract(text, "Ans")
+    return ans if ans is not None else text.strip()
+
+
+class VLM:
+    """Qwen2.5-VL (optionally a peft LoRA model around it) + its processor."""
+
+    def __init__(self, model, processor):
+        self.model, self.processor = model, processor
+        self.processor.tokenizer.padding_side = "left"  # generation appends on the right
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def inputs(self, videos, questions, answers=None):
+        """Processor inputs for a batch. videos: uint8 (VLM_FRAMES, H, W, 3) each,
+        treated as sampled at 1 fps (as the official release)."""
+        texts = [chat_prompt(q, a) for q, a in zip(questions, answers or [None] * len(questions))]
+        return self.processor(text=texts, videos=list(videos), video_metadata=[{"fps": 1.0, "total_num_frames": len(v)} for v in videos],
+                              padding=True, return_tensors="pt").to(self.device)
+
+    @torch.no_grad()
+    def generate(self, videos, questions, greedy=False, temperature=0.7, top_p=0.9, max_new_tokens=1024):
+        """-> list of completions (text after the assistant tag, special tokens removed)."""
+        tok = self.processor.tokenizer
+        inp = self.inputs(videos, questions)
+        # explicit sampling settings, so the hub's generation_config.json (top_k=1, repetition_penalty 1.05) does not apply
+        sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+        out = self.model.generate(**inp, max_new_tokens=max_new_tokens, repetition_penalty=1.0, **sampling,
+                                  eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id)
+        return tok.batch_decode(out[:, inp["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+# -----------------------------------------------------------------------------
+# the VDM
+
+def flow_sigmas(steps, shift=5.0):
+    """The Euler flow-matching schedule of the official release (DiffSynth's Wan
+    scheduler): s = linspace(1, 0, steps + 1)[:-1], shifted s' = shift s / (1 + (shift - 1) s),
+    then a final 0. (steps + 1,) float32; the DiT is given timestep 1000 s."""
+    s = torch.linspace(1, 0, steps + 1, dtype=torch.float32)[:-1]
+    s = shift * s / (1 + (shift - 1) * s)
+    return torch.cat([s, s.new_zeros(1)])
+
+
+def euler_step(v, x, sigma, sigma_next):
+    """Deterministic ODE step x' = x + (s' - s) v."""
+    return x + (sigma_next - sigma) * v
+
+
+def sde_step_with_logprob(v, x, sigma, sigma_next, noise_level=0.7, prev_sample=None, generator=None):
+    """One ODE->SDE step of Flow-GRPO (Liu et al. 2025, Eq. 9-10), with the log-density of its sample.
+
+    With dt = s' - s < 0 and a = noise_level:
+        std  = a sqrt(s / (1 - s))                 (s' in the denominator when s == 1)
+        mean = x + dt (v + std^2 / (2 s) (x + (1 - s) v))
+        x'   = mean + std sqrt(-dt) eps
+        log p(x') = mean over non-batch elements of
+                    -(x' - mean)^2 / (2 std^2 |dt|) - log(std sqrt|dt|) - log sqrt(2 pi)
+    sigma / sigma_next: floats or (B,) tensors. If prev_sample is given it is scored,
+    not sampled. Returns (prev_sample, log_prob (B,), mean, std * sqrt(-dt)).
+    """
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(shape)
+    s_next = torch.as_tensor(sigma_next, dtype=torch.float32, device=x.device).reshape(shape)
+    v, x = v.float(), x.float()
+    dt = s_next - s
+    std = noise_level * torch.sqrt(s / (1 - torch.where(s == 1, s_next, s)))
+    mean = x + dt * (v + std ** 2 / (2 * s) * (x + (1 - s) * v))
+    step_std = std * torch.sqrt(-dt)
+    if prev_sample is None:
+        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        prev_sample = mean + step_std * eps
+    log_prob = (-(prev_sample.detach() - mean) ** 2 / (2 * step_std ** 2) - torch.log(step_std)
+                - math.log(math.sqrt(2 * math.pi)))
+    return prev_sample, log_prob.mean(dim=tuple(range(1, x.dim()))), mean, step_std
+
+
+class VDM:
+    """Wan2.1: umT5 text encoder + VAE + DiT, with reference-frame conditioning.
+    n_refs = 0 is plain text-to-video (the Qwen-Wan baseline)."""
+
+    def __init__(self, dit, vae, text_encoder, tokenizer, n_refs=N_REFS):
+        self.dit, self.vae, self.text_encoder, self.tokenizer, self.n_refs = dit, vae, text_encoder, tokenizer, n_refs
+        z = vae.config.z_dim
+        self.latents_mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1)
+        self.latents_std = torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1)
+
+    @property
+    def device(self):
+        return next(self.dit.parameters()).device
+
+    @torch.no_grad()
+    def encode_text(self, prompts):
+        """umT5 embeddings (B, 512, D), zero past each prompt's length (as Wan)."""
+        from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+        t = self.tokenizer([prompt_clean(p) for p in prompts], padding="max_length", max_length=TEXT_LEN,
+                           truncation=True, add_special_tokens=True, return_tensors="pt")
+        dev = next(self.text_encoder.parameters()).device
+        h = self.text_encoder(t.input_ids.to(dev), t.attention_mask.to(dev)).last_hidden_state
+        return (h * t.attention_mask.to(dev)[..., None]).to(self.device, self.dit.dtype)
+
+    @torch.no_grad()
+    def encode_video(self, video):
+        """float (B, 3, T, H, W) in [-1, 1] -> normalised latents (B, 16, 1 + (T - 1) / 4, H / 8, W / 8),
+        the posterior mean (as DiffSynth encodes)."""
+        dev = next(self.vae.parameters()).device
+        z = self.vae.encode(video.to(dev, self.vae.dtype)).latent_dist.mode().float()
+        return (z - self.latents_mean.to(dev)) / self.latents_std.to(dev)
+
+    @torch.no_grad()
+    def decode(self, latents):
+        """normalised latents -> float (B, 3, T, H, W) in [-1, 1]."""
+        dev = next(self.vae.parameters()).device
+        z = latents.to(dev).float() * self.latents_std.to(dev) + self.latents_mean.to(dev)
+        return self.vae.decode(z.to(self.vae.dtype)).sample.float().clamp(-1, 1)
+
+    def ref_latents(self, clip_latents):
+        """The N_REFS reference frames of the input clip's latents, linspace(0, T - 1, n).long():
+        [0, 1, 3, 4, 6, 8] of 9. None when the model takes no references."""
+        if self.n_refs == 0:
+            return None
+        idx = torch.linspace(0, clip_latents.shape[2] - 1, self.n_refs).long()
+        return clip_latents[:, :, idx]
+
+    def velocity(self, x, sigma, text, refs=None):
+        """DiT velocity on the target frames. x: (B, C, T, h, w) noisy targets; refs: (B, C, n, h, w)
+        clean references placed in front on the time axis; sigma: float or (B,)."""
+        B, T = x.shape[0], x.shape[2]
+        inp = x if refs is None else torch.cat([refs.to(x), x], dim=2)  # (B, C, n + T, h, w)
+        t = (torch.as_tensor(sigma, dtype=torch.float32, device=x.device) * 1000).expand(B)
+        out = self.dit(hidden_states=inp.to(self.dit.dtype), timestep=t, encoder_hidden_states=text,
+                       return_dict=False)[0]
+        return out[:, :, -T:].float()
+
+    def guided_velocity(self, x, sigma, text, neg, refs=None, cfg=5.0):
+        """Classifier-free guidance, both branches in one batched forward."""
+        if cfg == 1.0:
+            return self.velocity(x, sigma, text, refs)
+        r2 = None if refs is None else torch.cat([refs, refs])
+        v_cond, v_neg = self.velocity(torch.cat([x, x]), sigma, torch.cat([text, neg]), r2).chunk(2)
+        return v_neg + cfg * (v_cond - v_neg)
+
+    @torch.no_grad()
+    def sample(self, text, neg=None, refs=None, frames=33, height=352, width=640, steps=50, cfg=5.0,
+               shift=5.0, generator=None, latents=None, progress=False):
+        """Euler flow-matching ODE from noise to normalised latents (B, 16, 1 + (frames - 1) / 4, h, w).
+        Noise is drawn in float32 on the generator's device, as diffusers does."""
+        B = text.shape[0]
+        shape = (B, self.dit.config.in_channels, (frames - 1) // 4 + 1, height // 8, width // 8)
+        if latents is None:
+            gen_dev = generator.device if generator is not None else torch.device("cpu")
+            latents = torch.randn(shape, generator=generator, device=gen_dev, dtype=torch.float32)
+        x = latents.to(self.device, torch.float32)
+        if neg is None and cfg != 1.0:
+            neg = self.encode_text([NEGATIVE_PROMPT] * B)
+        sigmas = flow_sigmas(steps, shift).to(x.device)  # float32, as the scheduler computes them
+        for i in tqdm(range(steps), disable=not progress, desc="denoise"):
+            v = self.guided_velocity(x, sigmas[i], text, neg, refs, cfg)
+            x = euler_step(v, x, sigmas[i], sigmas[i + 1])
+        return x
+
+
+# -----------------------------------------------------------------------------
+# loading: presets, the official VANS release, and our own checkpoints
+
+def _load_strict(module, sd, what):
+    """load_state_dict that names what does not match, in one line."""
+    own = module.state_dict()
+    missing, extra = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    bad = [k for k in set(own) & set(sd) if own[k].shape != sd[k].shape]
+    if missing or extra or bad:
+        parts = [f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
+                 f"{len(extra)} unexpected (e.g. {extra[0]})" if extra else "",
+                 f"{len(bad)} of wrong shape (e.g. {bad[0]}: {tuple(sd[bad[0]].shape)} vs {tuple(own[bad[0]].shape)})"
+                 if bad else ""]
+        raise CheckpointError(f"{what}: keys do not match the model: " + "; ".join(p for p in parts if p))
+    module.load_state_dict(sd, strict=True)
+
+
+def wan_to_diffusers(sd):
+    """Original Wan / DiffSynth DiT key names -> diffusers' WanTransformer3DModel names."""
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+    return convert_wan_transformer_to_diffusers(dict(sd))
+
+
+def lora_to_peft(sd):
+    """The official vlm.safetensors LoRA keys -> the keys of our peft model's state_dict.
+    Handles the `mllmagent.mllm_backbone.` / `pipe.mllm.mllm_backbone.` prefixes, with or
+    without `base_model.model.`, with or without the adapter name, and the pre-4.52
+    transformers layout (`model.layers.*`, `visual.*`) as well as the current one
+    (`model.language_model.layers.*`, `model.visual.*`)."""
+    out = {}
+    for k, v in sd.items():
+        k = re.sub(r"^(mllmagent\.mllm_backbone\.|pipe\.mllm\.mllm_backbone\.)", "", k)
+        k = re.sub(r"^base_model\.model\.", "", k)
+        if k.startswith("visual."):
+            k = "model." + k
+        elif k.startswith("model.") and not k.startswith(("model.language_model.", "model.visual.")):
+            k = "model.language_model." + k[len("model."):]
+        k = re.sub(r"\.(lora_[AB])\.weight$", r".\1.default.weight", k)
+        out["base_model.model." + k] = v
+    return out
+
+
+def add_lora(model):
+    from peft import LoraConfig, get_peft_model
+    return get_peft_model(model, LoraConfig(**LORA))
+
+
+def load_vans_lora(peft_model, sd, what="vlm.safetensors"):
+    """Load official LoRA weights into a peft model: every LoRA weight of the model
+    must be given and every given weight must land (the official loader drops mismatches)."""
+    sd = lora_to_peft(sd)
+    own = {k for k in peft_model.state_dict() if ".lora_" in k}
+    missing, extra = sorted(own - set(sd)), sorted(set(sd) - own)
+    if missing or extra:
+        parts = [f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
+                 f"{len(extra)} unexpected (e.g. {extra[0]})" if extra else ""]
+        raise CheckpointError(f"{what}: LoRA keys do not match the model: " + "; ".join(p for p in parts if p))
+    res = peft_model.load_state_dict(sd, strict=False)
+    assert not res.unexpected_keys
+
+
+def hub_paths(**given):
+    """Local paths of the hub repos named by keyword (qwen=..., wan=..., vans=...; a value
+    is a local copy or None): the cache if they are there, else a download. Offline or
+    unreachable, one error naming every missing repo instead of a retry loop."""
+    from huggingface_hub import snapshot_download
+    paths, missing = {}, []
+    for key, path in given.items():
+        if path is not None:
+            if not os.path.isdir(path):
+                raise CheckpointError(f"--{key} {path}: no such directory")
+            paths[key] = path
+            continue
+        try:
+            paths[key] = snapshot_download(HUB[key], local_files_only=True)
+        except Exception:
+            missing.append(key)
+    if missing:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        if offline or not _hub_reachable():
+            raise CheckpointError(
+                f"weights not in the local Hugging Face cache and the hub is "
+                f"{'disabled (HF_HUB_OFFLINE=1)' if offline else 'unreachable'}: "
+                + "; ".join(f"{HUB[k]} (download with `hf download {HUB[k]}`, or pass --{k} /local/copy)"
+                            for k in missing))
+        for key in missing:
+            paths[key] = snapshot_download(HUB[key])
+    return paths
+
+
+def _hub_reachable(timeout=3.0):
+    import socket
+    from urllib.parse import urlparse
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_tiny(seed=0):
+    """Random tiny models (deterministic for a seed)."""
+    from transformers import ByT5Tokenizer
+    torch.manual_seed(seed)
+    tok = byte_tokenizer()
+    vlm = VLM(build_vlm_net("tiny", tok).eval(), vlm_processor(tok, "tiny"))
+    dit, vae, te = build_vdm_nets("tiny")
+    return vlm, VDM(dit.eval(), vae.eval(), te.eval(), ByT5Tokenizer())
+
+
+def load_base(qwen, wan, dtype=torch.bfloat16):
+    """Qwen2.5-VL-3B-Instruct and Wan2.1-T2V-1.3B-Diffusers from local snapshot directories."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, UMT5EncoderModel
+    processor = Qwen2_5_VLProcessor.from_pretrained(qwen)
+    lo, hi = CONFIGS["full"]["vlm_pixels"]
+    processor.video_processor.size = {"shortest_edge": lo, "longest_edge": hi}
+    processor.video_processor.cap_pixels_per_frame = True
+    vlm = VLM(Qwen2_5_VLForConditionalGeneration.from_pretrained(qwen, dtype=dtype).eval(), processor)
+    vdm = VDM(WanTransformer3DModel.from_pretrained(wan, subfolder="transformer", torch_dtype=dtype).eval(),
+              AutoencoderKLWan.from_pretrained(wan, subfolder="vae", torch_dtype=torch.float32).eval(),
+              UMT5EncoderModel.from_pretrained(wan, subfolder="text_encoder", dtype=dtype).eval(),
+              AutoTokenizer.from_pretrained(wan, subfolder="tokenizer"), n_refs=0)
+    return vlm, vdm
+
+
+def load_official(vlm, vdm, vans_dir):
+    """Put the official release (vdm.safetensors: the DiT in Wan naming; vlm.safetensors:
+    LoRA weights) onto base models; turns reference conditioning on."""
+    paths = {n: os.path.join(vans_dir, f"{n}.safetensors") for n in ("vdm", "vlm")}
+    for n, p in paths.items():
+        if not os.path.isfile(p):
+            raise CheckpointError(f"{vans_dir}: {n}.safetensors not found (expected the KlingTeam/VANS files)")
+    dtype = vdm.dit.dtype
+    _load_strict(vdm.dit, {k: v.to(dtype) for k, v in wan_to_diffusers(load_file(paths["vdm"])).items()}, paths["vdm"])
+    vlm.model = add_lora(vlm.model).eval()
+    load_vans_lora(vlm.model, {k: v.to(vlm.model.dtype) for k, v in load_file(paths["vlm"]).items()}, paths["vlm"])
+    vdm.n_refs = N_REFS
+    return vlm, vdm
+
+
+# Our own checkpoint directory (written by save_checkpoint / the training scripts):
+#   meta.json               {"preset": "tiny" | "full", "n_refs": 6, ...}
+#   vlm.safetensors         full VLM weights (tiny preset: the base is random, so it is saved)
+#   vlm_lora/               peft adapter (adapter_config.json + adapter_model.safetensors)
+#   dit.safetensors         DiT, diffusers naming
+#   vae.safetensors, text_encoder.safetensors   (tiny preset, when trained)
+# Every file is optional; whatever is present must match its model exactly.
+
+def save_checkpoint(path, vlm, vdm, meta, parts=("vlm", "vlm_lora", "dit", "vae", "text_encoder")):
+    """Write a checkpoint directory atomically (temp dir, then rename)."""
+    from peft import PeftModel
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-ckpt-")
+    is_peft = isinstance(vlm.model, PeftModel)
+    if "vlm" in parts:
+        base = vlm.model.get_base_model() if is_peft else vlm.model
+        sd = {k: v for k, v in base.state_dict().items() if ".lora_" not in k}
+        if is_peft:  # peft wraps targeted Linear layers: base_layer.weight -> weight
+            sd = {k.replace(".base_layer.", "."): v for k, v in sd.items()}
+        save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(tmp, "vlm.safetensors"))
+    if "vlm_lora" in parts and is_peft:
+        vlm.model.save_pretrained(os.path.join(tmp, "vlm_lora"))
+    for name, module in [("dit", vdm.dit), ("vae", vdm.vae), ("text_encoder", vdm.text_encoder)]:
+        if name in parts:
+            save_file({k: v.contiguous() for k, v in module.state_dict().items()}, os.path.join(tmp, f"{name}.safetensors"))
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump({"n_refs": vdm.n_refs, **meta}, f, indent=2)
+    if os.path.exists(path):
+        old = path + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, path)
+
+
+def load_checkpoint(path, qwen=None, wan=None, dtype=torch.bfloat16):
+    meta_path = os.path.join(path, "meta.json")
+    if not os.path.isfile(meta_path):
+        raise CheckpointError(f"{path}: not a VANS checkpoint directory (no meta.json)")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta.get("preset") not in CONFIGS:
+        raise CheckpointError(f"{meta_path}: 'preset' must be one of {sorted(CONFIGS)}, got {meta.get('preset')!r}")
+    vlm, vdm = load_tiny() if meta["preset"] == "tiny" else load_base(**hub_paths(qwen=qwen, wan=wan), dtype=dtype)
+    f = lambda name: os.path.join(path, name)
+    if os.path.isfile(f("vlm.safetensors")):
+        _load_strict(vlm.model, load_file(f("vlm.safetensors")), f("vlm.safetensors"))
+    if os.path.isdir(f("vlm_lora")):
+        from peft import PeftModel
+        vlm.model = PeftModel.from_pretrained(vlm.model, f("vlm_lora")).eval()
+    for name, module in [("dit", vdm.dit), ("vae", vdm.vae), ("text_encoder", vdm.text_encoder)]:
+        if os.path.isfile(f(f"{name}.safetensors")):
+            sd = load_file(f(f"{name}.safetensors"))
+            _load_strict(module, {k: v.to(next(module.parameters()).dtype) for k, v in sd.items()}, f(f"{name}.safetensors"))
+    vdm.n_refs = meta.get("n_refs", N_REFS)
+    return vlm, vdm
+
+
+def load(name, qwen=None, wan=None, vans=None, dtype=torch.bfloat16):
+    """-> (VLM, VDM) for "vans" (official release), "base" (Qwen-Wan baseline, no refs),
+    "tiny" (random tiny models), or a checkpoint directory of ours. Weights in `dtype`
+    (the VAE stays float32)."""
+    if name == "tiny":
+        return load_tiny()
+    if name == "base":
+        return load_base(**hub_paths(qwen=qwen, wan=wan), dtype=dtype)
+    if name == "vans":
+        p = hub_paths(qwen=qwen, wan=wan, vans=vans)
+        return load_official(*load_base(p["qwen"], p["wan"], dtype), p["vans"])
+    if os.path.isdir(name):
+        return load_checkpoint(name, qwen, wan, dtype)
+    raise CheckpointError(f"--model {name!r}: expected vans, base, tiny, or a checkpoint directory")
