@@ -26,6 +26,7 @@ import re
 import shutil
 import tempfile
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
@@ -178,7 +179,8 @@ class VLM:
         """Processor inputs for a batch. videos: uint8 (VLM_FRAMES, H, W, 3) each,
         treated as sampled at 1 fps (as the official release)."""
         texts = [chat_prompt(q, a) for q, a in zip(questions, answers or [None] * len(questions))]
-        return self.processor(text=texts, videos=list(videos), video_metadata=[{"fps": 1.0, "total_num_frames": len(v)} for v in videos],
+        videos = [np.ascontiguousarray(v) for v in videos]
+        return self.processor(text=texts, videos=videos, video_metadata=[{"fps": 1.0, "total_num_frames": len(v)} for v in videos],
                               padding=True, return_tensors="pt").to(self.device)
 
     @torch.no_grad()
@@ -200,7 +202,7 @@ def flow_sigmas(steps, shift=5.0):
     """The Euler flow-matching schedule of the official release (DiffSynth's Wan
     scheduler): s = linspace(1, 0, steps + 1)[:-1], shifted s' = shift s / (1 + (shift - 1) s),
     then a final 0. (steps + 1,) float32; the DiT is given timestep 1000 s."""
-    s = torch.linspace(1, 0, steps + 1, dtype=torch.float32)[:-1]
+    s = torch.from_numpy(np.linspace(1, 0, steps + 1)[:-1].astype(np.float32))
     s = shift * s / (1 + (shift - 1) * s)
     return torch.cat([s, s.new_zeros(1)])
 
@@ -473,6 +475,17 @@ def load_official(vlm, vdm, vans_dir):
 #   vae.safetensors, text_encoder.safetensors   (tiny preset, when trained)
 # Every file is optional; whatever is present must match its model exactly.
 
+def _save(sd, path):
+    """safetensors save that keeps every key: tied weights (embeddings / lm_head) share
+    storage, which safetensors refuses, so repeats are saved as copies."""
+    seen, out = set(), {}
+    for k, v in sd.items():
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.detach().clone() if ptr in seen else v.detach().contiguous()
+        seen.add(ptr)
+    save_file(out, path)
+
+
 def save_checkpoint(path, vlm, vdm, meta, parts=("vlm", "vlm_lora", "dit", "vae", "text_encoder")):
     """Write a checkpoint directory atomically (temp dir, then rename)."""
     from peft import PeftModel
@@ -485,12 +498,12 @@ def save_checkpoint(path, vlm, vdm, meta, parts=("vlm", "vlm_lora", "dit", "vae"
         sd = {k: v for k, v in base.state_dict().items() if ".lora_" not in k}
         if is_peft:  # peft wraps targeted Linear layers: base_layer.weight -> weight
             sd = {k.replace(".base_layer.", "."): v for k, v in sd.items()}
-        save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(tmp, "vlm.safetensors"))
+        _save(sd, os.path.join(tmp, "vlm.safetensors"))
     if "vlm_lora" in parts and is_peft:
         vlm.model.save_pretrained(os.path.join(tmp, "vlm_lora"))
     for name, module in [("dit", vdm.dit), ("vae", vdm.vae), ("text_encoder", vdm.text_encoder)]:
         if name in parts:
-            save_file({k: v.contiguous() for k, v in module.state_dict().items()}, os.path.join(tmp, f"{name}.safetensors"))
+            _save(module.state_dict(), os.path.join(tmp, f"{name}.safetensors"))
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump({"n_refs": vdm.n_refs, **meta}, f, indent=2)
     if os.path.exists(path):

@@ -1,0 +1,473 @@
+"""
+VANS tests: tiny random models of the real classes, offline, on a CPU.
+    python -m pytest -q                 # everything
+    python -m pytest -q -m "not slow"   # skip the real-output-size test
+"""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import model
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+H, W, T = 64, 112, 33  # tiny test size: latents (16, 9, 8, 14)
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def moving_clip(n=T, h=H, w=W, seed=0, color=(255, 60, 30)):
+    """A square sliding right over a grey background: uint8 (n, h, w, 3)."""
+    rng = np.random.default_rng(seed)
+    frames = np.full((n, h, w, 3), 90, np.uint8) + rng.integers(0, 20, (1, h, w, 3), dtype=np.uint8)
+    s = h // 4
+    for i in range(n):
+        x = int(i * (w - s) / max(n - 1, 1))
+        frames[i, h // 3:h // 3 + s, x:x + s] = color
+    return frames
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return model.load_tiny(seed=0)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("inputs")
+    data.write_video(str(d / "clip.mp4"), moving_clip(40, 96, 160))
+    data.write_video(str(d / "short.mp4"), moving_clip(10, 96, 160))
+    from PIL import Image
+    Image.fromarray(moving_clip(1, 90, 120)[0]).save(d / "image.png")
+    raw = (d / "clip.mp4").read_bytes()
+    (d / "truncated.mp4").write_bytes(raw[:len(raw) // 2])
+    (d / "notvideo.mp4").write_text("this is not a video\n")
+    return d
+
+
+# -----------------------------------------------------------------------------
+# presets
+
+def test_full_presets_parameter_counts():
+    tok = model.byte_tokenizer()  # the token ids only matter for config fields, not for counts
+    with torch.device("meta"):
+        vlm = model.build_vlm_net("full", tok)
+        dit, vae, text = model.build_vdm_nets("full")
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert count(vlm) == 3_754_622_976
+    assert count(dit) == 1_418_996_800
+    assert count(vae) == 126_892_531
+    assert count(text) == 5_680_910_336
+
+
+# -----------------------------------------------------------------------------
+# the VLM
+
+def test_vlm_inputs_and_greedy_generation(tiny):
+    vlm, _ = tiny
+    frames = moving_clip(model.VLM_FRAMES)
+    inp = vlm.inputs([frames], ["What happens next?"])
+    # 3-D RoPE needs the token types and the time per temporal patch (2 frames at 1 fps = 2 s)
+    assert "mm_token_type_ids" in inp and inp["second_per_grid_ts"].tolist() == [2.0]
+    t, h, w = inp["video_grid_thw"][0].tolist()
+    assert t == model.VLM_FRAMES // 2
+    n_video = (inp["input_ids"] == vlm.model.config.video_token_id).sum().item()
+    assert n_video == t * h * w // 4  # 2x2 spatial merge
+    text = vlm.processor.tokenizer.decode(inp["input_ids"][0])
+    assert model.SYSTEM_PROMPT in text and text.endswith("What happens next?<|im_end|>\n<|im_start|>assistant\n")
+    a = vlm.generate([frames, frames[::-1]], ["q1", "a longer question"], greedy=True, max_new_tokens=12)
+    b = vlm.generate([frames, frames[::-1]], ["q1", "a longer question"], greedy=True, max_new_tokens=12)
+    assert a == b and len(a) == 2
+    # batched (left-padded) generation equals one-at-a-time generation
+    assert vlm.generate([frames[::-1]], ["a longer question"], greedy=True, max_new_tokens=12)[0] == a[1]
+
+
+def test_caption_extraction():
+    out = "[Think]The block is on the left.[/Think][Ans] Put the red block on top. [/Ans]"
+    assert model.caption_of(out) == "Put the red block on top."
+    assert model.extract(out, "Think") == "The block is on the left."
+    assert model.caption_of("  no tags here ") == "no tags here"
+    assert model.extract("no tags", "Think") is None
+
+
+# -----------------------------------------------------------------------------
+# the flow-matching sampler against diffusers' WanPipeline
+
+def _pipeline(vdm):
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    class Schedule(FlowMatchEulerDiscreteScheduler):  # the official schedule: shifted linspace(1, 0, n + 1)[:-1]
+        def set_timesteps(self, num_inference_steps, device=None, **kw):
+            super().set_timesteps(sigmas=np.linspace(1, 0, num_inference_steps + 1)[:-1], device=device)
+
+    return WanPipeline(tokenizer=vdm.tokenizer, text_encoder=vdm.text_encoder, vae=vdm.vae, transformer=vdm.dit,
+                       scheduler=Schedule(shift=5.0))
+
+
+def test_flow_sigmas_are_diffusers_shifted_schedule():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    s = FlowMatchEulerDiscreteScheduler(shift=5.0)
+    for n in (4, 20, 50):
+        s.set_timesteps(sigmas=np.linspace(1, 0, n + 1)[:-1])
+        assert torch.equal(model.flow_sigmas(n, 5.0), s.sigmas)
+    u = torch.linspace(1, 0, 51)[:-1]
+    assert torch.allclose(model.flow_sigmas(50)[:-1], 5 * u / (1 + 4 * u))
+
+
+def test_ode_sampler_reproduces_wan_pipeline_exactly(tiny):
+    _, vdm = tiny
+    prompt = "a red ball bounces off the floor"
+    ref = _pipeline(vdm)(prompt=prompt, num_frames=T, height=H, width=W, num_inference_steps=6, guidance_scale=1.0,
+                         output_type="latent", generator=gen(3)).frames
+    ours = vdm.sample(vdm.encode_text([prompt]), frames=T, height=H, width=W, steps=6, cfg=1.0, generator=gen(3))
+    assert ours.shape == (1, 16, 9, H // 8, W // 8)
+    assert torch.equal(ours, ref)
+
+
+def test_cfg_matches_wan_pipeline(tiny):
+    _, vdm = tiny
+    prompt = "a blue square slides to the right"
+    ref = _pipeline(vdm)(prompt=prompt, negative_prompt=model.NEGATIVE_PROMPT, num_frames=T, height=H, width=W,
+                         num_inference_steps=5, guidance_scale=5.0, output_type="latent", generator=gen(1)).frames
+    ours = vdm.sample(vdm.encode_text([prompt]), frames=T, height=H, width=W, steps=5, cfg=5.0, generator=gen(1))
+    # our two branches run as one batch: equal up to float32 rounding
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(ours, vdm.sample(vdm.encode_text([prompt]), frames=T, height=H, width=W, steps=5,
+                                               cfg=1.0, generator=gen(1)), atol=1e-3)
+
+
+# -----------------------------------------------------------------------------
+# the ODE -> SDE step
+
+def _flow_grpo_reference(v, x, s, s_next, a):
+    """Flow-GRPO's step written in its own (expanded) form, for comparison."""
+    std = a * math.sqrt(s / (1 - (s_next if s == 1 else s)))
+    dt = s_next - s
+    mean = x * (1 + std ** 2 / (2 * s) * dt) + v * (1 + std ** 2 * (1 - s) / (2 * s)) * dt
+    return mean, std * math.sqrt(-dt)
+
+
+@pytest.mark.parametrize("s, s_next", [(1.0, 0.96), (0.7, 0.62), (0.2, 0.1)])
+def test_sde_step(s, s_next):
+    g = gen(0)
+    x, v = torch.randn(3, 16, 9, 4, 6, generator=g), torch.randn(3, 16, 9, 4, 6, generator=g)
+    # noise level 0: the mean is the Euler step
+    _, _, mean0, _ = model.sde_step_with_logprob(v, x, s, s_next, noise_level=0.0)
+    torch.testing.assert_close(mean0, model.euler_step(v, x, s, s_next), rtol=0, atol=1e-6)
+    # log-prob against an independent Gaussian log-density
+    prev, logp, mean, std = model.sde_step_with_logprob(v, x, s, s_next, noise_level=0.7, generator=gen(1))
+    ref_mean, ref_std = _flow_grpo_reference(v, x, s, s_next, 0.7)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-5, atol=1e-6)
+    ref_logp = torch.distributions.Normal(ref_mean, ref_std).log_prob(prev).flatten(1).mean(1)
+    assert logp.shape == (3,)
+    torch.testing.assert_close(logp, ref_logp, rtol=1e-5, atol=1e-5)
+    # the sample is that Gaussian: standardised residuals have mean ~0, std ~1 (3 * 3456 draws)
+    z = (prev - ref_mean) / ref_std
+    assert abs(z.mean().item()) < 0.05 and abs(z.std().item() - 1) < 0.05
+    # replaying the transition scores it to the same log-prob: ratio exactly 1
+    _, logp2, _, _ = model.sde_step_with_logprob(v, x, s, s_next, noise_level=0.7, prev_sample=prev)
+    assert torch.equal(torch.exp(logp2 - logp), torch.ones(3))
+    # per-sample sigmas give the same as scalars
+    _, logp3, _, _ = model.sde_step_with_logprob(v, x, torch.full((3,), s), torch.full((3,), s_next), prev_sample=prev)
+    torch.testing.assert_close(logp3, logp)
+
+
+def test_sde_log_prob_has_gradient_through_velocity():
+    x = torch.randn(2, 4, 3, 2, 2)
+    v = torch.randn(2, 4, 3, 2, 2, requires_grad=True)
+    prev, _, _, _ = model.sde_step_with_logprob(v.detach(), x, 0.5, 0.4, generator=gen(0))
+    _, logp, _, _ = model.sde_step_with_logprob(v, x, 0.5, 0.4, prev_sample=prev)
+    logp.sum().backward()
+    assert v.grad is not None and v.grad.abs().sum() > 0
+
+
+# -----------------------------------------------------------------------------
+# reference-frame conditioning
+
+def test_reference_frames(tiny):
+    _, vdm = tiny
+    clip = moving_clip()
+    lat = vdm.encode_video(data.to_tensor(clip)[None])
+    assert lat.shape == (1, 16, 9, H // 8, W // 8)
+    refs = vdm.ref_latents(lat)
+    assert torch.equal(refs, lat[:, :, [0, 1, 3, 4, 6, 8]])
+    # the VAE is causal in chunks of 1 + 4k frames: changing the last 4 frames changes only latent 8 = ref 5
+    clip2 = clip.copy()
+    clip2[29:] = 255 - clip2[29:]
+    refs2 = vdm.ref_latents(vdm.encode_video(data.to_tensor(clip2)[None]))
+    torch.testing.assert_close(refs2[:, :, :5], refs[:, :, :5], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(refs2[:, :, 5], refs[:, :, 5], atol=1e-3)
+
+    # the DiT sees [refs, noisy targets] with clean refs and one timestep at every step
+    seen = []
+    hook = vdm.dit.register_forward_pre_hook(
+        lambda m, args, kw: seen.append((kw["hidden_states"].clone(), kw["timestep"].clone())), with_kwargs=True)
+    text = vdm.encode_text(["the square keeps sliding"])
+    out = vdm.sample(text, refs=refs, frames=T, height=H, width=W, steps=4, cfg=1.0, generator=gen(0))
+    hook.remove()
+    assert out.shape == (1, 16, 9, H // 8, W // 8) and len(seen) == 4
+    for hs, t in seen:
+        assert hs.shape == (1, 16, 15, H // 8, W // 8) and t.shape == (1,)
+        assert torch.equal(hs[:, :, :6], refs)
+    # the refs matter, and the same refs give the same output
+    again = vdm.sample(text, refs=refs, frames=T, height=H, width=W, steps=4, cfg=1.0, generator=gen(0))
+    other = vdm.sample(text, refs=refs2, frames=T, height=H, width=W, steps=4, cfg=1.0, generator=gen(0))
+    plain = vdm.sample(text, refs=None, frames=T, height=H, width=W, steps=4, cfg=1.0, generator=gen(0))
+    assert torch.equal(out, again)
+    assert not torch.allclose(out, other, atol=1e-4) and not torch.allclose(out, plain, atol=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# loading the official release and our own checkpoints
+
+def diffusers_to_wan(sd):
+    """The inverse of diffusers' Wan key conversion, written out independently: diffusers names -> original Wan."""
+    rules = [(r"^condition_embedder\.time_embedder\.linear_1", "time_embedding.0"),
+             (r"^condition_embedder\.time_embedder\.linear_2", "time_embedding.2"),
+             (r"^condition_embedder\.text_embedder\.linear_1", "text_embedding.0"),
+             (r"^condition_embedder\.text_embedder\.linear_2", "text_embedding.2"),
+             (r"^condition_embedder\.time_proj", "time_projection.1"),
+             (r"\.attn1\.", ".self_attn."), (r"\.attn2\.", ".cross_attn."),
+             (r"\.to_q\.", ".q."), (r"\.to_k\.", ".k."), (r"\.to_v\.", ".v."), (r"\.to_out\.0\.", ".o."),
+             (r"\.norm2\.", ".norm3."), (r"\.ffn\.net\.0\.proj\.", ".ffn.0."), (r"\.ffn\.net\.2\.", ".ffn.2."),
+             (r"^(blocks\.\d+)\.scale_shift_table$", r"\1.modulation"),
+             (r"^scale_shift_table$", "head.modulation"), (r"^proj_out\.", "head.head.")]
+    out = {}
+    for k, v in sd.items():
+        for pat, rep in rules:
+            k = re.sub(pat, rep, k)
+        out[k] = v
+    return out
+
+
+def official_lora_keys(sd, prefix="mllmagent.mllm_backbone.", old_layout=True):
+    """Our peft state dict -> the official vlm.safetensors naming (prefix, no adapter name,
+    and optionally the pre-4.52 transformers layout)."""
+    out = {}
+    for k, v in sd.items():
+        k = k.replace(".default.weight", ".weight")
+        if old_layout:
+            k = k.replace("base_model.model.model.language_model.", "base_model.model.model.")
+            k = k.replace("base_model.model.model.visual.", "base_model.model.visual.")
+        out[prefix + k] = v
+    return out
+
+
+def _dit_out(dit):
+    g = gen(5)
+    x = torch.randn(1, 16, 15, 4, 6, generator=g)
+    text = torch.randn(1, 7, dit.config.text_dim, generator=g)
+    return dit(hidden_states=x, timestep=torch.tensor([500.0]), encoder_hidden_states=text).sample
+
+
+def _vlm_logits(vlm):
+    with torch.no_grad():
+        return vlm.model(**vlm.inputs([moving_clip(model.VLM_FRAMES)], ["What next?"])).logits
+
+
+def _randomize_lora(peft_model, seed):
+    g = gen(seed)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if ".lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+@pytest.mark.parametrize("prefix, old_layout", [("mllmagent.mllm_backbone.", True), ("pipe.mllm.mllm_backbone.", False)])
+def test_official_checkpoint_round_trip(tmp_path, prefix, old_layout):
+    from safetensors.torch import save_file
+    # a "trained" VANS: a different DiT and a random LoRA on the tiny VLM
+    src_vlm, src_vdm = model.load_tiny(seed=0)
+    torch.manual_seed(1)
+    src_dit = model.build_vdm_nets("tiny")[0].eval()
+    src_vlm.model = model.add_lora(src_vlm.model).eval()
+    _randomize_lora(src_vlm.model, 2)
+    lora = {k: v for k, v in src_vlm.model.state_dict().items() if ".lora_" in k}
+    assert any(".visual." in k and "gate_proj" in k for k in lora)  # peft matches the vision MLP too
+    save_file(diffusers_to_wan(src_dit.state_dict()), str(tmp_path / "vdm.safetensors"))
+    save_file(official_lora_keys(lora, prefix, old_layout), str(tmp_path / "vlm.safetensors"))
+
+    vlm, vdm = model.load_tiny(seed=0)
+    vdm.n_refs = 0
+    assert not torch.equal(_dit_out(vdm.dit), _dit_out(src_dit))
+    model.load_official(vlm, vdm, str(tmp_path))
+    assert vdm.n_refs == 6
+    assert torch.equal(_dit_out(vdm.dit), _dit_out(src_dit))
+    assert torch.equal(_vlm_logits(vlm), _vlm_logits(src_vlm))
+
+
+def test_official_checkpoint_mismatch_is_an_error():
+    vlm, vdm = model.load_tiny(seed=0)
+    wan = diffusers_to_wan(vdm.dit.state_dict())
+    missing = dict(wan)
+    missing.pop("blocks.1.ffn.2.weight")
+    with pytest.raises(model.CheckpointError, match=r"1 missing \(e\.g\. blocks\.1\.ffn\.net\.2\.weight\)"):
+        model._load_strict(vdm.dit, model.wan_to_diffusers(missing), "vdm.safetensors")
+    extra = {**wan, "blocks.0.extra_gate.weight": torch.zeros(2)}
+    with pytest.raises(model.CheckpointError, match=r"1 unexpected \(e\.g\. blocks\.0\.extra_gate\.weight\)"):
+        model._load_strict(vdm.dit, model.wan_to_diffusers(extra), "vdm.safetensors")
+
+    peft_vlm = model.add_lora(vlm.model)
+    lora = official_lora_keys({k: v for k, v in peft_vlm.state_dict().items() if ".lora_" in k})
+    key = next(k for k in lora if "layers.1.mlp.up_proj.lora_B" in k)
+    lora.pop(key)
+    with pytest.raises(model.CheckpointError, match=r"1 missing \(e\.g\. .*layers\.1\.mlp\.up_proj\.lora_B"):
+        model.load_vans_lora(peft_vlm, lora)
+    lora[key.replace("up_proj", "side_proj")] = torch.zeros(1)
+    with pytest.raises(model.CheckpointError, match=r"unexpected \(e\.g\. .*side_proj"):
+        model.load_vans_lora(peft_vlm, lora)
+
+
+def test_our_checkpoint_round_trip(tmp_path):
+    vlm, vdm = model.load_tiny(seed=0)
+    torch.manual_seed(4)
+    vdm.dit = model.build_vdm_nets("tiny")[0].eval()
+    vlm.model = model.add_lora(vlm.model).eval()
+    _randomize_lora(vlm.model, 3)
+    model.save_checkpoint(str(tmp_path / "ckpt"), vlm, vdm, {"preset": "tiny", "step": 7})
+    model.save_checkpoint(str(tmp_path / "ckpt"), vlm, vdm, {"preset": "tiny", "step": 7})  # overwrite in place
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+    vlm2, vdm2 = model.load(str(tmp_path / "ckpt"))
+    assert torch.equal(_dit_out(vdm2.dit), _dit_out(vdm.dit))
+    assert torch.equal(_vlm_logits(vlm2), _vlm_logits(vlm))
+    from safetensors.torch import load_file, save_file
+    sd = load_file(str(tmp_path / "ckpt" / "dit.safetensors"))
+    sd["proj_out.weight"] = sd["proj_out.weight"][:, :-1].contiguous()
+    save_file(sd, str(tmp_path / "ckpt" / "dit.safetensors"))
+    with pytest.raises(model.CheckpointError, match=r"dit\.safetensors: .*1 of wrong shape \(e\.g\. proj_out\.weight"):
+        model.load(str(tmp_path / "ckpt"))
+
+
+# -----------------------------------------------------------------------------
+# data
+
+def test_clip_reading(files):
+    frames = data.read_frames(str(files / "clip.mp4"))
+    assert frames.shape == (40, 96, 160, 3)
+    clip = data.load_clip(str(files / "clip.mp4"), T, H, W)
+    assert clip.shape == (T, H, W, 3) and clip.dtype == np.uint8
+    # first and last input frames are the clip's first and last; the square moves right
+    torch.testing.assert_close(torch.from_numpy(clip[0]).float(), torch.from_numpy(
+        data.resize_crop(frames[:1], H, W)[0]).float(), rtol=0, atol=0)
+    cols = lambda f: np.nonzero((f[..., 0] > 200) & (f[..., 1] < 120))[1].mean()
+    assert cols(clip[-1]) > cols(clip[0]) + 40
+    img = data.load_clip(str(files / "image.png"), T, H, W)
+    assert img.shape == (T, H, W, 3) and (img == img[0]).all()
+    assert data.uniform_indices(40, 6) == [0, 8, 16, 23, 31, 39]
+    # a constant image stays constant through resize/crop; aspect-ratio crop keeps the centre
+    flat = np.full((1, 90, 300, 3), 77, np.uint8)
+    assert (data.resize_crop(flat, H, W) == 77).all()
+
+
+@pytest.mark.parametrize("name, msg", [("missing.mp4", "no such file"), ("notvideo.mp4", "not a readable video"),
+                                       ("truncated.mp4", "not a readable video"),
+                                       ("short.mp4", "has 10 frames, need at least 33")])
+def test_bad_video_errors(files, name, msg):
+    with pytest.raises(data.VideoError, match=re.escape(msg)):
+        data.load_clip(str(files / name), T, H, W)
+
+
+def test_manifest(tmp_path, files):
+    good = {"input_video": "clip.mp4", "question": "q", "think": "t", "caption": "c", "target_video": "clip.mp4"}
+    os.symlink(files / "clip.mp4", tmp_path / "clip.mp4")
+    m = tmp_path / "m.jsonl"
+    m.write_text(json.dumps({**good, "kind": "predictive", "id": "a"}) + "\n\n" + json.dumps(good) + "\n")
+    s = data.read_manifest(str(m))
+    assert [x["id"] for x in s] == ["a", "3"] and s[0]["kind"] == "predictive" and s[1]["kind"] is None
+    assert s[0]["input_video"] == str(tmp_path / "clip.mp4")
+    cases = [("{not json", r"m\.jsonl:2: not valid JSON"),
+             (json.dumps({**good, "caption": ""}), r"m\.jsonl:2: missing or empty field\(s\) caption"),
+             (json.dumps({**good, "target_video": "nope.mp4"}), r"m\.jsonl:2: target_video 'nope\.mp4' does not exist"),
+             (json.dumps({**good, "kind": "other"}), r"m\.jsonl:2: kind must be")]
+    for line, msg in cases:
+        m.write_text(json.dumps(good) + "\n" + line + "\n")
+        with pytest.raises(data.ManifestError, match=msg):
+            data.read_manifest(str(m))
+    c = tmp_path / "m.csv"
+    c.write_text("input_video_path,output_video_path,ENG_Instruction,ENG_Think,ENG_GT_Caption\n"
+                 "clip.mp4,clip.mp4,What next?,Because.,It falls.\n")
+    (row,) = data.read_manifest(str(c))
+    assert (row["question"], row["think"], row["caption"]) == ("What next?", "Because.", "It falls.")
+
+
+# -----------------------------------------------------------------------------
+# infer.py end to end
+
+def run_infer(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+@pytest.mark.parametrize("name", ["clip.mp4", "image.png"])
+def test_infer_tiny_end_to_end(files, tmp_path, name):
+    out = tmp_path / "answer.mp4"
+    r = run_infer(files / name, "What happens next?", "--model", "tiny", "--height", H, "--width", W,
+                  "--max-new-tokens", 16, "--out", out, "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert set(res) == {"think", "caption", "completion", "output", "timings"} and res["output"] == str(out)
+    assert res["timings"]["total"] > 0
+    video = data.read_frames(str(out))
+    assert video.shape == (T, H, W, 3)
+
+
+@pytest.mark.parametrize("name", ["missing.mp4", "notvideo.mp4", "truncated.mp4", "short.mp4"])
+def test_infer_bad_input_one_line(files, name):
+    r = run_infer(files / name, "What next?", "--model", "tiny")
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and name in lines[0], r.stderr
+
+
+def test_infer_official_weights_offline_fail_fast(files, tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), str(files / "clip.mp4"), "q"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=60,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1, r.stderr
+    for repo in model.HUB.values():
+        assert repo in lines[0]
+    assert "--vans" in lines[0] and "--qwen" in lines[0] and "--wan" in lines[0]
+
+
+@pytest.mark.slow
+def test_infer_tiny_at_paper_size(files, tmp_path):
+    """The default output size, 33 x 352 x 640 at 11 fps (tiny models: ~1 min for the VAE on 2 cores)."""
+    out = tmp_path / "answer.mp4"
+    r = run_infer(files / "clip.mp4", "What happens next?", "--model", "tiny", "--max-new-tokens", 8,
+                  "--steps", 2, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "[Ans]" in r.stdout
+    import decord
+    vr = decord.VideoReader(str(out))
+    assert len(vr) == 33 and vr[0].shape == (352, 640, 3) and round(vr.get_avg_fps()) == 11
+
+
+# -----------------------------------------------------------------------------
+# GPU
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_bf16_sampler_close_to_cpu_fp32(tiny):
+    _, vdm = tiny
+    text = vdm.encode_text(["a green ball rolls"])
+    cpu = vdm.sample(text, frames=T, height=H, width=W, steps=4, cfg=5.0, generator=gen(0))
+    vdm.dit.to("cuda", torch.bfloat16)
+    vdm.text_encoder.to("cuda")
+    try:
+        gpu = vdm.sample(vdm.encode_text(["a green ball rolls"]), frames=T, height=H, width=W, steps=4, cfg=5.0,
+                         generator=gen(0))
+    finally:
+        vdm.dit.to("cpu", torch.float32)
+        vdm.text_encoder.to("cpu")
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=0.05, atol=0.05)
