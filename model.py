@@ -50,6 +50,7 @@ LORA = dict(r=8, lora_alpha=32, lora_dropout=0.05,
             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 HUB = {"qwen": "Qwen/Qwen2.5-VL-3B-Instruct", "wan": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "vans": "KlingTeam/VANS"}
+PATTERNS = {"vans": ["vdm.safetensors", "vlm.safetensors"]}  # the files we need of a hub repo (default: all)
 
 # Architecture configs. "full" mirrors the hub configs (used on the meta device
 # and to check parameter counts); "tiny" is for tests and the Shapes world.
@@ -328,17 +329,20 @@ class VDM:
 # -----------------------------------------------------------------------------
 # loading: presets, the official VANS release, and our own checkpoints
 
-def _load_strict(module, sd, what):
-    """load_state_dict that names what does not match, in one line."""
-    own = module.state_dict()
+def _check_keys(own, sd, what):
+    """Raise one line naming the first missing, unexpected and wrongly shaped key (own, sd: name -> tensor)."""
     missing, extra = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    bad = [k for k in set(own) & set(sd) if own[k].shape != sd[k].shape]
-    if missing or extra or bad:
-        parts = [f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
-                 f"{len(extra)} unexpected (e.g. {extra[0]})" if extra else "",
-                 f"{len(bad)} of wrong shape (e.g. {bad[0]}: {tuple(sd[bad[0]].shape)} vs {tuple(own[bad[0]].shape)})"
-                 if bad else ""]
-        raise CheckpointError(f"{what}: keys do not match the model: " + "; ".join(p for p in parts if p))
+    bad = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
+    parts = ([f"{len(missing)} missing (e.g. {missing[0]})"] if missing else []) + \
+            ([f"{len(extra)} unexpected (e.g. {extra[0]})"] if extra else []) + \
+            ([f"{len(bad)} of wrong shape (e.g. {bad[0]}: {tuple(sd[bad[0]].shape)} vs {tuple(own[bad[0]].shape)})"]
+             if bad else [])
+    if parts:
+        raise CheckpointError(f"{what}: keys do not match the model: " + "; ".join(parts))
+
+
+def _load_strict(module, sd, what):
+    _check_keys(module.state_dict(), sd, what)
     module.load_state_dict(sd, strict=True)
 
 
@@ -376,14 +380,8 @@ def load_vans_lora(peft_model, sd, what="vlm.safetensors"):
     """Load official LoRA weights into a peft model: every LoRA weight of the model
     must be given and every given weight must land (the official loader drops mismatches)."""
     sd = lora_to_peft(sd)
-    own = {k for k in peft_model.state_dict() if ".lora_" in k}
-    missing, extra = sorted(own - set(sd)), sorted(set(sd) - own)
-    if missing or extra:
-        parts = [f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
-                 f"{len(extra)} unexpected (e.g. {extra[0]})" if extra else ""]
-        raise CheckpointError(f"{what}: LoRA keys do not match the model: " + "; ".join(p for p in parts if p))
-    res = peft_model.load_state_dict(sd, strict=False)
-    assert not res.unexpected_keys
+    _check_keys({k: v for k, v in peft_model.state_dict().items() if ".lora_" in k}, sd, what)
+    peft_model.load_state_dict(sd, strict=False)
 
 
 def hub_paths(**given):
@@ -399,7 +397,7 @@ def hub_paths(**given):
             paths[key] = path
             continue
         try:
-            paths[key] = snapshot_download(HUB[key], local_files_only=True)
+            paths[key] = snapshot_download(HUB[key], allow_patterns=PATTERNS.get(key), local_files_only=True)
         except Exception:
             missing.append(key)
     if missing:
@@ -411,7 +409,7 @@ def hub_paths(**given):
                 + "; ".join(f"{HUB[k]} (download with `hf download {HUB[k]}`, or pass --{k} /local/copy)"
                             for k in missing))
         for key in missing:
-            paths[key] = snapshot_download(HUB[key])
+            paths[key] = snapshot_download(HUB[key], allow_patterns=PATTERNS.get(key))
     return paths
 
 

@@ -83,6 +83,11 @@ def test_vlm_inputs_and_greedy_generation(tiny):
     assert t == model.VLM_FRAMES // 2
     n_video = (inp["input_ids"] == vlm.model.config.video_token_id).sum().item()
     assert n_video == t * h * w // 4  # 2x2 spatial merge
+    # and the model uses them: without the token types it falls back to 1-D positions
+    with torch.no_grad():
+        logits = vlm.model(**inp).logits
+        flat = vlm.model(**{k: v for k, v in inp.items() if k != "mm_token_type_ids"}).logits
+    assert not torch.allclose(logits, flat, atol=1e-4)
     text = vlm.processor.tokenizer.decode(inp["input_ids"][0])
     assert model.SYSTEM_PROMPT in text and text.endswith("What happens next?<|im_end|>\n<|im_start|>assistant\n")
     a = vlm.generate([frames, frames[::-1]], ["q1", "a longer question"], greedy=True, max_new_tokens=12)
