@@ -529,6 +529,9 @@ def load_checkpoint(path, qwen=None, wan=None, dtype=torch.bfloat16):
     if os.path.isdir(f("vlm_lora")):
         from peft import PeftModel
         vlm.model = PeftModel.from_pretrained(vlm.model, f("vlm_lora")).eval()
+        # peft only warns about adapter keys that do not match: check them ourselves
+        saved = lora_to_peft(load_file(f("vlm_lora/adapter_model.safetensors")))
+        _check_keys({k: v for k, v in vlm.model.state_dict().items() if ".lora_" in k}, saved, f("vlm_lora"))
     for name, module in [("dit", vdm.dit), ("vae", vdm.vae), ("text_encoder", vdm.text_encoder)]:
         if os.path.isfile(f(f"{name}.safetensors")):
             sd = load_file(f(f"{name}.safetensors"))

@@ -346,6 +346,12 @@ def test_our_checkpoint_round_trip(tmp_path):
     assert torch.equal(_dit_out(vdm2.dit), _dit_out(vdm.dit))
     assert torch.equal(_vlm_logits(vlm2), _vlm_logits(vlm))
     from safetensors.torch import load_file, save_file
+    adapter = str(tmp_path / "ckpt" / "vlm_lora" / "adapter_model.safetensors")
+    lora = load_file(adapter)
+    save_file({k: v for k, v in lora.items() if "layers.0.self_attn.v_proj.lora_A" not in k}, adapter)
+    with pytest.raises(model.CheckpointError, match=r"vlm_lora: .*1 missing \(e\.g\. .*layers\.0\.self_attn\.v_proj\.lora_A"):
+        model.load(str(tmp_path / "ckpt"))
+    save_file(lora, adapter)
     sd = load_file(str(tmp_path / "ckpt" / "dit.safetensors"))
     sd["proj_out.weight"] = sd["proj_out.weight"][:, :-1].contiguous()
     save_file(sd, str(tmp_path / "ckpt" / "dit.safetensors"))
