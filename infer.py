@@ -26,78 +26,43 @@ import model
 # -----------------------------------------------------------------------------
 # flags
 
+def add_flags(parser):
+    """The model and generation flags, shared with eval.py."""
+    parser.add_argument("--model", default="vans", help="vans | base | tiny | path to a checkpoint directory")
+    parser.add_argument("--seed", type=int, default=0, help="seed for caption sampling and video noise")
+    # VLM
+    parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling (temperature 0.7, top_p 0.9)")
+    parser.add_argument("--max-new-tokens", type=int, default=1024, help="VLM generation budget")
+    # VDM
+    parser.add_argument("--steps", type=int, default=50, help="Euler flow-matching steps")
+    parser.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (1 = off)")
+    parser.add_argument("--height", type=int, default=352, help="output height (multiple of 16)")
+    parser.add_argument("--width", type=int, default=640, help="output width (multiple of 16)")
+    parser.add_argument("--frames", type=int, default=33, help="output frames (4k + 1)")
+    parser.add_argument("--fps", type=int, default=11, help="fps of the written video")
+    # weights and compute
+    parser.add_argument("--qwen", default=None, help="local copy of Qwen/Qwen2.5-VL-3B-Instruct")
+    parser.add_argument("--wan", default=None, help="local copy of Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
+    parser.add_argument("--vans", default=None, help="local copy of KlingTeam/VANS (vdm.safetensors, vlm.safetensors)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda | cpu")
+
+
 parser = argparse.ArgumentParser(description="VANS: answer a question about a video with a video.")
 parser.add_argument("video", help="input video (.mp4, ...) or image (.png/.jpg)")
 parser.add_argument("question", help="the question, e.g. 'What should I do next?'")
-parser.add_argument("--model", default="vans", help="vans | base | tiny | path to a checkpoint directory")
 parser.add_argument("--out", default="answer.mp4", help="where to write the answer video")
-parser.add_argument("--seed", type=int, default=0, help="seed for caption sampling and video noise")
-# VLM
-parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling (temperature 0.7, top_p 0.9)")
-parser.add_argument("--max-new-tokens", type=int, default=1024, help="VLM generation budget")
-# VDM
-parser.add_argument("--steps", type=int, default=50, help="Euler flow-matching steps")
-parser.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (1 = off)")
-parser.add_argument("--height", type=int, default=352, help="output height (multiple of 16)")
-parser.add_argument("--width", type=int, default=640, help="output width (multiple of 16)")
-parser.add_argument("--frames", type=int, default=33, help="output frames (4k + 1)")
-parser.add_argument("--fps", type=int, default=11, help="fps of the written video")
-# weights and compute
-parser.add_argument("--qwen", default=None, help="local copy of Qwen/Qwen2.5-VL-3B-Instruct")
-parser.add_argument("--wan", default=None, help="local copy of Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
-parser.add_argument("--vans", default=None, help="local copy of KlingTeam/VANS (vdm.safetensors, vlm.safetensors)")
-parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda | cpu")
 parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+add_flags(parser)
 
 
-def answer(vlm, vdm, video_path, question, args, generator):
-    """The whole VANS path for one input; -> dict (think, caption, completion, video uint8 (T, H, W, 3), timings)."""
-    timings, t0 = {}, time.perf_counter()
-
-    def tick(name):
-        nonlocal t0
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        timings[name] = round(time.perf_counter() - t0, 3)
-        t0 = time.perf_counter()
-
-    # the VLM sees 6 frames spread over the input; the VDM's reference clip is `frames` frames
-    vlm_frames = data.read_frames(video_path, model.VLM_FRAMES, min_frames=args.frames)
-    clip = data.load_clip(video_path, args.frames, args.height, args.width)  # (T, H, W, 3) uint8
-    tick("read")
-    completion = vlm.generate([vlm_frames], [question], greedy=args.greedy, max_new_tokens=args.max_new_tokens)[0]
-    caption = model.caption_of(completion)
-    tick("vlm")
-    text = vdm.encode_text([caption])
-    neg = vdm.encode_text([model.NEGATIVE_PROMPT]) if args.cfg != 1.0 else None
-    refs = vdm.ref_latents(vdm.encode_video(data.to_tensor(clip)[None])) if vdm.n_refs else None
-    tick("encode")
-    latents = vdm.sample(text, neg, refs, frames=args.frames, height=args.height, width=args.width,
-                         steps=args.steps, cfg=args.cfg, generator=generator, progress=not args.json)
-    tick("dit")
-    video = data.to_uint8(vdm.decode(latents)[0])
-    tick("vae")
-    timings["total"] = round(sum(timings.values()), 3)
-    return dict(think=model.extract(completion, "Think"), caption=caption, completion=completion,
-                video=video, timings=timings)
-
-
-def fail(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(1)
-
-
-if __name__ == "__main__":
-    args = parser.parse_args()
+def check_size(args):
     if args.height % 16 or args.width % 16 or (args.frames - 1) % 4:
         fail(f"--height/--width must be multiples of 16 and --frames of the form 4k + 1, "
              f"got {args.height}x{args.width}x{args.frames}")
-    # check the input before loading any model, so bad input fails in seconds
-    try:
-        data.read_frames(args.video, 1, min_frames=args.frames)
-    except data.VideoError as e:
-        fail(e)
 
+
+def load_models(args):
+    """-> (vlm, vdm) on args.device (bf16 on GPU); a loading problem is one error line."""
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
@@ -107,15 +72,67 @@ if __name__ == "__main__":
     vlm.model.to(device)
     for m in (vdm.dit, vdm.vae, vdm.text_encoder):
         m.to(device)
+    return vlm, vdm
 
+
+def answer(vlm, vdm, video_paths, questions, args, generator, progress=False):
+    """The whole VANS path for a batch of inputs -> (list of dicts with think, caption, completion
+    and video uint8 (T, H, W, 3), timings in seconds for the batch)."""
+    timings, t0 = {}, time.perf_counter()
+
+    def tick(name):
+        nonlocal t0
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        timings[name] = round(time.perf_counter() - t0, 3)
+        t0 = time.perf_counter()
+
+    # the VLM sees 6 frames spread over each input; the VDM's reference clip is `frames` frames
+    vlm_frames = [data.read_frames(p, model.VLM_FRAMES, min_frames=args.frames) for p in video_paths]
+    clips = [data.load_clip(p, args.frames, args.height, args.width) for p in video_paths]  # (T, H, W, 3) uint8
+    tick("read")
+    completions = vlm.generate(vlm_frames, questions, greedy=args.greedy, max_new_tokens=args.max_new_tokens)
+    captions = [model.caption_of(c) for c in completions]
+    tick("vlm")
+    text = vdm.encode_text(captions)
+    neg = vdm.encode_text([model.NEGATIVE_PROMPT] * len(captions)) if args.cfg != 1.0 else None
+    refs = None
+    if vdm.n_refs:
+        refs = vdm.ref_latents(torch.cat([vdm.encode_video(data.to_tensor(c)[None]) for c in clips]))
+    tick("encode")
+    latents = vdm.sample(text, neg, refs, frames=args.frames, height=args.height, width=args.width,
+                         steps=args.steps, cfg=args.cfg, generator=generator, progress=progress)
+    tick("dit")
+    videos = [data.to_uint8(vdm.decode(z[None])[0]) for z in latents]  # one at a time: VAE memory
+    tick("vae")
+    timings["total"] = round(sum(timings.values()), 3)
+    return [dict(think=model.extract(c, "Think"), caption=cap, completion=c, video=v)
+            for c, cap, v in zip(completions, captions, videos)], timings
+
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+    args = parser.parse_args()
+    check_size(args)
+    # check the input before loading any model, so bad input fails in seconds
+    try:
+        data.read_frames(args.video, 1, min_frames=args.frames)
+    except data.VideoError as e:
+        fail(e)
+
+    vlm, vdm = load_models(args)
     torch.manual_seed(args.seed)  # the VLM's sampling
     generator = torch.Generator("cpu").manual_seed(args.seed)  # the video noise
     try:
-        out = answer(vlm, vdm, args.video, args.question, args, generator)
+        (out,), timings = answer(vlm, vdm, [args.video], [args.question], args, generator, progress=not args.json)
     except data.VideoError as e:
         fail(e)
     data.write_video(args.out, out.pop("video"), fps=args.fps)
-    out["output"] = os.path.abspath(args.out)
+    out.update(output=os.path.abspath(args.out), timings=timings)
     if args.json:
         print(json.dumps(out))
     else:

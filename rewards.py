@@ -1,0 +1,192 @@
+"""
+The scores Joint-GRPO trains on, each written once:
+
+    stage 1 (VLM):  r_f  format_reward      [Think]..[/Think][Ans]..[/Ans] followed
+                    r_t1 rouge_l            caption vs ground-truth caption
+                    r_v1 CLIP.clip_v        video rendered from the caption vs ground-truth video
+    stage 2 (DiT):  r_v2 CLIP.clip_v        generated vs ground-truth video
+                    r_c2 CLIP.clip_t        generated video vs anchor caption
+
+then per-reward normalisation, the lambda-weighted sum, and GRPO's group advantage.
+"""
+
+import re
+import string
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# text rewards
+
+TAGS = ("[Think]", "[/Think]", "[Ans]", "[/Ans]")
+
+
+def format_reward(text):
+    """1.0 iff the text is exactly [Think]...[/Think][Ans]...[/Ans] (whitespace around the
+    tags allowed) with both parts non-empty and no stray tags inside; else 0.0."""
+    m = re.fullmatch(r"\s*\[Think\](.*?)\[/Think\]\s*\[Ans\](.*?)\[/Ans\]\s*", text, re.S)
+    if not m:
+        return 0.0
+    parts = [p.strip() for p in m.groups()]
+    return float(all(parts) and not any(t in p for p in parts for t in TAGS))
+
+
+_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+def tokenize(text):
+    """Lowercased words with punctuation dropped (the COCO caption evaluation convention;
+    punctuation inside a word splits it: "don't" -> "don", "t")."""
+    return _PUNCT.sub(" ", text.lower()).split()
+
+
+def lcs(a, b):
+    """Length of the longest common subsequence of two token lists (O(len(a) len(b)) DP)."""
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(candidate, reference, beta=1.2):
+    """ROUGE-L F-measure as the COCO caption code: P = LCS / |cand|, R = LCS / |ref|,
+    F = (1 + beta^2) P R / (R + beta^2 P); 0 when there is no overlap."""
+    c, r = tokenize(candidate), tokenize(reference)
+    n = lcs(c, r) if c and r else 0
+    if n == 0:
+        return 0.0
+    p, rec = n / len(c), n / len(r)
+    return (1 + beta ** 2) * p * rec / (rec + beta ** 2 * p)
+
+
+# -----------------------------------------------------------------------------
+# CLIP-V and CLIP-T
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class CLIPError(ValueError):
+    pass
+
+
+class CLIP:
+    """open_clip ViT-B/32 (OpenAI weights, QuickGELU) for CLIP-V and CLIP-T: raw cosines, no grad,
+    bf16 on GPU. weights: "openai" (the hub, or its local cache), a local weights file
+    (.safetensors / .bin, open_clip's loader with weights_only), or None (random init: tests only)."""
+
+    def __init__(self, weights="openai", device="cpu", batch_size=256):
+        import logging
+        import open_clip
+        logging.disable(logging.ERROR)  # open_clip logs its own download failure; ours is the one-line error
+        try:
+            self.model = open_clip.create_model("ViT-B-32-quickgelu", pretrained=weights, device=device)
+        except Exception as e:
+            raise CLIPError(f"CLIP ViT-B/32 weights {weights!r} could not be loaded ({type(e).__name__}): "
+                            f"with no network, pass a local open_clip weights file (e.g. open_clip_model.safetensors "
+                            f"of timm/vit_base_patch32_clip_224.openai) instead") from None
+        finally:
+            logging.disable(logging.NOTSET)
+        self.device = torch.device(device)
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.model.to(self.device, self.dtype).eval().requires_grad_(False)
+        self.tokenizer = open_clip.get_tokenizer("ViT-B-32-quickgelu")
+        self.batch_size = batch_size
+
+    def preprocess(self, frames):
+        """uint8 (N, H, W, 3) -> (N, 3, 224, 224): bicubic (antialiased) shortest side 224,
+        center crop, CLIP mean/std, as CLIP's own transform."""
+        x = torch.as_tensor(frames).permute(0, 3, 1, 2).float().to(self.device)
+        H, W = x.shape[-2:]
+        s = 224 / min(H, W)
+        h, w = max(224, round(H * s)), max(224, round(W * s))
+        x = F.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False).clamp(0, 255)
+        top, left = (h - 224) // 2, (w - 224) // 2
+        x = x[:, :, top:top + 224, left:left + 224] / 255.0
+        mean = torch.tensor(CLIP_MEAN, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(CLIP_STD, device=self.device).view(1, 3, 1, 1)
+        return ((x - mean) / std).to(self.dtype)
+
+    @torch.no_grad()
+    def image_features(self, frames):
+        """uint8 (N, H, W, 3) -> unit-norm float32 (N, 512), in batches."""
+        out = [self.model.encode_image(self.preprocess(frames[i:i + self.batch_size]))
+               for i in range(0, len(frames), self.batch_size)]
+        return F.normalize(torch.cat(out).float(), dim=-1)
+
+    @torch.no_grad()
+    def text_features(self, texts):
+        """list of str -> unit-norm float32 (N, 512)."""
+        return F.normalize(self.model.encode_text(self.tokenizer(texts).to(self.device)).float(), dim=-1)
+
+    def clip_v(self, videos, gt_videos):
+        """Per pair: mean over frames of cos(generated frame t, ground-truth frame t). Videos are
+        uint8 (T, H, W, 3); a ground truth with another frame count is resampled uniformly to T.
+        -> float32 (N,)"""
+        gts = []
+        for v, g in zip(videos, gt_videos):
+            if len(g) != len(v):
+                warnings.warn(f"CLIP-V: ground truth has {len(g)} frames, generated {len(v)}: "
+                              f"ground truth resampled uniformly to {len(v)}")
+                g = g[torch.linspace(0, len(g) - 1, len(v)).round().long().numpy()]
+            gts.append(g)
+        a = self._per_frame(videos)
+        b = self._per_frame(gts)
+        return torch.stack([(x * y).sum(-1).mean() for x, y in zip(a, b)])
+
+    def clip_t(self, videos, captions):
+        """Per pair: mean over frames of cos(frame, caption). -> float32 (N,)"""
+        t = self.text_features(list(captions))
+        return torch.stack([(f @ c).mean() for f, c in zip(self._per_frame(videos), t)])
+
+    def _per_frame(self, videos):
+        """Frame features of all videos in one batched pass, split back per video."""
+        import numpy as np
+        feats = self.image_features(np.concatenate([np.asarray(v) for v in videos]))
+        return feats.split([len(v) for v in videos])
+
+
+# -----------------------------------------------------------------------------
+# normalisation, the weighted sum, and the group advantage
+
+NORMALISATIONS = ("group", "batch", "none")
+
+
+def normalise(r, group_size, mode="group", eps=1e-4):
+    """Put one reward on a common scale before the lambda-weighted sum (the paper sums
+    "normalised" rewards with all lambda = 1 but does not say how).
+
+    group (default): z-score within each prompt's group of G samples. The rewards differ in
+        scale and spread by orders of magnitude (r_f is 0/1, ROUGE-L spreads ~0.1, CLIP-V
+        ~0.01 between samples of one prompt); summed raw, the widest one decides the ranking
+        and CLIP-V is noise. Within-group z-scores give each reward the same say in the ranking,
+        which is what lambda = 1 ("equal importance") asks, and the group is exactly what GRPO
+        compares. A reward equal across a group contributes 0.
+    batch: z-score over the whole batch. Keeps between-prompt differences, but a reward whose
+        spread lies mostly across prompts is then down-weighted inside every group.
+    none: raw values (the sum is dominated by the reward with the widest spread).
+    """
+    if mode == "none":
+        return r
+    if mode == "batch":
+        return (r - r.mean()) / (r.std(unbiased=False) + eps)
+    if mode == "group":
+        return group_advantages(r, group_size, eps)  # the same z-score GRPO applies to the sum
+    raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {mode!r}")
+
+
+def combine(rewards, weights, group_size, mode="group"):
+    """sum_k lambda_k * normalise(r_k). rewards: name -> (N,) laid out group after group."""
+    return sum(weights.get(k, 1.0) * normalise(r.float(), group_size, mode) for k, r in rewards.items())
+
+
+def group_advantages(rewards, group_size, eps=1e-4):
+    """GRPO advantage (paper Eq. 1): A_i = (r_i - mean_group) / (std_group + eps), std with
+    ddof 0, for rewards (N,) laid out group after group. -> (N,)"""
+    g = rewards.float().view(-1, group_size)
+    return ((g - g.mean(1, keepdim=True)) / (g.std(1, unbiased=False, keepdim=True) + eps)).view(-1)
