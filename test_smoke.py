@@ -702,3 +702,13 @@ def test_eval_run_resume_and_predictions(tmp_path):
     assert r4.returncode != 0 and r4.stderr.strip().splitlines()[-1].startswith("error: ") and "s_1" in r4.stderr
     page = (out / "report.html").read_text()
     assert page.count('class="sample"') == 3 and page.count('type="radio"') == 3 * 3 * 5 and "Export CSV" in page
+
+
+@needs_i3d
+def test_fvd_matches_tensorflow_reference(i3d):
+    """The reference TF FVD code (TF 1.15, TF-Hub i3d-kinetics-400/1) reports 151.39244 for 8 black
+    vs 8 white clips of 30 frames at 64x64, as documented in JunyaoHu/common_metrics_on_video_quality
+    (README, "[fvd-tensorflow] [151.39244]"); its inputs are (x * 255) of all-zeros vs all-ones."""
+    black = np.zeros((8, 30, 64, 64, 3), np.uint8)
+    white = np.full((8, 30, 64, 64, 3), 255, np.uint8)
+    assert ev.fvd(black, white, i3d) == pytest.approx(151.39244, abs=2e-3)
