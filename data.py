@@ -4,7 +4,7 @@ VANS data: reading and writing clips, frame sampling, and the sample manifest.
 A manifest is JSON Lines, one sample a line, paths relative to the manifest:
     {"input_video": "in/0001.mp4", "question": "What should I do next?",
      "think": "...", "caption": "...", "target_video": "out/0001.mp4",
-     "id": "0001", "kind": "procedural"}          # id and kind are optional
+     "id": "0001", "kind": "procedural"}          # id, kind (and event) are optional
 The official release's CSV columns (input_video_path, output_video_path,
 ENG_Instruction, ENG_Think, ENG_GT_Caption) are read too.
 
@@ -183,6 +183,7 @@ def read_manifest(path, check_files=True):
         s = {k: row[k] for k in FIELDS}
         s["id"] = str(row.get("id", i))
         s["kind"] = row.get("kind") or None
+        s["event"] = row.get("event")  # the Shapes world's ground-truth event (optional)
         if s["kind"] not in (None, "procedural", "predictive"):
             raise ManifestError(f"{path}:{i}: kind must be procedural or predictive, got {s['kind']!r}")
         for k in ("input_video", "target_video"):
@@ -191,3 +192,221 @@ def read_manifest(path, check_files=True):
                 raise ManifestError(f"{path}:{i}: {k} {row[k]!r} does not exist")
         samples.append(s)
     return samples
+
+
+# -----------------------------------------------------------------------------
+# the Shapes world: a synthetic VNEP task with known ground truth
+#
+#   procedural  a tower is built block by block; the input clip shows the last block
+#               placed, the row on the table holds the rest in order. "What should I
+#               do next?" -> the leftmost waiting block goes on top.
+#   predictive  a ball rolls along the floor: toward a wall (it bounces), toward an
+#               open side (it leaves the frame), or slowing down (it stops).
+#   multi-future every 4th scene asks a second, hypothetical question about the same
+#               input clip whose answer differs: "...if I want to take the tower
+#               apart?" (the top block goes back), "...if the wall is removed?" (the
+#               ball leaves), "...if a wall appears on the <side>?" (it bounces).
+# Everything is scaled to the frame height, so any size renders the same scene.
+
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30),
+          "purple": (150, 60, 190), "orange": (240, 130, 20)}
+BACKGROUND, FLOOR, WALL = (235, 235, 235), (120, 100, 80), (60, 60, 60)
+N_IN, N_OUT = 40, 33  # input and target clip lengths
+
+
+def _canvas(n, H, W):
+    f = np.empty((n, H, W, 3), np.uint8)
+    f[:] = BACKGROUND
+    f[:, round(H * 14 / 16):] = FLOOR
+    return f
+
+
+def _box(f, cx, cy, half, color):
+    """Fill the square centred at (cx, cy) with half-size `half` (clipped to the frame)."""
+    H, W = f.shape[:2]
+    y0, y1, x0, x1 = (max(0, round(v)) for v in (cy - half, cy + half, cx - half, cx + half))
+    f[min(y0, H):min(y1, H), min(x0, W):min(x1, W)] = color
+
+
+def _disc(f, cx, cy, r, color):
+    H, W = f.shape[:2]
+    yy, xx = np.ogrid[:H, :W]
+    f[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = color
+
+
+def _path(a, b, n, lift):
+    """n positions from a to b: up by `lift`, across, down (a block carried by hand)."""
+    (ax, ay), (bx, by) = a, b
+    top = min(ay, by) - lift
+    legs = [abs(ay - top), abs(bx - ax), abs(by - top)]
+    total = sum(legs) or 1.0
+    out = []
+    for t in np.linspace(0, total, n):
+        if t <= legs[0]:
+            out.append((ax, ay - t))
+        elif t <= legs[0] + legs[1]:
+            out.append((ax + np.sign(bx - ax) * (t - legs[0]), top))
+        else:
+            out.append((bx, top + (t - legs[0] - legs[1])))
+    return out
+
+
+def stack_scene(rng, H, W, hypothetical):
+    """-> (input frames, [(question, think, caption, target frames, event), ...])."""
+    u = H / 16
+    half, floor_y = u, H * 14 / 16
+    names = [str(c) for c in rng.permutation(list(COLORS))[:rng.integers(3, 6)]]
+    n = len(names)
+    k = int(rng.integers(1, n))  # blocks on the tower after the input clip (1..n-1)
+    tower_x = W * 0.22
+    slot_x = [W * 0.45 + j * (2 * half + u) for j in range(n)]  # block j waits at slot j
+    on_tower = lambda i: (tower_x, floor_y - half - 2 * half * i)
+    on_table = lambda j: (slot_x[j], floor_y - half)
+
+    def frames(moving, path, placed, waiting, count):
+        f = _canvas(count, H, W)
+        for t in range(count):
+            for i, c in enumerate(placed):
+                _box(f[t], *on_tower(i), half, COLORS[c])
+            for j in waiting:
+                _box(f[t], *on_table(j), half, COLORS[names[j]])
+            _box(f[t], *path[t], half, COLORS[moving])
+        return f
+
+    # input: block k-1 is carried from its slot onto the tower (still at the start and the end)
+    hold = 8
+    p = _path(on_table(k - 1), on_tower(k - 1), N_IN - 2 * hold, 3 * half)
+    x = frames(names[k - 1], [p[0]] * hold + p + [p[-1]] * hold, names[:k - 1], range(k, n), N_IN)
+    said_tower = ", ".join(names[:k])
+    think = (f"A tower is being built from the blocks on the table, taken from left to right. The tower holds "
+             f"{k} block{'s' * (k > 1)} ({said_tower}, bottom to top); the {names[k - 1]} block was just put on top. "
+             f"Waiting on the table: {', '.join(names[k:])}.")
+    out = []
+    q = "What should I do next?"
+    p = _path(on_table(k), on_tower(k), N_OUT - hold, 3 * half)
+    y = frames(names[k], p + [p[-1]] * hold, names[:k], range(k + 1, n), N_OUT)
+    out.append((q, think + f" The next block in line is the {names[k]} one.",
+                f"Pick up the {names[k]} block and put it on top of the {names[k - 1]} block.", y,
+                {"world": "stack", "action": "place", "color": names[k], "onto": names[k - 1], "height": k}))
+    if hypothetical:
+        q = "What should I do next if I want to take the tower apart?"
+        p = _path(on_tower(k - 1), on_table(k - 1), N_OUT - hold, 3 * half)
+        y = frames(names[k - 1], p + [p[-1]] * hold, names[:k - 1], range(k, n), N_OUT)
+        out.append((q, think + f" To take the tower apart, the top block comes off first: the {names[k - 1]} one.",
+                    f"Take the {names[k - 1]} block off the top of the tower and put it back on the table.", y,
+                    {"world": "stack", "action": "remove", "color": names[k - 1], "height": k - 1}))
+    return x, out
+
+
+def ball_scene(rng, H, W, hypothetical):
+    u = H / 16
+    r, floor_y, wall_w = u, H * 14 / 16, u / 2
+    color = str(rng.choice(list(COLORS)))
+    side = str(rng.choice(["left", "right"]))
+    d = 1 if side == "right" else -1
+    outcome = str(rng.choice(["bounce", "leave", "stop"]))
+    wall = outcome == "bounce" or (outcome == "stop" and rng.random() < 0.5)
+    v0 = W / float(rng.uniform(80, 110))  # px per frame
+    edge = W - wall_w - r if d > 0 else wall_w + r  # where the ball touches the wall
+    if outcome == "stop":
+        t_stop = float(rng.uniform(8, 20))  # frames into the target when it stops
+        a = v0 / (N_IN + t_stop)
+        stop_at = edge - d * float(rng.uniform(1, 3)) * r
+        x0 = stop_at - d * v0 * (N_IN + t_stop) / 2
+        pos = lambda t: x0 + d * (v0 * min(t, N_IN + t_stop) - a * min(t, N_IN + t_stop) ** 2 / 2)
+    else:
+        t_hit = float(rng.uniform(6, 16))
+        x0 = edge - d * v0 * (N_IN + t_hit)
+
+        def pos(t, wall=wall):  # constant speed; reflected at the wall when there is one
+            x = x0 + d * v0 * t
+            return edge - (x - edge) if wall and d * (x - edge) > 0 else x
+
+    def frames(t0, count, pos, wall):
+        f = _canvas(count, H, W)
+        for t in range(count):
+            if wall:
+                f[t, :round(floor_y), round(W - wall_w) if d > 0 else 0:W if d > 0 else round(wall_w)] = WALL
+            _disc(f[t], pos(t0 + t), floor_y - r, r, COLORS[color])
+        return f
+
+    x = frames(0, N_IN, pos, wall)
+    there = f"There is a wall on the {side}." if wall else f"Nothing blocks the {side} side."
+    motion = (f"The {color} ball is slowing down as it rolls to the {side}." if outcome == "stop"
+              else f"The {color} ball rolls to the {side} at a steady speed.")
+    caption = {"bounce": f"The {color} ball hits the wall on the {side} and bounces back.",
+               "leave": f"The {color} ball rolls out of the frame on the {side}.",
+               "stop": f"The {color} ball slows down and stops before reaching the {side} side."}
+    reason = {"bounce": "It will reach the wall soon, and the wall will push it back.",
+              "leave": "Nothing will stop it, so it keeps going past the edge.",
+              "stop": "It is losing speed every moment, so it will come to rest."}
+    event = lambda o: {"world": "ball", "outcome": o, "color": color, "side": side}
+    out = [("What happens next?", f"{motion} {there} {reason[outcome]}", caption[outcome],
+            frames(N_IN, N_OUT, pos, wall), event(outcome))]
+    if hypothetical and outcome != "stop":
+        flip = "leave" if outcome == "bounce" else "bounce"
+        q = "What happens next if the wall is removed?" if outcome == "bounce" else \
+            f"What happens next if a wall appears on the {side}?"
+        alt = lambda t: pos(t, wall=not wall)
+        out.append((q, f"{motion} {there} In this case the wall is {'gone' if wall else 'there'}: {reason[flip]}",
+                    caption[flip], frames(N_IN, N_OUT, alt, not wall), event(flip)))
+    return x, out
+
+
+def shapes_scene(seed, split, i, H, W):
+    """Scene i of a split, deterministic for (seed, split, i). Every 4th scene is multi-future."""
+    rng = np.random.default_rng([seed, ["train", "val", "test"].index(split), i])
+    scene = stack_scene if rng.random() < 0.5 else ball_scene
+    return scene(rng, H, W, hypothetical=(i % 4 == 3))
+
+
+def _write_scene(job):
+    seed, split, i, H, W, out = job
+    x, answers = shapes_scene(seed, split, i, H, W)
+    rel = lambda name: os.path.join("videos", split, name)
+    write_video(os.path.join(out, rel(f"{i:06d}_in.mp4")), x)
+    rows = []
+    for a, (q, think, caption, y, event) in enumerate(answers):
+        write_video(os.path.join(out, rel(f"{i:06d}_{a}.mp4")), y)
+        rows.append({"id": f"{split}{i:06d}_{a}", "kind": "procedural" if event["world"] == "stack" else "predictive",
+                     "input_video": rel(f"{i:06d}_in.mp4"), "question": q, "think": think, "caption": caption,
+                     "target_video": rel(f"{i:06d}_{a}.mp4"), "event": event})
+    return rows
+
+
+def make_shapes(out, n_train, n_val, n_test, height=352, width=640, seed=0, workers=2):
+    """Write out/{train,val,test}.jsonl and their clips; n_* count samples (a multi-future scene gives 2)."""
+    import multiprocessing
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        os.makedirs(os.path.join(out, "videos", split), exist_ok=True)
+        scenes, count = 0, 0
+        while count < n:
+            count += 2 if scenes % 4 == 3 else 1  # (stop-ball scenes have one answer: trimmed below)
+            scenes += 1
+        jobs = [(seed, split, i, height, width, out) for i in range(scenes)]
+        with multiprocessing.Pool(workers) as pool:
+            rows = [r for rs in pool.imap(_write_scene, jobs, chunksize=16) for r in rs]
+        while len(rows) < n:  # a few scenes gave one answer instead of two: add scenes
+            rows += _write_scene((seed, split, scenes, height, width, out))
+            scenes += 1
+        with open(os.path.join(out, f"{split}.jsonl.tmp"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows[:n])
+        os.replace(os.path.join(out, f"{split}.jsonl.tmp"), os.path.join(out, f"{split}.jsonl"))
+        print(f"{split}: {n} samples from {scenes} scenes -> {os.path.join(out, split + '.jsonl')}")
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="VANS data tools.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sh = sub.add_parser("shapes", help="generate the Shapes world")
+    sh.add_argument("--out", default="data/shapes", help="output directory")
+    sh.add_argument("--n-train", type=int, default=20000, help="training samples")
+    sh.add_argument("--n-val", type=int, default=500, help="validation samples")
+    sh.add_argument("--n-test", type=int, default=500, help="test samples")
+    sh.add_argument("--height", type=int, default=352, help="frame height")
+    sh.add_argument("--width", type=int, default=640, help="frame width")
+    sh.add_argument("--seed", type=int, default=0, help="the world's seed")
+    sh.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes")
+    args = parser.parse_args()
+    make_shapes(args.out, args.n_train, args.n_val, args.n_test, args.height, args.width, args.seed, args.workers)

@@ -4,6 +4,7 @@ VANS tests: tiny random models of the real classes, offline, on a CPU.
     python -m pytest -q -m "not slow"   # skip the real-output-size test
 """
 
+import collections
 import json
 import math
 import os
@@ -712,3 +713,59 @@ def test_fvd_matches_tensorflow_reference(i3d):
     black = np.zeros((8, 30, 64, 64, 3), np.uint8)
     white = np.full((8, 30, 64, 64, 3), 255, np.uint8)
     assert ev.fvd(black, white, i3d) == pytest.approx(151.39244, abs=2e-3)
+
+
+# -----------------------------------------------------------------------------
+# the Shapes world
+
+def _centroid(frame, color):
+    ys, xs = np.nonzero((frame == np.array(data.COLORS[color], np.uint8)).all(-1))
+    return (xs.mean(), ys.mean()) if len(xs) else None
+
+
+def test_shapes_deterministic_and_loadable(tmp_path):
+    a = data.shapes_scene(0, "train", 5, 64, 112)
+    b = data.shapes_scene(0, "train", 5, 64, 112)
+    assert np.array_equal(a[0], b[0]) and all(np.array_equal(x[3], y[3]) and x[:3] == y[:3] for x, y in zip(a[1], b[1]))
+    assert not np.array_equal(a[0], data.shapes_scene(1, "train", 5, 64, 112)[0])
+    for run in ("one", "two"):
+        data.make_shapes(str(tmp_path / run), 10, 2, 2, height=64, width=112, seed=3, workers=2)
+    assert (tmp_path / "one" / "train.jsonl").read_text() == (tmp_path / "two" / "train.jsonl").read_text()
+    rows = data.read_manifest(str(tmp_path / "one" / "train.jsonl"))
+    assert len(rows) == 10 and {r["kind"] for r in rows} <= {"procedural", "predictive"}
+    assert data.read_frames(rows[0]["input_video"]).shape == (data.N_IN, 64, 112, 3)
+    assert data.read_frames(rows[0]["target_video"]).shape == (data.N_OUT, 64, 112, 3)
+
+
+def test_shapes_captions_match_target_clips():
+    H, W = 96, 176
+    u = H / 16
+    floor_y, seen = H * 14 / 16, collections.Counter()
+    for i in range(40):
+        x, answers = data.shapes_scene(0, "test", i, H, W)
+        assert x.shape == (data.N_IN, H, W, 3)
+        if i % 4 == 3 and len(answers) == 2:  # multi-future: one input clip, two questions, two futures
+            (q1, _, c1, _, e1), (q2, _, c2, _, e2) = answers
+            assert q1 != q2 and c1 != c2 and e1 != e2
+        for q, think, caption, y, ev in answers:
+            assert y.shape == (data.N_OUT, H, W, 3) and ev["color"] in caption
+            seen[(ev["world"], ev.get("action") or ev["outcome"])] += 1
+            last = _centroid(y[-1], ev["color"])
+            if ev["world"] == "stack":  # the block ends where the caption says
+                want_y = floor_y - u - 2 * u * ev["height"] if ev["action"] == "place" else floor_y - u
+                assert last is not None and abs(last[1] - want_y) <= 1
+                assert (abs(last[0] - W * 0.22) <= 1) == (ev["action"] == "place")
+                assert ev["color"] in think or ev["action"] == "remove"
+                continue
+            d = 1 if ev["side"] == "right" else -1
+            first = _centroid(y[0], ev["color"])
+            if ev["outcome"] == "leave":
+                assert last is None  # out of the frame
+            elif ev["outcome"] == "bounce":  # came back: further from the wall than at its closest
+                xs = [_centroid(f, ev["color"])[0] for f in y]
+                assert d * (max(xs, key=lambda v: d * v) - xs[-1]) > u
+            else:  # stopped: the last frames are identical, and it never reached the side
+                assert _centroid(y[-5], ev["color"]) == last and first is not None
+                assert (W - last[0] if d > 0 else last[0]) > u
+    assert set(seen) == {("stack", "place"), ("stack", "remove"), ("ball", "bounce"), ("ball", "leave"),
+                         ("ball", "stop")}
