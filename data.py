@@ -381,7 +381,7 @@ def make_shapes(out, n_train, n_val, n_test, height=352, width=640, seed=0, work
         os.makedirs(os.path.join(out, "videos", split), exist_ok=True)
         scenes, count = 0, 0
         while count < n:
-            count += 2 if scenes % 4 == 3 else 1  # (stop-ball scenes have one answer: trimmed below)
+            count += 2 if scenes % 4 == 3 else 1  # a multi-future scene may give 1 (a stopping ball): topped up below
             scenes += 1
         jobs = [(seed, split, i, height, width, out) for i in range(scenes)]
         with multiprocessing.Pool(workers) as pool:
