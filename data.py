@@ -152,10 +152,19 @@ CSV_FIELDS = {"input_video_path": "input_video", "ENG_Instruction": "question", 
               "ENG_GT_Caption": "caption", "output_video_path": "target_video"}
 
 
-def read_manifest(path, check_files=True):
-    """Read a .jsonl (or the official .csv) manifest into a list of dicts with
-    FIELDS (paths made absolute), plus id and kind. Raises ManifestError naming
-    the line and the problem for a malformed line or a missing file."""
+def _video_frames(path):
+    """Frame count of a video (an image counts as a clip of any length); VideoError if unreadable."""
+    return 10 ** 9 if path.lower().endswith(IMAGE_EXTS) else _open(path)[1]
+
+
+def read_manifest(path, check_files=True, check_videos=False, min_frames=1, skip_bad=False):
+    """Read a .jsonl (or the official .csv) manifest -> (samples, skipped).
+
+    samples: dicts with FIELDS (paths made absolute), id, kind and event. Each line is
+    validated: required fields present, video files exist (check_files), open as videos
+    with at least min_frames frames (check_videos). A bad line raises ManifestError naming
+    the line and the problem; with skip_bad it is skipped instead and its error appended
+    to `skipped`."""
     if not os.path.isfile(path):
         raise ManifestError(f"{path}: no such manifest")
     root = os.path.dirname(os.path.abspath(path))
@@ -163,35 +172,125 @@ def read_manifest(path, check_files=True):
         with open(path, newline="", encoding="utf-8") as f:
             rows = [(i + 2, {CSV_FIELDS.get(k, k): v for k, v in row.items()}) for i, row in enumerate(csv.DictReader(f))]
     else:
-        rows = []
         with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ManifestError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise ManifestError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
-                rows.append((i, row))
-    samples = []
+            rows = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+    samples, skipped = [], []
     for i, row in rows:
-        missing = [k for k in FIELDS if not isinstance(row.get(k), str) or not row[k]]
-        if missing:
-            raise ManifestError(f"{path}:{i}: missing or empty field(s) {', '.join(missing)}")
-        s = {k: row[k] for k in FIELDS}
-        s["id"] = str(row.get("id", i))
-        s["kind"] = row.get("kind") or None
-        s["event"] = row.get("event")  # the Shapes world's ground-truth event (optional)
-        if s["kind"] not in (None, "procedural", "predictive"):
-            raise ManifestError(f"{path}:{i}: kind must be procedural or predictive, got {s['kind']!r}")
-        for k in ("input_video", "target_video"):
-            s[k] = os.path.join(root, s[k])
-            if check_files and not os.path.isfile(s[k]):
-                raise ManifestError(f"{path}:{i}: {k} {row[k]!r} does not exist")
-        samples.append(s)
-    return samples
+        try:
+            samples.append(_sample(row, i, root, check_files, check_videos, min_frames))
+        except (ManifestError, VideoError) as e:
+            msg = f"{path}:{i}: {e}"
+            if not skip_bad:
+                raise ManifestError(msg) from None
+            skipped.append(msg)
+    return samples, skipped
+
+
+def _sample(row, line, root, check_files, check_videos, min_frames):
+    """One manifest row (a JSON line or a CSV dict) -> a sample dict; ManifestError / VideoError if bad."""
+    if isinstance(row, str):
+        try:
+            row = json.loads(row)
+        except json.JSONDecodeError as e:
+            raise ManifestError(f"not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise ManifestError(f"expected a JSON object, got {type(row).__name__}")
+    missing = [k for k in FIELDS if not isinstance(row.get(k), str) or not row[k]]
+    if missing:
+        raise ManifestError(f"missing or empty field(s) {', '.join(missing)}")
+    s = {k: row[k] for k in FIELDS}
+    s["id"] = str(row.get("id", line))
+    s["kind"] = row.get("kind") or None
+    s["event"] = row.get("event")  # the Shapes world's ground-truth event (optional)
+    if s["kind"] not in (None, "procedural", "predictive"):
+        raise ManifestError(f"kind must be procedural or predictive, got {s['kind']!r}")
+    for k in ("input_video", "target_video"):
+        s[k] = os.path.join(root, s[k])
+        if (check_files or check_videos) and not os.path.isfile(s[k]):
+            raise ManifestError(f"{k} {row[k]!r} does not exist")
+        if check_videos:
+            n = _video_frames(s[k])
+            if n < min_frames:
+                raise VideoError(f"{k} {row[k]!r} has {n} frames, need at least {min_frames}")
+    return s
+
+
+# -----------------------------------------------------------------------------
+# training data: decoded samples, and a resumable batch order sharded by rank
+
+class ClipDataset(torch.utils.data.Dataset):
+    """Decoded manifest samples for training. Item i: the text fields, plus what `parts` asks for
+        vlm     uint8 (vlm_frames, H0, W0, 3)     the VLM's frames, uniform over the input, native size
+        clip    uint8 (frames, height, width, 3)  the reference clip, read as infer.py reads it
+        target  uint8 (frames, height, width, 3)  the target, uniform over the target video
+    Decoding is deterministic, so DataLoader workers need no seeding. A sample that fails to
+    decode raises VideoError naming the file, or with skip_bad is replaced by the next sample
+    (item["skipped"] counts replacements): a batch never shrinks, so DDP ranks stay in step."""
+
+    def __init__(self, samples, parts, frames=33, height=352, width=640, vlm_frames=6, skip_bad=False):
+        self.samples, self.parts, self.skip_bad = samples, parts, skip_bad
+        self.frames, self.height, self.width, self.vlm_frames = frames, height, width, vlm_frames
+
+    def __len__(self):
+        return len(self.samples)
+
+    def load(self, s):
+        item = {k: s[k] for k in ("id", "question", "think", "caption", "event")}
+        if "vlm" in self.parts:
+            item["vlm"] = read_frames(s["input_video"], self.vlm_frames, min_frames=self.frames)
+        if "clip" in self.parts:
+            item["clip"] = load_clip(s["input_video"], self.frames, self.height, self.width)
+        if "target" in self.parts:
+            item["target"] = load_clip(s["target_video"], self.frames, self.height, self.width)
+        return item
+
+    def __getitem__(self, i):
+        for skipped in range(len(self.samples)):
+            try:
+                return {**self.load(self.samples[(i + skipped) % len(self.samples)]), "skipped": skipped}
+            except VideoError:
+                if not self.skip_bad:
+                    raise
+        raise VideoError("every sample of the dataset failed to decode")
+
+
+def collate(items):
+    """List of items -> dict: lists of texts and VLM frames, stacked uint8 clip / target (B, T, H, W, 3)."""
+    batch = {k: [it[k] for it in items] for k in items[0] if k not in ("clip", "target", "skipped")}
+    for k in ("clip", "target"):
+        if k in items[0]:
+            batch[k] = torch.from_numpy(np.stack([it[k] for it in items]))
+    batch["skipped"] = sum(it.get("skipped", 0) for it in items)
+    return batch
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """Batch order for training: an endless stream of seeded permutations of the dataset
+    (epoch e is randperm(n) with seed + e), cut into global batches of batch_size * world;
+    rank r takes the r-th slice of each. Step s's batch depends on (seed, s) only, so the
+    step is the whole data-position state: a resumed run reads on exactly where it stopped.
+    Yields this rank's index lists for steps start..steps-1 (a DataLoader batch_sampler)."""
+
+    def __init__(self, n, batch_size, rank=0, world=1, seed=0, start=0, steps=10 ** 12):
+        self.n, self.batch_size, self.rank, self.world, self.seed = n, batch_size, rank, world, seed
+        self.start, self.steps, self._perms = start, steps, {}
+
+    def batch(self, step):
+        """Rank's dataset indices for a step."""
+        first = (step * self.world + self.rank) * self.batch_size  # position in the endless stream
+        out = []
+        for p in range(first, first + self.batch_size):
+            epoch = p // self.n
+            if epoch not in self._perms:
+                self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))}
+            out.append(int(self._perms[epoch][p % self.n]))
+        return out
+
+    def __iter__(self):
+        return (self.batch(s) for s in range(self.start, self.steps))
+
+    def __len__(self):
+        return self.steps - self.start
 
 
 # -----------------------------------------------------------------------------

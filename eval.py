@@ -417,7 +417,7 @@ if __name__ == "__main__":
 
     # --- data
     try:
-        samples = data.read_manifest(args.manifest)
+        samples, _ = data.read_manifest(args.manifest)
     except data.ManifestError as e:
         infer.fail(e)
     kind = "procedural" if args.procedural else "predictive" if args.predictive else None

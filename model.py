@@ -154,6 +154,11 @@ def chat_prompt(question, answer=None):
     return p if answer is None else p + answer + "<|im_end|>"
 
 
+def answer_text(think, caption):
+    """The VLM's target output: [Think]{think}[/Think][Ans]{caption}[/Ans]."""
+    return f"[Think]{think}[/Think][Ans]{caption}[/Ans]"
+
+
 def extract(text, tag):
     m = re.search(rf"\[{tag}\](.*?)\[/{tag}\]", text, re.S)
     return m.group(1).strip() if m else None
@@ -247,22 +252,27 @@ class VDM:
 
     def __init__(self, dit, vae, text_encoder, tokenizer, n_refs=N_REFS):
         self.dit, self.vae, self.text_encoder, self.tokenizer, self.n_refs = dit, vae, text_encoder, tokenizer, n_refs
-        z = vae.config.z_dim
-        self.latents_mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1)
-        self.latents_std = torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1)
+        self.set_latent_stats(vae.config.latents_mean, vae.config.latents_std)
+
+    def set_latent_stats(self, mean, std):
+        """Per-channel statistics that normalise the VAE's latents (Wan's, or measured on a trained tiny VAE)."""
+        z = self.vae.config.z_dim
+        self.latents_mean = torch.as_tensor(mean, dtype=torch.float32).view(1, z, 1, 1, 1)
+        self.latents_std = torch.as_tensor(std, dtype=torch.float32).view(1, z, 1, 1, 1)
 
     @property
     def device(self):
         return next(self.dit.parameters()).device
 
-    @torch.no_grad()
-    def encode_text(self, prompts):
-        """umT5 embeddings (B, 512, D), zero past each prompt's length (as Wan)."""
+    def encode_text(self, prompts, grad=False):
+        """umT5 embeddings (B, 512, D), zero past each prompt's length (as Wan). grad: keep the
+        graph (training the tiny text encoder)."""
         from diffusers.pipelines.wan.pipeline_wan import prompt_clean
         t = self.tokenizer([prompt_clean(p) for p in prompts], padding="max_length", max_length=TEXT_LEN,
                            truncation=True, add_special_tokens=True, return_tensors="pt")
         dev = next(self.text_encoder.parameters()).device
-        h = self.text_encoder(t.input_ids.to(dev), t.attention_mask.to(dev)).last_hidden_state
+        with torch.set_grad_enabled(grad):
+            h = self.text_encoder(t.input_ids.to(dev), t.attention_mask.to(dev)).last_hidden_state
         return (h * t.attention_mask.to(dev)[..., None]).to(self.device, self.dit.dtype)
 
     @torch.no_grad()
@@ -288,13 +298,14 @@ class VDM:
         idx = torch.linspace(0, clip_latents.shape[2] - 1, self.n_refs).long()
         return clip_latents[:, :, idx]
 
-    def velocity(self, x, sigma, text, refs=None):
+    def velocity(self, x, sigma, text, refs=None, dit=None):
         """DiT velocity on the target frames. x: (B, C, T, h, w) noisy targets; refs: (B, C, n, h, w)
-        clean references placed in front on the time axis; sigma: float or (B,)."""
+        clean references placed in front on the time axis; sigma: float or (B,). dit: the network
+        to call instead of self.dit (its DDP / FSDP wrapper when training)."""
         B, T = x.shape[0], x.shape[2]
         inp = x if refs is None else torch.cat([refs.to(x), x], dim=2)  # (B, C, n + T, h, w)
         t = (torch.as_tensor(sigma, dtype=torch.float32, device=x.device) * 1000).expand(B)
-        out = self.dit(hidden_states=inp.to(self.dit.dtype), timestep=t, encoder_hidden_states=text,
+        out = (dit or self.dit)(hidden_states=inp.to(self.dit.dtype), timestep=t, encoder_hidden_states=text,
                        return_dict=False)[0]
         return out[:, :, -T:].float()
 
@@ -424,30 +435,40 @@ def _hub_reachable(timeout=3.0):
         return False
 
 
-def load_tiny(seed=0):
-    """Random tiny models (deterministic for a seed)."""
+def load_tiny(seed=0, need=("vlm", "vdm")):
+    """Random tiny models (deterministic for a seed); a model not in `need` is None."""
     from transformers import ByT5Tokenizer
     torch.manual_seed(seed)
     tok = byte_tokenizer()
-    vlm = VLM(build_vlm_net("tiny", tok).eval(), vlm_processor(tok, "tiny"))
+    vlm = VLM(build_vlm_net("tiny", tok).eval(), vlm_processor(tok, "tiny"))  # built either way: same RNG stream
     dit, vae, te = build_vdm_nets("tiny")
-    return vlm, VDM(dit.eval(), vae.eval(), te.eval(), ByT5Tokenizer())
+    vdm = VDM(dit.eval(), vae.eval(), te.eval(), ByT5Tokenizer())
+    return (vlm if "vlm" in need else None), (vdm if "vdm" in need else None)
 
 
-def load_base(qwen, wan, dtype=torch.bfloat16):
-    """Qwen2.5-VL-3B-Instruct and Wan2.1-T2V-1.3B-Diffusers from local snapshot directories."""
+def load_base(qwen=None, wan=None, dtype=torch.bfloat16, need=("vlm", "vdm")):
+    """Qwen2.5-VL-3B-Instruct and Wan2.1-T2V-1.3B-Diffusers from local snapshot directories;
+    a model not in `need` is None."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, UMT5EncoderModel
+    vlm = vdm = None
+    if "vlm" in need:
+        vlm = _load_qwen(qwen, dtype)
+    if "vdm" in need:
+        vdm = VDM(WanTransformer3DModel.from_pretrained(wan, subfolder="transformer", torch_dtype=dtype).eval(),
+                  AutoencoderKLWan.from_pretrained(wan, subfolder="vae", torch_dtype=torch.float32).eval(),
+                  UMT5EncoderModel.from_pretrained(wan, subfolder="text_encoder", dtype=dtype).eval(),
+                  AutoTokenizer.from_pretrained(wan, subfolder="tokenizer"), n_refs=0)
+    return vlm, vdm
+
+
+def _load_qwen(qwen, dtype):
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
     processor = Qwen2_5_VLProcessor.from_pretrained(qwen)
     lo, hi = CONFIGS["full"]["vlm_pixels"]
     processor.video_processor.size = {"shortest_edge": lo, "longest_edge": hi}
     processor.video_processor.cap_pixels_per_frame = True
-    vlm = VLM(Qwen2_5_VLForConditionalGeneration.from_pretrained(qwen, dtype=dtype).eval(), processor)
-    vdm = VDM(WanTransformer3DModel.from_pretrained(wan, subfolder="transformer", torch_dtype=dtype).eval(),
-              AutoencoderKLWan.from_pretrained(wan, subfolder="vae", torch_dtype=torch.float32).eval(),
-              UMT5EncoderModel.from_pretrained(wan, subfolder="text_encoder", dtype=dtype).eval(),
-              AutoTokenizer.from_pretrained(wan, subfolder="tokenizer"), n_refs=0)
-    return vlm, vdm
+    return VLM(Qwen2_5_VLForConditionalGeneration.from_pretrained(qwen, dtype=dtype).eval(), processor)
 
 
 def load_official(vlm, vdm, vans_dir):
@@ -484,26 +505,39 @@ def _save(sd, path):
     save_file(out, path)
 
 
-def save_checkpoint(path, vlm, vdm, meta, parts=("vlm", "vlm_lora", "dit", "vae", "text_encoder")):
-    """Write a checkpoint directory atomically (temp dir, then rename)."""
+def save_checkpoint(path, vlm, vdm, meta, parts=("vlm", "vlm_lora", "dit", "vae", "text_encoder"),
+                    weights=None, extra=None):
+    """Write a checkpoint directory atomically (temp dir, then rename). vlm / vdm may be None.
+    weights: {part: state dict} written instead of the module's (e.g. gathered FSDP weights).
+    extra: {file name: object} written with torch.save (training state)."""
     from peft import PeftModel
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-ckpt-")
-    is_peft = isinstance(vlm.model, PeftModel)
-    if "vlm" in parts:
+    weights, written = dict(weights or {}), []
+    is_peft = vlm is not None and isinstance(vlm.model, PeftModel)
+    if "vlm" in parts and vlm is not None and "vlm" not in weights:
         base = vlm.model.get_base_model() if is_peft else vlm.model
         sd = {k: v for k, v in base.state_dict().items() if ".lora_" not in k}
         if is_peft:  # peft wraps targeted Linear layers: base_layer.weight -> weight
             sd = {k.replace(".base_layer.", "."): v for k, v in sd.items()}
-        _save(sd, os.path.join(tmp, "vlm.safetensors"))
+        weights["vlm"] = sd
     if "vlm_lora" in parts and is_peft:
         vlm.model.save_pretrained(os.path.join(tmp, "vlm_lora"))
-    for name, module in [("dit", vdm.dit), ("vae", vdm.vae), ("text_encoder", vdm.text_encoder)]:
-        if name in parts:
-            _save(module.state_dict(), os.path.join(tmp, f"{name}.safetensors"))
+        written.append("vlm_lora")
+    if vdm is not None:
+        for name, module in [("dit", vdm.dit), ("vae", vdm.vae), ("text_encoder", vdm.text_encoder)]:
+            if name in parts and name not in weights:
+                weights[name] = module.state_dict()
+        meta = {"n_refs": vdm.n_refs, "latents_mean": vdm.latents_mean.flatten().tolist(),
+                "latents_std": vdm.latents_std.flatten().tolist(), **meta}
+    for name, sd in weights.items():
+        _save(sd, os.path.join(tmp, f"{name}.safetensors"))
+        written.append(name)
+    for name, obj in (extra or {}).items():
+        torch.save(obj, os.path.join(tmp, name))
     with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump({"n_refs": vdm.n_refs, **meta}, f, indent=2)
+        json.dump({**meta, "parts": sorted(written)}, f, indent=2)
     if os.path.exists(path):
         old = path + ".old"
         shutil.rmtree(old, ignore_errors=True)
@@ -514,7 +548,10 @@ def save_checkpoint(path, vlm, vdm, meta, parts=("vlm", "vlm_lora", "dit", "vae"
         os.rename(tmp, path)
 
 
-def load_checkpoint(path, qwen=None, wan=None, dtype=torch.bfloat16):
+def load_checkpoint(path, qwen=None, wan=None, dtype=torch.bfloat16, need=("vlm", "vdm")):
+    """Our checkpoint directory -> (vlm, vdm); a model not in `need` is None. The parts the
+    checkpoint holds go onto the preset's base models; a needed model with no weights in a
+    full-size checkpoint falls back to the base (hub) weights, in a tiny one it is an error."""
     meta_path = os.path.join(path, "meta.json")
     if not os.path.isfile(meta_path):
         raise CheckpointError(f"{path}: not a VANS checkpoint directory (no meta.json)")
@@ -522,35 +559,59 @@ def load_checkpoint(path, qwen=None, wan=None, dtype=torch.bfloat16):
         meta = json.load(f)
     if meta.get("preset") not in CONFIGS:
         raise CheckpointError(f"{meta_path}: 'preset' must be one of {sorted(CONFIGS)}, got {meta.get('preset')!r}")
-    vlm, vdm = load_tiny() if meta["preset"] == "tiny" else load_base(**hub_paths(qwen=qwen, wan=wan), dtype=dtype)
+    have = set(meta.get("parts", []))
+    if meta["preset"] == "tiny":  # random bases: a model with no weights here would be noise
+        for m, files in (("vlm", {"vlm"}), ("vdm", {"dit", "vae", "text_encoder"})):
+            if m in need and not files <= have:
+                raise CheckpointError(f"{path}: has no {m.upper()} weights ({', '.join(sorted(files - have))} "
+                                      f"missing); it holds {', '.join(sorted(have)) or 'nothing'}")
+        vlm, vdm = load_tiny(need=need)
+    else:
+        given = {k: v for k, v in (("qwen", qwen), ("wan", wan)) if ("vlm" if k == "qwen" else "vdm") in need}
+        vlm, vdm = load_base(**hub_paths(**given), dtype=dtype, need=need)
     f = lambda name: os.path.join(path, name)
-    if os.path.isfile(f("vlm.safetensors")):
-        _load_strict(vlm.model, load_file(f("vlm.safetensors")), f("vlm.safetensors"))
-    if os.path.isdir(f("vlm_lora")):
-        from peft import PeftModel
-        vlm.model = PeftModel.from_pretrained(vlm.model, f("vlm_lora")).eval()
-        # peft only warns about adapter keys that do not match: check them ourselves
-        saved = lora_to_peft(load_file(f("vlm_lora/adapter_model.safetensors")))
-        _check_keys({k: v for k, v in vlm.model.state_dict().items() if ".lora_" in k}, saved, f("vlm_lora"))
-    for name, module in [("dit", vdm.dit), ("vae", vdm.vae), ("text_encoder", vdm.text_encoder)]:
-        if os.path.isfile(f(f"{name}.safetensors")):
-            sd = load_file(f(f"{name}.safetensors"))
-            _load_strict(module, {k: v.to(next(module.parameters()).dtype) for k, v in sd.items()}, f(f"{name}.safetensors"))
-    vdm.n_refs = meta.get("n_refs", N_REFS)
+    if vlm is not None:
+        if "vlm" in have:
+            _load_strict(vlm.model, load_file(f("vlm.safetensors")), f("vlm.safetensors"))
+        if "vlm_lora" in have:
+            from peft import PeftModel
+            vlm.model = PeftModel.from_pretrained(vlm.model, f("vlm_lora")).eval()
+            # peft only warns about adapter keys that do not match: check them ourselves
+            saved = lora_to_peft(load_file(f("vlm_lora/adapter_model.safetensors")))
+            _check_keys({k: v for k, v in vlm.model.state_dict().items() if ".lora_" in k}, saved, f("vlm_lora"))
+    if vdm is not None:
+        for name, module in [("dit", vdm.dit), ("vae", vdm.vae), ("text_encoder", vdm.text_encoder)]:
+            if name in have:
+                sd = load_file(f(f"{name}.safetensors"))
+                _load_strict(module, {k: v.to(next(module.parameters()).dtype) for k, v in sd.items()},
+                             f(f"{name}.safetensors"))
+        if "dit" in have:
+            vdm.n_refs = meta.get("n_refs", N_REFS)
+        if "latents_mean" in meta:
+            vdm.set_latent_stats(meta["latents_mean"], meta["latents_std"])
     return vlm, vdm
 
 
-def load(name, qwen=None, wan=None, vans=None, dtype=torch.bfloat16):
+def preset_of(name):
+    """"tiny" or "full": the architecture a --model name loads."""
+    if os.path.isfile(os.path.join(name, "meta.json")):
+        with open(os.path.join(name, "meta.json")) as f:
+            return json.load(f).get("preset")
+    return "tiny" if name == "tiny" else "full"
+
+
+def load(name, qwen=None, wan=None, vans=None, dtype=torch.bfloat16, need=("vlm", "vdm")):
     """-> (VLM, VDM) for "vans" (official release), "base" (Qwen-Wan baseline, no refs),
     "tiny" (random tiny models), or a checkpoint directory of ours. Weights in `dtype`
-    (the VAE stays float32)."""
+    (the VAE stays float32). A model not in `need` is not loaded (None)."""
     if name == "tiny":
-        return load_tiny()
+        return load_tiny(need=need)
     if name == "base":
-        return load_base(**hub_paths(qwen=qwen, wan=wan), dtype=dtype)
+        given = {k: v for k, v in (("qwen", qwen), ("wan", wan)) if ("vlm" if k == "qwen" else "vdm") in need}
+        return load_base(**hub_paths(**given), dtype=dtype, need=need)
     if name == "vans":
         p = hub_paths(qwen=qwen, wan=wan, vans=vans)
         return load_official(*load_base(p["qwen"], p["wan"], dtype), p["vans"])
     if os.path.isdir(name):
-        return load_checkpoint(name, qwen, wan, dtype)
+        return load_checkpoint(name, qwen, wan, dtype, need)
     raise CheckpointError(f"--model {name!r}: expected vans, base, tiny, or a checkpoint directory")

@@ -394,7 +394,8 @@ def test_manifest(tmp_path, files):
     os.symlink(files / "clip.mp4", tmp_path / "clip.mp4")
     m = tmp_path / "m.jsonl"
     m.write_text(json.dumps({**good, "kind": "predictive", "id": "a"}) + "\n\n" + json.dumps(good) + "\n")
-    s = data.read_manifest(str(m))
+    s, skipped = data.read_manifest(str(m))
+    assert skipped == []
     assert [x["id"] for x in s] == ["a", "3"] and s[0]["kind"] == "predictive" and s[1]["kind"] is None
     assert s[0]["input_video"] == str(tmp_path / "clip.mp4")
     cases = [("{not json", r"m\.jsonl:2: not valid JSON"),
@@ -408,7 +409,7 @@ def test_manifest(tmp_path, files):
     c = tmp_path / "m.csv"
     c.write_text("input_video_path,output_video_path,ENG_Instruction,ENG_Think,ENG_GT_Caption\n"
                  "clip.mp4,clip.mp4,What next?,Because.,It falls.\n")
-    (row,) = data.read_manifest(str(c))
+    (row,), _ = data.read_manifest(str(c))
     assert (row["question"], row["think"], row["caption"]) == ("What next?", "Because.", "It falls.")
 
 
@@ -731,7 +732,7 @@ def test_shapes_deterministic_and_loadable(tmp_path):
     for run in ("one", "two"):
         data.make_shapes(str(tmp_path / run), 10, 2, 2, height=64, width=112, seed=3, workers=2)
     assert (tmp_path / "one" / "train.jsonl").read_text() == (tmp_path / "two" / "train.jsonl").read_text()
-    rows = data.read_manifest(str(tmp_path / "one" / "train.jsonl"))
+    rows, _ = data.read_manifest(str(tmp_path / "one" / "train.jsonl"))
     assert len(rows) == 10 and {r["kind"] for r in rows} <= {"procedural", "predictive"}
     assert data.read_frames(rows[0]["input_video"]).shape == (data.N_IN, 64, 112, 3)
     assert data.read_frames(rows[0]["target_video"]).shape == (data.N_OUT, 64, 112, 3)

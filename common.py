@@ -1,0 +1,197 @@
+"""
+Plumbing shared by the training scripts: flags and config presets, torch.distributed
+setup, the learning-rate schedule, logging, and resumable training state.
+"""
+
+import argparse
+import json
+import math
+import os
+import runpy
+import subprocess
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+# -----------------------------------------------------------------------------
+# flags
+
+
+def parse_flags(parser, script, argv=None):
+    """Parse flags. `--config config/shapes.py` first sets the defaults from the file's dict
+    named after the script (e.g. `sft_vlm = dict(steps=300)`); flags given on the command line win."""
+    parser.add_argument("--config", default=None, help="a config/*.py preset; its dict for this script sets defaults")
+    args, _ = parser.parse_known_args(argv)
+    if args.config:
+        preset = runpy.run_path(args.config).get(script)
+        if not isinstance(preset, dict):
+            parser.error(f"{args.config}: no dict named {script}")
+        unknown = sorted(set(preset) - {a.dest for a in parser._actions})
+        if unknown:
+            parser.error(f"{args.config}: {script} sets unknown flag(s) {', '.join(unknown)}")
+        parser.set_defaults(**preset)
+    return parser.parse_args(argv)
+
+
+def add_run_flags(parser):
+    """Flags every training script has: output, schedule, logging, compute."""
+    parser.add_argument("--out", required=True, help="run directory: checkpoints and log.jsonl")
+    parser.add_argument("--resume", action="store_true", help="continue from <out>/last if it exists")
+    parser.add_argument("--seed", type=int, default=0, help="seed for data order and noise (rank r uses seed + r)")
+    parser.add_argument("--steps", type=int, required=True, help="optimizer steps")
+    parser.add_argument("--batch-size", type=int, default=1, help="samples per rank per step")
+    parser.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (AdamW)")
+    parser.add_argument("--warmup", type=int, default=0, help="linear warmup steps, then cosine decay to 0")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    parser.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0 = off)")
+    parser.add_argument("--save-every", type=int, default=500, help="write <out>/last every N steps (and at the end)")
+    parser.add_argument("--stop-after", type=int, default=0, help="save and stop after N steps of this run (a job time slot); --resume goes on")
+    parser.add_argument("--log-every", type=int, default=10, help="log metrics every N steps")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    parser.add_argument("--wandb", default=None, help="wandb project to log to (off by default)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda | cpu")
+    parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+
+
+# -----------------------------------------------------------------------------
+# distributed
+
+
+def compute_init(device):
+    """-> (rank, world, device). Under torchrun, joins the process group: NCCL on GPUs, gloo on CPUs."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def compute_cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def print0(*a, **k):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*a, **k, flush=True)
+
+
+def all_mean(xs):
+    """Mean of the floats xs held by every rank together (ranks may hold different numbers)."""
+    t = torch.tensor([float(sum(xs)), float(len(xs))], dtype=torch.float64)
+    if dist.is_initialized():
+        t = t.cuda() if dist.get_backend() == "nccl" else t
+        dist.all_reduce(t)
+    return (t[0] / t[1]).item() if t[1] > 0 else float("nan")
+
+
+def check_in_sync(params):
+    """Raise unless every rank holds bit-identical parameters (a sha256 over their bytes)."""
+    import hashlib
+    h = hashlib.sha256()
+    for p in params:
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    digest = h.hexdigest()
+    if dist.is_initialized():
+        digests = [None] * dist.get_world_size()
+        dist.all_gather_object(digests, digest)
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"ranks hold different weights: {digests}")
+        print0(f"weights identical on all {len(digests)} ranks (sha256 {digest[:16]})")
+
+
+def git_hash():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except OSError:
+        return None
+
+
+# -----------------------------------------------------------------------------
+# optimisation
+
+
+def lr_at(step, lr, warmup, steps):
+    """Linear warmup for `warmup` steps, then cosine decay to 0 at `steps`. A function of the
+    step alone, so the step is the scheduler's whole state."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# -----------------------------------------------------------------------------
+# logging
+
+
+class Logger:
+    """Metrics to <out>/log.jsonl and stdout, and to wandb when a project is given; rank 0 only.
+    The same calls whether wandb is on or off."""
+
+    def __init__(self, out, args, rank):
+        self.on = rank == 0
+        self.path = os.path.join(out, "log.jsonl")
+        self.wandb = None
+        if self.on and args.wandb:
+            import wandb
+            self.wandb = wandb.init(project=args.wandb, name=os.path.basename(os.path.abspath(out)), config=vars(args))
+
+    def log(self, metrics, step):
+        if not self.on:
+            return
+        metrics = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "time": round(time.time(), 1), **metrics}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def finish(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+# -----------------------------------------------------------------------------
+# training state: what --resume needs beyond the weights
+
+
+def rng_states():
+    """This rank's torch RNG states, gathered to a list over ranks (every rank gets the list)."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    if not dist.is_initialized():
+        return [state]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, state)
+    return out
+
+
+def train_state(step, optimizer_state, extra=None):
+    """The resumable state saved beside the weights (train_state.pt, loaded with weights_only=True):
+    step (= data position and schedule position), optimizer state, every rank's RNG."""
+    return {"step": step, "optimizer": optimizer_state, "rng": rng_states(), **(extra or {})}
+
+
+def load_train_state(ckpt):
+    """-> the dict of train_state(), with this rank's RNG restored. A different world size
+    cannot continue the same random streams: then each rank is reseeded and a note printed."""
+    path = os.path.join(ckpt, "train_state.pt")
+    if not os.path.isfile(path):
+        sys.exit(f"error: {ckpt}: no train_state.pt, cannot resume from it")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if len(state["rng"]) == world:
+        torch.set_rng_state(state["rng"][rank]["cpu"])
+        if "cuda" in state["rng"][rank] and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["rng"][rank]["cuda"])
+    else:
+        print0(f"note: {ckpt} was written by {len(state['rng'])} ranks, now {world}: random streams reseeded")
+        torch.manual_seed(1000 * state["step"] + rank)
+    return state
