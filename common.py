@@ -21,18 +21,45 @@ import torch.distributed as dist
 
 def parse_flags(parser, script, argv=None):
     """Parse flags. `--config config/shapes.py` first sets the defaults from the file's dict
-    named after the script (e.g. `sft_vlm = dict(steps=300)`); flags given on the command line win."""
-    parser.add_argument("--config", default=None, help="a config/*.py preset; its dict for this script sets defaults")
-    args, _ = parser.parse_known_args(argv)
+    named after the script (e.g. `sft_vlm = dict(steps=300)`), `--config FILE:NAME` from the
+    dict NAME; flags given on the command line win."""
+    parser.add_argument("--config", default=None, help="config/*.py[:NAME]: its dict for this script (or NAME) sets defaults")
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    args, _ = pre.parse_known_args(argv)
     if args.config:
-        preset = runpy.run_path(args.config).get(script)
+        path, _, name = args.config.partition(":")
+        if not os.path.isfile(path):
+            parser.error(f"--config {path}: no such file")
+        preset = runpy.run_path(path).get(name or script)
         if not isinstance(preset, dict):
-            parser.error(f"{args.config}: no dict named {script}")
+            parser.error(f"{path}: no dict named {name or script}")
         unknown = sorted(set(preset) - {a.dest for a in parser._actions})
         if unknown:
-            parser.error(f"{args.config}: {script} sets unknown flag(s) {', '.join(unknown)}")
+            parser.error(f"{path}: {name or script} sets unknown flag(s) {', '.join(unknown)}")
         parser.set_defaults(**preset)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if getattr(args, "steps", 0) is None:
+        parser.error("--steps is required (on the command line or in --config)")
+    return args
+
+
+def read_manifests(args, min_frames):
+    """(train, val) samples of --train / --val, validated down to the videos; a bad line is a
+    one-line error, or with --skip-bad skipped and counted."""
+    import data
+    try:
+        train, bad = data.read_manifest(args.train, check_videos=True, min_frames=min_frames, skip_bad=args.skip_bad)
+        val, bad_val = data.read_manifest(args.val, check_videos=True, min_frames=min_frames,
+                                          skip_bad=args.skip_bad) if args.val else ([], [])
+    except (data.ManifestError, data.VideoError) as e:
+        sys.exit(f"error: {e}")
+    for name, kept, skipped in (("train", train, bad), ("val", val, bad_val)):
+        if kept or skipped:
+            print0(f"{name}: {len(kept)} samples" + (f", {len(skipped)} skipped (first: {skipped[0]})" if skipped else ""))
+    if not train:
+        sys.exit(f"error: {args.train}: no usable samples")
+    return train, val
 
 
 def add_run_flags(parser):
@@ -40,7 +67,7 @@ def add_run_flags(parser):
     parser.add_argument("--out", required=True, help="run directory: checkpoints and log.jsonl")
     parser.add_argument("--resume", action="store_true", help="continue from <out>/last if it exists")
     parser.add_argument("--seed", type=int, default=0, help="seed for data order and noise (rank r uses seed + r)")
-    parser.add_argument("--steps", type=int, required=True, help="optimizer steps")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (required, here or in --config)")
     parser.add_argument("--batch-size", type=int, default=1, help="samples per rank per step")
     parser.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (AdamW)")
     parser.add_argument("--warmup", type=int, default=0, help="linear warmup steps, then cosine decay to 0")

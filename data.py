@@ -16,6 +16,7 @@ import contextlib
 import csv
 import json
 import os
+import sys
 
 import numpy as np
 import torch
@@ -121,8 +122,9 @@ def load_clip(path, n_frames, height, width):
 
 
 def to_tensor(frames):
-    """uint8 (T, H, W, 3) numpy -> float (3, T, H, W) in [-1, 1], the VAE's input."""
-    return torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).float() / 127.5 - 1.0
+    """uint8 (T, H, W, 3) -> float (3, T, H, W) in [-1, 1], the VAE's input; a batch
+    (B, T, H, W, 3) -> (B, 3, T, H, W). numpy or torch."""
+    return torch.as_tensor(np.ascontiguousarray(frames)).movedim(-1, -4).float() / 127.5 - 1.0
 
 
 def to_uint8(video):
@@ -223,12 +225,13 @@ class ClipDataset(torch.utils.data.Dataset):
         vlm     uint8 (vlm_frames, H0, W0, 3)     the VLM's frames, uniform over the input, native size
         clip    uint8 (frames, height, width, 3)  the reference clip, read as infer.py reads it
         target  uint8 (frames, height, width, 3)  the target, uniform over the target video
-    Decoding is deterministic, so DataLoader workers need no seeding. A sample that fails to
-    decode raises VideoError naming the file, or with skip_bad is replaced by the next sample
-    (item["skipped"] counts replacements): a batch never shrinks, so DDP ranks stay in step."""
+    Decoding is deterministic, so DataLoader workers need no seeding. A clip that fails to
+    decode mid-run (read_manifest checked it opens) does not stop training: a one-line warning
+    names it and the next sample takes its place (item["skipped"] counts the replacements), so
+    a batch never shrinks and DDP ranks stay in step."""
 
-    def __init__(self, samples, parts, frames=33, height=352, width=640, vlm_frames=6, skip_bad=False):
-        self.samples, self.parts, self.skip_bad = samples, parts, skip_bad
+    def __init__(self, samples, parts, frames=33, height=352, width=640, vlm_frames=6):
+        self.samples, self.parts = samples, parts
         self.frames, self.height, self.width, self.vlm_frames = frames, height, width, vlm_frames
 
     def __len__(self):
@@ -248,9 +251,8 @@ class ClipDataset(torch.utils.data.Dataset):
         for skipped in range(len(self.samples)):
             try:
                 return {**self.load(self.samples[(i + skipped) % len(self.samples)]), "skipped": skipped}
-            except VideoError:
-                if not self.skip_bad:
-                    raise
+            except VideoError as e:
+                print(f"warning: {e}; using the next sample", file=sys.stderr, flush=True)
         raise VideoError("every sample of the dataset failed to decode")
 
 

@@ -183,11 +183,24 @@ class VLM:
 
     def inputs(self, videos, questions, answers=None):
         """Processor inputs for a batch. videos: uint8 (VLM_FRAMES, H, W, 3) each,
-        treated as sampled at 1 fps (as the official release)."""
+        treated as sampled at 1 fps (as the official release). With answers, the full
+        sequences and their SFT labels: the answer tokens and the closing <|im_end|>;
+        -100 on the prompt, the video and the (left) padding."""
         texts = [chat_prompt(q, a) for q, a in zip(questions, answers or [None] * len(questions))]
         videos = [np.ascontiguousarray(v) for v in videos]
-        return self.processor(text=texts, videos=videos, video_metadata=[{"fps": 1.0, "total_num_frames": len(v)} for v in videos],
-                              padding=True, return_tensors="pt").to(self.device)
+        inp = self.processor(text=texts, videos=videos, video_metadata=[{"fps": 1.0, "total_num_frames": len(v)} for v in videos],
+                             padding=True, return_tensors="pt").to(self.device)
+        if answers is not None:
+            inp["labels"] = torch.where(self.answer_mask(inp["input_ids"]), inp["input_ids"], -100)
+        return inp
+
+    def answer_mask(self, ids):
+        """True after the last '<|im_start|>assistant\n' of each row: the assistant's tokens."""
+        tok = self.processor.tokenizer
+        turns = (ids == tok.convert_tokens_to_ids("<|im_start|>")).int().cumsum(1)
+        last_turn = turns == turns[:, -1:]
+        tag = 1 + len(tok("assistant\n", add_special_tokens=False).input_ids)  # <|im_start|>assistant\n
+        return last_turn & (last_turn.int().cumsum(1) > tag)
 
     @torch.no_grad()
     def generate(self, videos, questions, greedy=False, temperature=0.7, top_p=0.9, max_new_tokens=1024):

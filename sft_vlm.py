@@ -73,10 +73,8 @@ resume = args.resume and os.path.isdir(last)
 # -----------------------------------------------------------------------------
 # data
 
-train, bad = data.read_manifest(args.train, check_videos=True, min_frames=args.frames, skip_bad=args.skip_bad)
-common.print0(f"train: {len(train)} samples from {args.train}" + (f", {len(bad)} skipped (first: {bad[0]})" if bad else ""))
-val = data.read_manifest(args.val, check_videos=True, min_frames=args.frames, skip_bad=args.skip_bad)[0] if args.val else []
-dataset = data.ClipDataset(train, parts=("vlm",), frames=args.frames, vlm_frames=model.VLM_FRAMES, skip_bad=args.skip_bad)
+train, val = common.read_manifests(args, min_frames=args.frames)
+dataset = data.ClipDataset(train, parts=("vlm",), frames=args.frames, vlm_frames=model.VLM_FRAMES)
 
 # -----------------------------------------------------------------------------
 # model
@@ -101,25 +99,13 @@ params = [p for p in net.parameters() if p.requires_grad]
 common.print0(f"{preset} VLM, {args.finetune}: {sum(p.numel() for p in params):,} trained parameters "
               f"of {sum(p.numel() for p in net.parameters()):,}")
 ddp_net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else net
-tok = vlm.processor.tokenizer
-
-
-def assistant_labels(inp):
-    """The SFT labels: input ids after the last '<|im_start|>assistant\\n', -100 elsewhere. Padding
-    is on the left, so everything after the tag is the answer and its <|im_end|>."""
-    ids = inp["input_ids"]
-    starts = (ids == tok.convert_tokens_to_ids("<|im_start|>")).int().cumsum(1)
-    after_tag = starts == starts[:, -1:]  # from the last <|im_start|> on
-    tag_len = 1 + len(tok("assistant\n", add_special_tokens=False).input_ids)
-    after_tag &= after_tag.int().cumsum(1) > tag_len
-    return torch.where(after_tag, ids, -100)
 
 
 def batch_loss(batch, net):
     answers = [model.answer_text(t, c) for t, c in zip(batch["think"], batch["caption"])]
-    inp = vlm.inputs(batch["vlm"], batch["question"], answers)
+    inp = vlm.inputs(batch["vlm"], batch["question"], answers)  # labels: the answer tokens only
     with amp:
-        return net(**inp, labels=assistant_labels(inp), use_cache=False).loss
+        return net(**inp, use_cache=False).loss
 
 
 # -----------------------------------------------------------------------------

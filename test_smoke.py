@@ -770,3 +770,225 @@ def test_shapes_captions_match_target_clips():
                 assert (W - last[0] if d > 0 else last[0]) > u
     assert set(seen) == {("stack", "place"), ("stack", "remove"), ("ball", "bounce"), ("ball", "leave"),
                          ("ball", "stop")}
+
+
+# -----------------------------------------------------------------------------
+# training data: manifest validation, dataset, batch order
+
+def test_manifest_validation_and_skip_bad(tmp_path, files):
+    good = {"input_video": "clip.mp4", "question": "q", "think": "t", "caption": "c", "target_video": "clip.mp4"}
+    for name in ("clip.mp4", "short.mp4", "truncated.mp4"):
+        os.symlink(files / name, tmp_path / name)
+    lines = [good, {**good, "question": None}, {**good, "input_video": "short.mp4"},
+             {**good, "target_video": "truncated.mp4"}, {**good, "input_video": "gone.mp4"}, good]
+    m = tmp_path / "m.jsonl"
+    m.write_text("\n".join(json.dumps(x) for x in lines) + "\n{oops\n")
+    # the first bad line stops the read; with skip_bad every bad line is skipped, its error kept
+    with pytest.raises(data.ManifestError, match=r"m\.jsonl:2: missing or empty field\(s\) question"):
+        data.read_manifest(str(m), check_videos=True, min_frames=33)
+    kept, skipped = data.read_manifest(str(m), check_videos=True, min_frames=33, skip_bad=True)
+    assert len(kept) == 2 and len(skipped) == 5
+    want = [r"m\.jsonl:2: missing or empty field\(s\) question",
+            r"m\.jsonl:3: input_video 'short\.mp4' has 10 frames, need at least 33",
+            r"m\.jsonl:4: .*truncated\.mp4: not a readable video",
+            r"m\.jsonl:5: input_video 'gone\.mp4' does not exist",
+            r"m\.jsonl:7: not valid JSON"]
+    for msg, pattern in zip(skipped, want):
+        assert re.search(pattern, msg) and "\n" not in msg, msg
+    kept, skipped = data.read_manifest(str(m), check_files=False, skip_bad=True)  # only the text is checked
+    assert len(kept) == 5 and len(skipped) == 2
+
+
+def test_step_sampler_is_a_resumable_sharded_permutation():
+    n, B, world = 10, 2, 2
+    rank_batches = [list(data.StepSampler(n, B, r, world, seed=3, steps=10)) for r in range(world)]
+    stream = [i for s in range(10) for r in range(world) for i in rank_batches[r][s]]
+    for e in range(4):  # the global order is a fresh permutation every epoch ...
+        assert sorted(stream[e * n:(e + 1) * n]) == list(range(n))
+    assert stream[:n] != stream[n:2 * n]
+    # ... ranks never share a sample within a step, and a resumed sampler continues the same order
+    assert all(not set(rank_batches[0][s]) & set(rank_batches[1][s]) for s in range(2))
+    assert list(data.StepSampler(n, B, 1, world, seed=3, start=6, steps=10)) == rank_batches[1][6:]
+    assert rank_batches[0] == list(data.StepSampler(n, B, 0, world, seed=3, steps=10))
+    assert rank_batches[0] != list(data.StepSampler(n, B, 0, world, seed=4, steps=10))
+
+
+@pytest.fixture(scope="module")
+def shapes_small(tmp_path_factory):
+    d = tmp_path_factory.mktemp("shapes")
+    data.make_shapes(str(d), 16, 4, 0, height=32, width=64, seed=0, workers=2)
+    return d
+
+
+def test_clip_dataset_and_workers(shapes_small, files, capfd):
+    samples, _ = data.read_manifest(str(shapes_small / "train.jsonl"))
+    ds = data.ClipDataset(samples, ("vlm", "clip", "target"), frames=9, height=32, width=48, vlm_frames=6)
+    item = ds[0]
+    assert item["vlm"].shape == (6, 32, 64, 3) and item["clip"].shape == (9, 32, 48, 3)
+    assert np.array_equal(item["target"], data.load_clip(samples[0]["target_video"], 9, 32, 48))
+    sampler = lambda: data.StepSampler(len(ds), 3, seed=1, steps=4)
+    batches = [list(torch.utils.data.DataLoader(ds, batch_sampler=sampler(), num_workers=w, collate_fn=data.collate))
+               for w in (0, 2)]
+    for a, b in zip(*batches):
+        assert a["id"] == b["id"] and torch.equal(a["clip"], b["clip"]) and a["clip"].shape == (3, 9, 32, 48, 3)
+    # a clip that breaks after validation: a warning naming it, the next sample in its place, counted
+    broken = {**samples[1], "target_video": str(files / "truncated.mp4")}
+    ds = data.ClipDataset([samples[0], broken, samples[2]], ("target",), frames=9, height=32, width=48)
+    batch = data.collate([ds[i] for i in range(3)])
+    assert batch["skipped"] == 1 and batch["id"] == [samples[0]["id"], samples[2]["id"], samples[2]["id"]]
+    assert re.fullmatch(r"warning: .*truncated\.mp4: not a readable video.*; using the next sample\n",
+                        capfd.readouterr().err)
+
+
+def test_sft_labels_are_the_answer_tokens(tiny):
+    vlm, _ = tiny
+    answers = ["[Think]a b[/Think][Ans]red[/Ans]", "[Think]longer reasoning here[/Think][Ans]blue ball[/Ans]"]
+    videos = [moving_clip(6, 56, 56, seed=s) for s in range(2)]
+    inp = vlm.inputs(videos, ["What next?", "And now, what happens?"], answers)
+    tok = vlm.processor.tokenizer
+    for row, labels, a in zip(inp["input_ids"], inp["labels"], answers):
+        assert tok.decode(labels[labels != -100]) == a + "<|im_end|>"
+        assert (labels[:-1] == -100).sum() > 0 and labels[-1] != -100  # prompt masked, the end kept (left padding)
+
+
+def test_config_presets(tmp_path):
+    import argparse
+    import common
+    cfg = tmp_path / "c.py"
+    cfg.write_text("a = dict(steps=7, lr=0.5)\nb = dict(steps=9, nope=1)\n")
+    def parse(argv):
+        p = argparse.ArgumentParser()
+        common.add_run_flags(p)
+        return common.parse_flags(p, "a", argv)
+    args = parse(["--out", "o", "--config", str(cfg)])
+    assert (args.steps, args.lr, args.batch_size) == (7, 0.5, 1)
+    assert parse(["--out", "o", "--config", str(cfg), "--lr", "0.1"]).lr == 0.1  # the command line wins
+    with pytest.raises(SystemExit):
+        parse(["--out", "o", "--config", f"{cfg}:b"])  # unknown flag in the preset
+    for name in ("shapes", "paper"):  # the shipped presets name only real flags
+        path = os.path.join(ROOT, "config", f"{name}.py")
+        for script, preset in [(k, v) for k, v in __import__("runpy").run_path(path).items() if k.startswith("sft")]:
+            src = open(os.path.join(ROOT, ("sft_vdm" if script == "sft_vae" else script) + ".py")).read()
+            for flag in preset:
+                assert f'"--{flag.replace("_", "-")}"' in src or f'"--{flag.replace("_", "-")}"' in \
+                    open(os.path.join(ROOT, "common.py")).read(), (name, script, flag)
+
+
+# -----------------------------------------------------------------------------
+# sft_vlm.py and sft_vdm.py: torchrun, weights in sync across ranks, exact resume
+
+def _train(script, args, out, nproc=1, check=True):
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1
+           else [sys.executable]) + [os.path.join(ROOT, script), "--out", str(out), "--device", "cpu", "--workers", "0"] + args
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert not check or r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def _log(out, key="loss"):
+    return [r[key] for r in map(json.loads, open(os.path.join(out, "log.jsonl"))) if key in r]
+
+
+def _same_weights(a, b):
+    from safetensors.torch import load_file
+    files = sorted(f for f in os.listdir(a) if f.endswith(".safetensors"))
+    if os.path.isdir(os.path.join(a, "vlm_lora")):
+        files.append("vlm_lora/adapter_model.safetensors")
+    assert files
+    for f in files:
+        x, y = load_file(os.path.join(a, f)), load_file(os.path.join(b, f))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), f
+
+
+def test_sft_vlm_torchrun_loss_decreases(shapes_small, tmp_path):
+    flags = ["--model", "tiny", "--finetune", "full", "--train", str(shapes_small / "train.jsonl"),
+             "--val", str(shapes_small / "val.jsonl"), "--steps", "24", "--batch-size", "2", "--lr", "2e-3",
+             "--warmup", "2", "--log-every", "4", "--val-loss-samples", "4", "--val-generate", "2",
+             "--max-new-tokens", "16"]
+    r = _train("sft_vlm.py", flags, tmp_path / "run", nproc=2)
+    assert "weights identical on all 2 ranks" in r.stdout
+    loss = _log(tmp_path / "run")
+    assert len(loss) == 6 and loss[-1] < 0.8 * loss[0], loss
+    val = [json.loads(l) for l in open(tmp_path / "run" / "log.jsonl") if "val/loss" in l][-1]
+    assert val["val/loss"] < loss[0] and 0 <= val["val/rouge_l"] <= 1 and val["val/format_reward"] in (0, 0.5, 1)
+    vlm, vdm = model.load(str(tmp_path / "run" / "last"), need=("vlm",))  # the checkpoint is a --model
+    assert vdm is None and not hasattr(vlm.model, "peft_config")
+
+
+def test_sft_vlm_lora_exact_resume(shapes_small, tmp_path):
+    flags = ["--model", "tiny", "--train", str(shapes_small / "train.jsonl"), "--steps", "8", "--batch-size", "2",
+             "--lr", "1e-3", "--warmup", "2"]
+    _train("sft_vlm.py", flags, tmp_path / "straight")
+    _train("sft_vlm.py", flags + ["--stop-after", "4"], tmp_path / "split")
+    assert json.load(open(tmp_path / "split" / "last" / "meta.json"))["step"] == 4
+    _train("sft_vlm.py", flags + ["--resume"], tmp_path / "split")
+    _same_weights(tmp_path / "straight" / "last", tmp_path / "split" / "last")
+    assert _log(tmp_path / "straight") == pytest.approx(_log(tmp_path / "split"), abs=0)
+    vlm, _ = model.load(str(tmp_path / "split" / "last"), need=("vlm",))  # peft's own adapter format
+    assert "vlm_lora" in json.load(open(tmp_path / "split" / "last" / "meta.json"))["parts"]
+    assert type(vlm.model).__name__ == "PeftModel"
+
+
+def test_sft_vlm_bad_manifest(shapes_small, tmp_path):
+    good = json.loads(open(shapes_small / "train.jsonl").readline())
+    m = shapes_small / "bad.jsonl"
+    m.write_text(json.dumps(good) + "\n" + json.dumps({**good, "input_video": "nope.mp4"}) + "\n")
+    flags = ["--model", "tiny", "--train", str(m), "--steps", "1"]
+    r = _train("sft_vlm.py", flags, tmp_path / "a", check=False)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1] == \
+        f"error: {m}:2: input_video 'nope.mp4' does not exist"
+    r = _train("sft_vlm.py", flags + ["--skip-bad"], tmp_path / "b")
+    assert "train: 1 samples, 1 skipped" in r.stdout
+
+
+def test_sft_vae_phase_learns_and_normalises(shapes_small, tmp_path):
+    flags = ["--model", "tiny", "--train-vae", "--train", str(shapes_small / "train.jsonl"), "--frames", "9",
+             "--height", "32", "--width", "64", "--steps", "12", "--batch-size", "2", "--lr", "3e-3", "--log-every", "3"]
+    _train("sft_vdm.py", flags, tmp_path / "vae")
+    loss = _log(tmp_path / "vae")
+    assert loss[-1] < 0.7 * loss[0], loss
+    _, vdm = model.load(str(tmp_path / "vae" / "last"), need=("vdm",))
+    samples, _ = data.read_manifest(str(shapes_small / "train.jsonl"))
+    z = torch.cat([vdm.encode_video(data.to_tensor(data.load_clip(s["target_video"], 9, 32, 64))[None]) for s in samples])
+    # the stored statistics normalise the trained VAE's latents (measured on these 16 clips)
+    z = z.transpose(0, 1).flatten(1)
+    assert z.mean(1).abs().max() < 1e-3 and (z.std(1) - 1).abs().max() < 0.01
+
+
+@pytest.fixture(scope="module")
+def tiny_vdm_ckpt(tmp_path_factory):
+    """A tiny VDM checkpoint (random weights) for the DiT runs."""
+    path = tmp_path_factory.mktemp("vdm") / "ckpt"
+    _, vdm = model.load_tiny()
+    model.save_checkpoint(str(path), None, vdm, {"preset": "tiny"}, ("dit", "vae", "text_encoder"))
+    return path
+
+
+def test_sft_vdm_torchrun_ddp_loss_decreases(shapes_small, tiny_vdm_ckpt, tmp_path):
+    flags = ["--model", str(tiny_vdm_ckpt), "--train", str(shapes_small / "train.jsonl"),
+             "--val", str(shapes_small / "val.jsonl"), "--frames", "9", "--height", "32", "--width", "64",
+             "--steps", "24", "--batch-size", "2", "--lr", "2e-3", "--warmup", "2", "--log-every", "4",
+             "--train-text-encoder", "--caption-dropout", "0.2", "--val-loss-samples", "4", "--val-render", "1",
+             "--val-steps", "2"]
+    r = _train("sft_vdm.py", flags, tmp_path / "run", nproc=2)
+    assert "weights identical on all 2 ranks" in r.stdout
+    loss = _log(tmp_path / "run")
+    assert len(loss) == 6 and loss[-1] < 0.85 * loss[0], loss
+    assert len(os.listdir(tmp_path / "run" / "samples")) == 2  # one rendered sample per rank
+    _, vdm = model.load(str(tmp_path / "run" / "last"), need=("vdm",))
+    assert vdm.n_refs == model.N_REFS
+
+
+def test_sft_vdm_fsdp_cache_ema_exact_resume(shapes_small, tiny_vdm_ckpt, tmp_path):
+    flags = ["--model", str(tiny_vdm_ckpt), "--train", str(shapes_small / "train.jsonl"), "--frames", "9",
+             "--height", "32", "--width", "64", "--steps", "6", "--batch-size", "2", "--lr", "2e-3",
+             "--warmup", "2", "--fsdp", "--cache-latents", "--ema", "0.5", "--caption-dropout", "0.3"]
+    r = _train("sft_vdm.py", flags, tmp_path / "straight", nproc=2)
+    assert "FSDP2" in r.stdout and "weights identical on all 2 ranks" in r.stdout
+    _train("sft_vdm.py", flags + ["--stop-after", "3"], tmp_path / "split", nproc=2)
+    _train("sft_vdm.py", flags + ["--resume"], tmp_path / "split", nproc=2)
+    _same_weights(tmp_path / "straight" / "last", tmp_path / "split" / "last")
+    from safetensors.torch import load_file
+    ema, raw = (load_file(tmp_path / "split" / "last" / f) for f in ("dit.safetensors", "dit_raw.safetensors"))
+    assert not all(torch.equal(ema[k], raw[k]) for k in ema)  # the checkpoint's DiT is the average
+    assert len(os.listdir(tmp_path / "split" / "cache")) == 16 + 1  # 16 samples + cache.json

@@ -1,0 +1,391 @@
+"""
+Supervised fine-tuning of the VANS VDM: the Wan DiT learns to render the ground-truth
+caption as the target clip, given the reference latents of the input clip.
+
+    # one GPU
+    python sft_vdm.py --train data/train.jsonl --val data/val.jsonl --out out/sft_vdm --steps 20000
+    # one node, 8 GPUs (the paper's settings); --fsdp shards the DiT per block (FSDP2)
+    torchrun --standalone --nproc_per_node=8 sft_vdm.py --config config/paper.py --out out/sft_vdm --fsdp
+    # two nodes: run on each, with NODE_RANK 0 / 1 and MASTER_ADDR the first node
+    torchrun --nnodes=2 --node_rank=$NODE_RANK --nproc_per_node=8 --rdzv_backend=c10d \\
+        --rdzv_endpoint=$MASTER_ADDR:29500 sft_vdm.py --config config/paper.py --out out/sft_vdm --fsdp
+    # the Shapes world on a CPU: first the tiny VAE, then the DiT (with the tiny text encoder)
+    python sft_vdm.py --config config/shapes.py --out out/shapes/vae --train-vae
+    python sft_vdm.py --config config/shapes.py --out out/shapes/sft_vdm --model out/shapes/vae/last
+
+The loss (flow matching, as model.py samples): target latents x0 (B, 16, 9, h, w) of the
+33-frame target clip, noise eps, u ~ U(0, 1) mapped through the sampling schedule's shift
+(s = 5u / (1 + 4u); --timestep-shift 1 is plain uniform), x_s = (1 - s) x0 + s eps,
+    loss = mean (DiT([refs, x_s], s, caption) - (eps - x0))^2   over the 9 target frames,
+with the 6 clean reference latents of the input clip in front (model.VDM.velocity).
+The DiT is fully fine-tuned (fp32 weights, bf16 autocast on GPU); the text encoder and
+VAE are frozen, their outputs computed on the fly or once into <out>/cache (--cache-latents).
+--caption-dropout replaces a caption by Wan's negative prompt, so classifier-free guidance
+has an unconditional branch to push against (the pretrained Wan has one; a tiny DiT trained
+from scratch needs this). --ema keeps an exponential moving average of the DiT: the
+checkpoint's dit.safetensors is then the average, and the raw weights ride in the
+training state.
+
+For the Shapes world the VAE and text encoder are tiny and random, so they are trained too:
+--train-vae trains the VAE alone (reconstruction MSE + --kl-weight KL, on input and target
+clips) and measures the per-channel latent statistics that normalise its latents;
+--train-text-encoder trains the text encoder jointly with the DiT through the same loss.
+"""
+
+import argparse
+import contextlib
+import copy
+import hashlib
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import common
+import data
+import model
+
+# -----------------------------------------------------------------------------
+# flags
+
+parser = argparse.ArgumentParser(description="Flow-matching SFT of the VANS VDM.")
+# data
+parser.add_argument("--train", default="data/train.jsonl", help="training manifest (.jsonl or the official .csv)")
+parser.add_argument("--val", default=None, help="validation manifest")
+parser.add_argument("--skip-bad", action="store_true", help="skip and count bad manifest lines / clips instead of stopping")
+parser.add_argument("--frames", type=int, default=33, help="frames of the reference and target clips (4k + 1)")
+parser.add_argument("--height", type=int, default=352, help="training height (multiple of 16)")
+parser.add_argument("--width", type=int, default=640, help="training width (multiple of 16)")
+parser.add_argument("--cache-latents", action="store_true", help="encode every sample once into <out>/cache and train from it")
+# model
+parser.add_argument("--model", default="base", help="base (Wan2.1-T2V-1.3B) | tiny | a checkpoint directory")
+parser.add_argument("--wan", default=None, help="local copy of Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
+parser.add_argument("--n-refs", type=int, default=model.N_REFS, help="reference latent frames (0 = plain text-to-video)")
+parser.add_argument("--fsdp", action="store_true", help="shard the DiT per block with FSDP2 instead of DDP")
+# what is trained, and how
+parser.add_argument("--train-vae", action="store_true", help="train the VAE alone (tiny models): reconstruction + KL")
+parser.add_argument("--kl-weight", type=float, default=1e-6, help="--train-vae: weight of the KL term")
+parser.add_argument("--train-text-encoder", action="store_true", help="train the text encoder with the DiT (tiny models)")
+parser.add_argument("--timestep-shift", type=float, default=5.0, help="u ~ U(0,1) -> s = shift u / (1 + (shift - 1) u)")
+parser.add_argument("--caption-dropout", type=float, default=0.0, help="probability a caption is replaced by the negative prompt")
+parser.add_argument("--ema", type=float, default=0.0, help="EMA decay of the DiT weights (0 = off)")
+# validation
+parser.add_argument("--val-every", type=int, default=1000, help="validate every N steps (0 = only at the end)")
+parser.add_argument("--val-loss-samples", type=int, default=32, help="validation samples for the loss (fixed noise and timesteps)")
+parser.add_argument("--val-render", type=int, default=2, help="validation samples rendered to <out>/samples per rank")
+parser.add_argument("--val-steps", type=int, default=20, help="sampling steps of the rendered samples")
+parser.add_argument("--val-cfg", type=float, default=5.0, help="guidance scale of the rendered samples")
+common.add_run_flags(parser)
+args = common.parse_flags(parser, "sft_vdm")
+
+# -----------------------------------------------------------------------------
+# compute
+
+rank, world, device = common.compute_init(args.device)
+master = rank == 0
+amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+os.makedirs(args.out, exist_ok=True)
+last = os.path.join(args.out, "last")
+resume = args.resume and os.path.isdir(last)
+if args.train_vae and (args.train_text_encoder or args.cache_latents or args.ema):
+    parser.error("--train-vae trains the VAE alone, from clips: no --train-text-encoder, --cache-latents or --ema")
+
+# -----------------------------------------------------------------------------
+# data
+
+train, val = common.read_manifests(args, min_frames=args.frames)
+clips = data.ClipDataset(train, ("clip", "target"), args.frames, args.height, args.width)
+
+# -----------------------------------------------------------------------------
+# model: fp32 trained weights, bf16 frozen encoders on GPU
+
+preset = model.preset_of(last if resume else args.model)
+_, vdm = model.load(last if resume else args.model, wan=args.wan, dtype=torch.float32, need=("vdm",))
+vdm.n_refs = args.n_refs
+vdm.dit.to(device)
+vdm.vae.to(device)
+if device.type == "cuda" and not args.train_text_encoder:
+    vdm.text_encoder.to(torch.bfloat16)
+vdm.text_encoder.to(device)
+for m in (vdm.dit, vdm.vae, vdm.text_encoder):
+    m.requires_grad_(False).eval()
+trained = torch.nn.ModuleDict({"vae": vdm.vae} if args.train_vae else
+                              {"dit": vdm.dit, **({"text_encoder": vdm.text_encoder} if args.train_text_encoder else {})})
+trained.requires_grad_(True).train()
+ema = None
+if args.ema:
+    ema = copy.deepcopy(vdm.dit).requires_grad_(False)  # dit.safetensors of a resumed run is the average
+    if resume:
+        model._load_strict(vdm.dit, load_file(os.path.join(last, "dit_raw.safetensors")), "dit_raw.safetensors")
+if args.grad_checkpointing:
+    vdm.dit.enable_gradient_checkpointing()
+dit = vdm.dit
+if args.fsdp:  # FSDP2: every transformer block a shard unit, then the rest
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
+    for net in [vdm.dit] + ([ema] if ema is not None else []):
+        for block in net.blocks:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(net, mp_policy=mp)
+elif world > 1 and not args.train_vae:
+    dit = DDP(vdm.dit, device_ids=[device.index] if device.type == "cuda" else None)
+manual_sync = [p for n, m in trained.items() if n != "dit" for p in m.parameters()]  # gradients averaged by hand
+common.print0(f"{preset} VDM, training {', '.join(trained)}: {sum(p.numel() for p in trained.parameters()):,} parameters"
+              + (" (FSDP2)" if args.fsdp else ""))
+
+# -----------------------------------------------------------------------------
+# latents: encoded on the fly, or once into <out>/cache (--cache-latents)
+
+
+
+@torch.no_grad()
+def encode(clip, target, captions):
+    """uint8 clips (B, T, H, W, 3) + captions -> (refs (B, 16, n, h, w) or None, x0 (B, 16, 9, h, w), text (B, 512, D))."""
+    refs = vdm.ref_latents(vdm.encode_video(data.to_tensor(clip))) if vdm.n_refs else None
+    text = vdm.encode_text(captions) if not args.train_text_encoder else None  # trained: encoded in the step
+    return refs, vdm.encode_video(data.to_tensor(target)), text
+
+
+class LatentCache(torch.utils.data.Dataset):
+    """The samples' reference latents, target latents and caption embeddings (trimmed of Wan's
+    zero padding), one safetensors file per sample, computed once by all ranks together."""
+
+    def __init__(self, samples, root):
+        self.samples, self.root = samples, root
+        key = dict(model=os.path.abspath(args.model), height=args.height, width=args.width, frames=args.frames,
+                   n_refs=args.n_refs, text=not args.train_text_encoder)
+        os.makedirs(root, exist_ok=True)
+        info = os.path.join(root, "cache.json")
+        if os.path.isfile(info):
+            with open(info) as f:
+                old = json.load(f)
+            if old != key:
+                raise SystemExit(f"error: {root} was made with {old}, this run needs {key}; delete it or change --out")
+        todo = [i for i in range(len(samples))[rank::world] if not os.path.isfile(self.path(i))]
+        for j in tqdm(range(0, len(todo), args.batch_size), disable=not master, desc="cache latents"):
+            idx = todo[j:j + args.batch_size]
+            b = data.collate([clips[i] for i in idx])
+            refs, x0, text = encode(b["clip"], b["target"], b["caption"])
+            for k, i in enumerate(idx):
+                t = {"x0": x0[k]} | ({"refs": refs[k]} if refs is not None else {})
+                if text is not None:
+                    keep = text[k].abs().sum(-1) > 0
+                    t["text"] = text[k, :int(keep.nonzero().max()) + 1 if keep.any() else 1]
+                save_file({n: v.to(torch.bfloat16).contiguous().cpu() for n, v in t.items()}, self.path(i) + ".tmp")
+                os.replace(self.path(i) + ".tmp", self.path(i))
+        if master:
+            with open(info, "w") as f:
+                json.dump(key, f)
+        if world > 1:
+            dist.barrier()
+
+    def path(self, i):
+        s = self.samples[i]
+        h = hashlib.sha1("\0".join([s["input_video"], s["target_video"], s["caption"]]).encode()).hexdigest()[:16]
+        return os.path.join(self.root, f"{h}.safetensors")
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return {**load_file(self.path(i)), "caption": self.samples[i]["caption"], "skipped": 0}
+
+
+def collate_latents(items):
+    batch = {"caption": [it["caption"] for it in items], "skipped": 0}
+    for k in ("x0", "refs"):
+        if k in items[0]:
+            batch[k] = torch.stack([it[k] for it in items]).float()
+    if "text" in items[0]:  # pad back to Wan's 512 tokens with zeros
+        batch["text"] = torch.stack([F.pad(it["text"], (0, 0, 0, model.TEXT_LEN - len(it["text"]))) for it in items])
+    return batch
+
+
+dataset, collate = (LatentCache(train, os.path.join(args.out, "cache")), collate_latents) if args.cache_latents \
+    else (clips, data.collate)
+neg_text = vdm.encode_text([model.NEGATIVE_PROMPT]) if not args.train_text_encoder else None  # (1, 512, D)
+
+# -----------------------------------------------------------------------------
+# the losses
+
+
+def flow_matching_loss(refs, x0, text, captions, generator=None, sigma=None, dropout=args.caption_dropout):
+    """Flow-matching MSE on the target latents (see the docstring). captions are encoded here
+    when the text encoder is trained."""
+    B = x0.shape[0]
+    drop = torch.rand(B, generator=generator) < dropout  # drawn always: same RNG stream either way
+    captions = [model.NEGATIVE_PROMPT if d else c for c, d in zip(captions, drop.tolist())]
+    if args.train_text_encoder:
+        text = vdm.encode_text(captions, grad=torch.is_grad_enabled())
+    else:
+        text = text.to(device)
+        text = torch.where(drop.to(device)[:, None, None], neg_text.to(text), text)
+    if sigma is None:
+        u = torch.rand(B, generator=generator)
+        sigma = args.timestep_shift * u / (1 + (args.timestep_shift - 1) * u)
+    eps = torch.randn(x0.shape, generator=generator).to(device)
+    x0, sigma = x0.to(device), sigma.to(device)
+    s = sigma.view(-1, 1, 1, 1, 1)
+    with amp:
+        v = vdm.velocity((1 - s) * x0 + s * eps, sigma, text.to(device, torch.float32), refs, dit=dit)
+    return F.mse_loss(v.float(), eps - x0)
+
+
+def vae_loss(clip, target):
+    """Reconstruction MSE in [-1, 1] pixels + kl_weight * KL(posterior || N(0, I)), per element."""
+    x = data.to_tensor(torch.cat([clip, target])).to(device)
+    post = vdm.vae.encode(x).latent_dist
+    rec = vdm.vae.decode(post.sample()).sample
+    kl = 0.5 * (post.mean ** 2 + post.var - 1 - post.logvar).mean()
+    return F.mse_loss(rec, x) + args.kl_weight * kl
+
+
+def step_loss(batch):
+    if args.train_vae:
+        return vae_loss(batch["clip"], batch["target"])
+    if args.cache_latents:
+        return flow_matching_loss(batch.get("refs"), batch["x0"], batch.get("text"), batch["caption"])
+    refs, x0, text = encode(batch["clip"], batch["target"], batch["caption"])
+    return flow_matching_loss(refs, x0, text, batch["caption"])
+
+
+@torch.no_grad()
+def latent_stats(n=16):
+    """Per-channel mean and std of the VAE's latents over n training clips (all ranks together)."""
+    z = [vdm.vae.encode(data.to_tensor(clips[i]["target"][None]).to(device)).latent_dist.mode()
+         for i in range(len(train))[:n][rank::world]]
+    z = torch.cat(z).transpose(0, 1).flatten(1).double()  # (16, N)
+    t = torch.stack([z.sum(1), (z ** 2).sum(1), torch.full_like(z[:, 0], z.shape[1])])
+    if world > 1:
+        t = t.to(device)
+        dist.all_reduce(t)
+    mean = t[0] / t[2]
+    return mean.tolist(), (t[1] / t[2] - mean ** 2).clamp_min(1e-12).sqrt().tolist()
+
+
+# -----------------------------------------------------------------------------
+# optimizer and state
+
+optimizer = torch.optim.AdamW(trained.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0 (plain modules too)
+start = 0
+if resume:
+    state = common.load_train_state(last)
+    set_optimizer_state_dict(trained, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    start = state["step"]
+    common.print0(f"resumed from {last} at step {start}")
+else:
+    torch.manual_seed(args.seed + rank)  # noise, timesteps and caption dropout differ by rank
+logger = common.Logger(args.out, args, rank)
+
+
+def save(step):
+    """<out>/last: the VDM's weights (all three parts for the tiny preset, whose base is random;
+    the DiT alone for the full one) + meta + training state, atomically. Called on every rank."""
+    weights = {n: {k[len(n) + 1:]: v for k, v in get_model_state_dict(trained, options=full).items() if k.startswith(n + ".")}
+               for n in trained}
+    if ema is not None:
+        weights["dit_raw"], weights["dit"] = weights["dit"], get_model_state_dict(ema, options=full)
+    if args.train_vae:
+        vdm.set_latent_stats(*latent_stats())
+    state = common.train_state(step, get_optimizer_state_dict(trained, optimizer, options=full))
+    if master:
+        parts = ("dit", "vae", "text_encoder") if preset == "tiny" else ("dit",)
+        meta = {"preset": preset, "script": "sft_vdm", "step": step, "flags": vars(args), "git": common.git_hash()}
+        model.save_checkpoint(last, None, vdm, meta, parts, weights=weights, extra={"train_state.pt": state})
+    if world > 1:
+        dist.barrier()
+
+
+@torch.no_grad()
+def validate(step):
+    """Loss at fixed noise and timesteps (comparable across steps), and a few rendered samples
+    written next to their ground truth. Every rank takes the same number of samples."""
+    trained.eval()
+    mine = lambda n: [val[(rank + world * i) % len(val)] for i in range((n + world - 1) // world)]
+    g = torch.Generator().manual_seed(1234 + rank)
+    losses = []
+    for s in mine(args.val_loss_samples):
+        b = data.collate([clips.load(s)])
+        if args.train_vae:
+            losses.append(vae_loss(b["clip"], b["target"]).item())
+        else:
+            refs, x0, text = encode(b["clip"], b["target"], b["caption"])
+            sigma = torch.rand(1, generator=g)
+            losses.append(flow_matching_loss(refs, x0, text, b["caption"], g, sigma, dropout=0.0).item())
+    os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
+    for s in mine(args.val_render):
+        b = data.collate([clips.load(s)])
+        if args.train_vae:  # the VAE's reconstruction
+            video = vdm.vae.decode(vdm.vae.encode(data.to_tensor(b["target"]).to(device)).latent_dist.mode()).sample
+        else:
+            refs, _, _ = encode(b["clip"], b["target"], b["caption"])
+            text = vdm.encode_text(b["caption"])
+            z = vdm.sample(text, None, refs, args.frames, args.height, args.width, steps=args.val_steps,
+                           cfg=args.val_cfg, generator=torch.Generator().manual_seed(0))
+            video = vdm.decode(z)
+        side_by_side = torch.cat([data.to_tensor(b["target"]).to(video), video.clamp(-1, 1)], dim=-1)[0]
+        data.write_video(os.path.join(args.out, "samples", f"step{step:06d}_{s['id']}.mp4"), data.to_uint8(side_by_side))
+    trained.train()
+    return {"val/loss": common.all_mean(losses)}
+
+
+# -----------------------------------------------------------------------------
+# training loop
+
+end = min(args.steps, start + args.stop_after) if args.stop_after else args.steps
+sampler = data.StepSampler(len(dataset), args.batch_size, rank, world, args.seed, start, end)
+loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers, collate_fn=collate,
+                                     generator=torch.Generator())  # leaves the global RNG alone
+params = list(trained.parameters())
+skipped, t0 = 0, time.time()
+progress = tqdm(total=args.steps, initial=start, disable=not master, desc="sft_vdm")
+for step, batch in zip(range(start, end), loader):
+    lr = common.lr_at(step, args.lr, args.warmup, args.steps)
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    loss = step_loss(batch)
+    loss.backward()
+    if world > 1:
+        for p in manual_sync:  # the parts outside DDP / FSDP (tiny text encoder or VAE)
+            dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if ema is not None:
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), vdm.dit.parameters()):
+                e.lerp_(p, 1 - args.ema)
+    skipped += batch["skipped"]
+    progress.update(1)
+
+    done = step + 1
+    if done % args.log_every == 0 or done == end:
+        metrics = {"loss": common.all_mean([loss.item()]), "grad_norm": float(grad_norm), "lr": lr,
+                   "skipped": skipped, "sec_per_step": (time.time() - t0) / (done - start)}
+        logger.log(metrics, done)
+        progress.set_postfix(loss=f"{metrics['loss']:.4f}")
+    if val and ((args.val_every and done % args.val_every == 0) or done == args.steps):
+        metrics = validate(done)
+        logger.log(metrics, done)
+        common.print0(f"step {done}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    if done % args.save_every == 0 or done == end:
+        save(done)
+progress.close()
+
+# -----------------------------------------------------------------------------
+# cleanup
+
+common.check_in_sync([v for v in get_model_state_dict(trained, options=StateDictOptions(full_state_dict=True)).values()])
+common.print0(f"{'done' if end == args.steps else 'stopped'}: step {end} of {args.steps}, {time.time() - t0:.0f} s; "
+              f"checkpoint {last}")
+logger.finish()
+common.compute_cleanup()
