@@ -45,13 +45,13 @@ def parse_flags(parser, script, argv=None):
 
 
 def read_manifests(args, min_frames):
-    """(train, val) samples of --train / --val, validated down to the videos; a bad line is a
+    """(train, val) samples of --train / --val (if the script has it), validated down to the videos; a bad line is a
     one-line error, or with --skip-bad skipped and counted."""
     import data
     try:
         train, bad = data.read_manifest(args.train, check_videos=True, min_frames=min_frames, skip_bad=args.skip_bad)
         val, bad_val = data.read_manifest(args.val, check_videos=True, min_frames=min_frames,
-                                          skip_bad=args.skip_bad) if args.val else ([], [])
+                                          skip_bad=args.skip_bad) if getattr(args, "val", None) else ([], [])
     except (data.ManifestError, data.VideoError) as e:
         sys.exit(f"error: {e}")
     for name, kept, skipped in (("train", train, bad), ("val", val, bad_val)):
@@ -177,7 +177,7 @@ class Logger:
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, "time": round(time.time(), 1), **metrics}) + "\n")
         if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
+            self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 
     def finish(self):
         if self.wandb is not None:

@@ -205,13 +205,41 @@ class VLM:
     @torch.no_grad()
     def generate(self, videos, questions, greedy=False, temperature=0.7, top_p=0.9, max_new_tokens=1024):
         """-> list of completions (text after the assistant tag, special tokens removed)."""
+        return self.rollout(videos, questions, greedy, temperature, top_p, max_new_tokens)[1]
+
+    @torch.no_grad()
+    def rollout(self, videos, questions, greedy=False, temperature=0.7, top_p=0.9, max_new_tokens=1024):
+        """Generate, and keep what GRPO needs -> (inputs of the whole sequences, completions).
+        The inputs hold prompt + completion tokens (the prompt left-padded, the completion
+        right-padded) and "completion_mask" (B, n): the completion's tokens up to and
+        including its <|im_end|>; n = the longest completion."""
         tok = self.processor.tokenizer
+        eos = tok.convert_tokens_to_ids("<|im_end|>")
         inp = self.inputs(videos, questions)
         # explicit sampling settings, so the hub's generation_config.json (top_k=1, repetition_penalty 1.05) does not apply
         sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+        vision = tok.convert_tokens_to_ids(QWEN_SPECIAL[3:])  # never generated: they would be read as vision slots
         out = self.model.generate(**inp, max_new_tokens=max_new_tokens, repetition_penalty=1.0, **sampling,
-                                  eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id)
-        return tok.batch_decode(out[:, inp["input_ids"].shape[1]:], skip_special_tokens=True)
+                                  eos_token_id=eos, pad_token_id=tok.pad_token_id, suppress_tokens=vision)
+        completion = out[:, inp["input_ids"].shape[1]:]  # (B, n)
+        ended = (completion == eos).int().cumsum(1)
+        mask = (ended == 0) | ((ended == 1) & (completion == eos))  # up to and including the first <|im_end|>
+        inp["input_ids"] = out
+        inp["attention_mask"] = torch.cat([inp["attention_mask"], mask.to(inp["attention_mask"].dtype)], 1)
+        inp["mm_token_type_ids"] = torch.cat([inp["mm_token_type_ids"], torch.zeros_like(completion)], 1)
+        inp["completion_mask"] = mask
+        return inp, tok.batch_decode(completion, skip_special_tokens=True)
+
+    def completion_logprobs(self, inp, temperature=1.0, net=None):
+        """Per-token log-probabilities (B, n) of the completions of `rollout` inputs under the
+        distribution they were sampled from: logits / T, vision tokens excluded. net: the
+        network to call instead of self.model (its DDP wrapper). Only the last n + 1 positions'
+        logits are computed."""
+        n = inp["completion_mask"].shape[1]
+        kwargs = {k: v for k, v in inp.items() if k != "completion_mask"}
+        logits = (net or self.model)(**kwargs, use_cache=False, logits_to_keep=n + 1).logits[:, :-1].float()
+        logits[..., self.processor.tokenizer.convert_tokens_to_ids(QWEN_SPECIAL[3:])] = -math.inf
+        return torch.log_softmax(logits / temperature, -1).gather(-1, inp["input_ids"][:, -n:, None]).squeeze(-1)
 
 
 # -----------------------------------------------------------------------------
@@ -563,8 +591,8 @@ def save_checkpoint(path, vlm, vdm, meta, parts=("vlm", "vlm_lora", "dit", "vae"
 
 def load_checkpoint(path, qwen=None, wan=None, dtype=torch.bfloat16, need=("vlm", "vdm")):
     """Our checkpoint directory -> (vlm, vdm); a model not in `need` is None. The parts the
-    checkpoint holds go onto the preset's base models; a needed model with no weights in a
-    full-size checkpoint falls back to the base (hub) weights, in a tiny one it is an error."""
+    checkpoint holds go onto the preset's base models. A needed model must have its weights
+    there (a full-size VLM: the LoRA at least; a full-size VDM: the DiT at least)."""
     meta_path = os.path.join(path, "meta.json")
     if not os.path.isfile(meta_path):
         raise CheckpointError(f"{path}: not a VANS checkpoint directory (no meta.json)")
@@ -573,11 +601,14 @@ def load_checkpoint(path, qwen=None, wan=None, dtype=torch.bfloat16, need=("vlm"
     if meta.get("preset") not in CONFIGS:
         raise CheckpointError(f"{meta_path}: 'preset' must be one of {sorted(CONFIGS)}, got {meta.get('preset')!r}")
     have = set(meta.get("parts", []))
-    if meta["preset"] == "tiny":  # random bases: a model with no weights here would be noise
-        for m, files in (("vlm", {"vlm"}), ("vdm", {"dit", "vae", "text_encoder"})):
-            if m in need and not files <= have:
-                raise CheckpointError(f"{path}: has no {m.upper()} weights ({', '.join(sorted(files - have))} "
-                                      f"missing); it holds {', '.join(sorted(have)) or 'nothing'}")
+    tiny = meta["preset"] == "tiny"  # random bases: every part must be here
+    required = {"vlm": [{"vlm"}] if tiny else [{"vlm"}, {"vlm_lora"}],
+                "vdm": [{"dit", "vae", "text_encoder"}] if tiny else [{"dit"}]}
+    for m in need:
+        if not any(files <= have for files in required[m]):
+            raise CheckpointError(f"{path}: has no {m.upper()} weights (needs {' or '.join('+'.join(sorted(f)) for f in required[m])}); "
+                                  f"it holds {', '.join(sorted(have)) or 'nothing'}")
+    if tiny:
         vlm, vdm = load_tiny(need=need)
     else:
         given = {k: v for k, v in (("qwen", qwen), ("wan", wan)) if ("vlm" if k == "qwen" else "vdm") in need}

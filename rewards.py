@@ -190,3 +190,35 @@ def group_advantages(rewards, group_size, eps=1e-4):
     ddof 0, for rewards (N,) laid out group after group. -> (N,)"""
     g = rewards.float().view(-1, group_size)
     return ((g - g.mean(1, keepdim=True)) / (g.std(1, unbiased=False, keepdim=True) + eps)).view(-1)
+
+
+# -----------------------------------------------------------------------------
+# the GRPO policy loss
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_range=1e-3, beta=0.004, mean="sequence", norm=None):
+    """Clipped surrogate + k3 KL, per token (stage 1) or per SDE step (stage 2):
+        rho  = exp(logp - logp_old)
+        loss = -min(rho A, clip(rho, 1 - eps, 1 + eps) A) + beta (exp(ref - logp) - (ref - logp) - 1)
+    logp, old_logp, ref_logp, mask: (B, L); advantages: (B,). ref_logp None = no KL term.
+    mean="sequence": average over each sequence's masked tokens, then over sequences;
+    "token": average over all masked tokens. norm: the number of sequences (or tokens) of the
+    whole batch when it is processed in micro-batches (default: this call's).
+    -> (loss, {"kl", "clip_ratio"} as floats over the masked tokens)."""
+    m = mask.float()
+    A = advantages.float()[:, None]
+    ratio = torch.exp(logp - old_logp)
+    per_token = -torch.min(ratio * A, ratio.clamp(1 - clip_range, 1 + clip_range) * A)
+    kl = torch.zeros_like(logp)
+    if ref_logp is not None:
+        kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
+        per_token = per_token + beta * kl
+    if mean == "sequence":
+        loss = ((per_token * m).sum(1) / m.sum(1).clamp_min(1)).sum() / (norm or len(m))
+    elif mean == "token":
+        loss = (per_token * m).sum() / (norm or m.sum().clamp_min(1))
+    else:
+        raise ValueError(f"mean must be sequence or token, got {mean!r}")
+    # clipped: where the clip is what the min picks (the gradient is zero there)
+    clipped = ((ratio < 1 - clip_range) & (A < 0)) | ((ratio > 1 + clip_range) & (A > 0))
+    n = m.sum().clamp_min(1)
+    return loss, {"kl": ((kl * m).sum() / n).item(), "clip_ratio": ((clipped.float() * m).sum() / n).item()}

@@ -358,6 +358,12 @@ def test_our_checkpoint_round_trip(tmp_path):
     save_file(sd, str(tmp_path / "ckpt" / "dit.safetensors"))
     with pytest.raises(model.CheckpointError, match=r"dit\.safetensors: .*1 of wrong shape \(e\.g\. proj_out\.weight"):
         model.load(str(tmp_path / "ckpt"))
+    # a checkpoint holding one model is not silently completed with random or base weights
+    model.save_checkpoint(str(tmp_path / "vlm_only"), vlm, None, {"preset": "tiny"}, ("vlm", "vlm_lora"))
+    assert model.load(str(tmp_path / "vlm_only"), need=("vlm",))[1] is None
+    with pytest.raises(model.CheckpointError, match=r"vlm_only: has no VDM weights \(needs dit\+text_encoder\+vae\); "
+                                                    r"it holds vlm, vlm_lora"):
+        model.load(str(tmp_path / "vlm_only"))
 
 
 # -----------------------------------------------------------------------------
@@ -992,3 +998,145 @@ def test_sft_vdm_fsdp_cache_ema_exact_resume(shapes_small, tiny_vdm_ckpt, tmp_pa
     ema, raw = (load_file(tmp_path / "split" / "last" / f) for f in ("dit.safetensors", "dit_raw.safetensors"))
     assert not all(torch.equal(ema[k], raw[k]) for k in ema)  # the checkpoint's DiT is the average
     assert len(os.listdir(tmp_path / "split" / "cache")) == 16 + 1  # 16 samples + cache.json
+
+
+# -----------------------------------------------------------------------------
+# grpo_stage1.py: the GRPO loss, log-probs, and runs
+
+def test_grpo_loss_against_direct_formula():
+    from rewards import grpo_loss
+    torch.manual_seed(0)
+    B, L, eps, beta = 4, 6, 0.2, 0.1
+    logp, old, ref = (torch.randn(B, L) * 0.3 - 2 for _ in range(3))
+    adv = torch.tensor([1.5, -0.7, 0.0, 2.0])
+    mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3, [1] * 5 + [0], [1] + [0] * 5]).bool()
+    per_seq, tokens, kls, clipped = [], [], [], []
+    for b in range(B):
+        seq = []
+        for t in range(L):
+            if not mask[b, t]:
+                continue
+            rho = math.exp(logp[b, t] - old[b, t])
+            A = float(adv[b])
+            surrogate = -min(rho * A, min(max(rho, 1 - eps), 1 + eps) * A)
+            d = float(ref[b, t] - logp[b, t])
+            k3 = math.exp(d) - d - 1
+            seq.append(surrogate + beta * k3)
+            kls.append(k3)
+            clipped.append((rho > 1 + eps and A > 0) or (rho < 1 - eps and A < 0))
+        per_seq.append(sum(seq) / len(seq))
+        tokens += seq
+    loss, st = grpo_loss(logp, old, ref, adv, mask, eps, beta, "sequence")
+    assert loss.item() == pytest.approx(sum(per_seq) / B, rel=1e-5)
+    assert st["kl"] == pytest.approx(sum(kls) / len(kls), rel=1e-5)
+    assert st["clip_ratio"] == pytest.approx(sum(clipped) / len(clipped)) and 0 < st["clip_ratio"] < 1
+    loss, _ = grpo_loss(logp, old, ref, adv, mask, eps, beta, "token")
+    assert loss.item() == pytest.approx(sum(tokens) / len(tokens), rel=1e-5)
+    # micro-batches with the whole batch's norm add up to the whole
+    halves = [grpo_loss(logp[i:i + 2], old[i:i + 2], ref[i:i + 2], adv[i:i + 2], mask[i:i + 2], eps, beta,
+                        "sequence", norm=B)[0] for i in (0, 2)]
+    assert (halves[0] + halves[1]).item() == pytest.approx(sum(per_seq) / B, rel=1e-5)
+
+
+def _rollout(vlm, n=4, seed=0, **kw):
+    torch.manual_seed(seed)
+    videos = [moving_clip(6, 56, 56, seed=s // 2) for s in range(n)]  # pairs share a video: two groups of 2
+    return vlm.rollout(videos, ["What next?"] * n, temperature=kw.get("temperature", 1.0), top_p=1.0,
+                       max_new_tokens=kw.get("max_new_tokens", 10))
+
+
+def test_rollout_log_probs_are_the_sampling_distribution(tiny):
+    vlm, _ = tiny
+    inp, texts = _rollout(vlm, temperature=0.7)
+    mask = inp["completion_mask"]
+    assert mask.shape == (4, inp["input_ids"].shape[1] - (inp["input_ids"].shape[1] - mask.shape[1]))
+    # replay generation step by step: the sampling distribution of each token is softmax(logits / T)
+    torch.manual_seed(0)
+    gen_inp = vlm.inputs([moving_clip(6, 56, 56, seed=s // 2) for s in range(4)], ["What next?"] * 4)
+    out = vlm.model.generate(**gen_inp, do_sample=True, temperature=0.7, top_p=1.0, top_k=0, max_new_tokens=10,
+                             repetition_penalty=1.0, output_scores=True, return_dict_in_generate=True,
+                             suppress_tokens=vlm.processor.tokenizer.convert_tokens_to_ids(model.QWEN_SPECIAL[3:]),
+                             eos_token_id=vlm.processor.tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                             pad_token_id=vlm.processor.tokenizer.pad_token_id)
+    assert torch.equal(out.sequences, inp["input_ids"])
+    sampled = torch.stack(out.scores, 1).log_softmax(-1).gather(-1, inp["input_ids"][:, -mask.shape[1]:, None])[..., 0]
+    with torch.no_grad():
+        lp = vlm.completion_logprobs(inp, temperature=0.7)
+    assert torch.allclose(lp[mask], sampled[mask], atol=1e-4)
+    assert all(t == vlm.processor.tokenizer.decode(ids[m], skip_special_tokens=True)
+               for t, ids, m in zip(texts, inp["input_ids"][:, -mask.shape[1]:], mask))
+
+
+def test_grpo_ratio_one_kl_zero_and_equal_rewards_no_gradient():
+    from rewards import group_advantages, grpo_loss
+    vlm, _ = model.load_tiny(need=("vlm",))
+    vlm.model = model.add_lora(vlm.model)  # a fresh adapter: the policy equals the reference
+    for m in vlm.model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    inp, _ = _rollout(vlm)
+    mask = inp["completion_mask"]
+    with torch.no_grad():
+        old = vlm.completion_logprobs(inp)
+        with vlm.model.disable_adapter():
+            ref = vlm.completion_logprobs(inp)
+    vlm.model.train()
+    lora = [p for n, p in vlm.model.named_parameters() if ".lora_B" in n]
+    for r, zero in ((torch.tensor([0.3, 0.3, 1.0, 1.0]), True), (torch.tensor([0.1, 0.9, 0.5, 0.2]), False)):
+        logp = vlm.completion_logprobs(inp)
+        assert torch.equal(logp, old) and torch.equal(logp, ref)  # ratio exactly 1
+        loss, st = grpo_loss(logp, old, ref, group_advantages(r, 2), mask)
+        assert st["kl"] == 0 and st["clip_ratio"] == 0
+        vlm.model.zero_grad()
+        loss.backward()
+        g = sum(p.grad.abs().sum() for p in lora)
+        assert (g == 0) == zero, (r, g)  # equal rewards in every group: no gradient at all
+
+
+def _grpo_flags(shapes, extra):
+    return ["--init", "tiny", "--vdm", "tiny", "--train", str(shapes / "train.jsonl"), "--frames", "5",
+            "--height", "32", "--width", "64", "--render-steps", "2", "--max-new-tokens", "8", "--log-every", "1",
+            "--clip", "random"] + extra
+
+
+def test_grpo_stage1_update_points_the_right_way(shapes_small, tmp_path):
+    # a random tiny VLM's logits stay within about +-1, which a LoRA can barely move: scale its
+    # (tied) embeddings by 3 so the adapter has a distribution to reshape
+    vlm, _ = model.load_tiny(need=("vlm",))
+    with torch.no_grad():
+        vlm.model.get_input_embeddings().weight.mul_(3)
+    model.save_checkpoint(str(tmp_path / "init"), vlm, None, {"preset": "tiny"}, ("vlm",))
+    (tmp_path / "word.py").write_text(
+        "def letters_of_blue(completions, samples):\n"
+        "    return [sum(ch in 'blue' for ch in c) / max(1, len(c)) for c in completions]\n")
+    flags = _grpo_flags(shapes_small, ["--init", str(tmp_path / "init"), "--rewards", "word:letters_of_blue=1",
+                                       "--steps", "40", "--prompts", "1", "--group-size", "16", "--lr", "1e-2",
+                                       "--micro-batch", "16"])
+    os.environ["PYTHONPATH"] = str(tmp_path)
+    try:
+        _train("grpo_stage1.py", flags, tmp_path / "run")
+    finally:
+        del os.environ["PYTHONPATH"]
+    r = _log(tmp_path / "run", "rewards/letters_of_blue/mean")
+    assert len(r) == 40 and sum(r[20:]) / 20 > max(0.08, 2.5 * sum(r[:5]) / 5), r  # measured: 0.033 -> 0.139
+    kl = _log(tmp_path / "run", "kl")
+    assert kl[0] == 0 and kl[-1] > 0  # the first update starts at the reference
+
+
+def test_grpo_stage1_torchrun_with_renders_and_exact_resume(shapes_small, tmp_path):
+    flags = _grpo_flags(shapes_small, ["--steps", "4", "--prompts", "1", "--group-size", "2", "--lr", "1e-2",
+                                       "--micro-batch", "2", "--updates-per-rollout", "2"])
+    r = _train("grpo_stage1.py", flags, tmp_path / "ddp", nproc=2)
+    assert "weights identical on all 2 ranks" in r.stdout
+    logs = [json.loads(l) for l in open(tmp_path / "ddp" / "log.jsonl")]
+    names = {"reward", "reward_std", "frac_reward_zero_std", "rewards/format/mean", "rewards/rouge_l/mean",
+             "rewards/clip_v/mean", "kl", "clip_ratio", "completions/mean_length"}
+    assert names <= set(logs[0]) and any("samples" in l for l in logs)
+    assert any(l.get("clip_ratio", 0) > 0 for l in logs)  # the second update of a rollout sees a real ratio
+    vlm, vdm = model.load(str(tmp_path / "ddp" / "last"))  # merged VLM + LoRA + the frozen VDM: a --model
+    assert type(vlm.model).__name__ == "PeftModel" and vdm.n_refs == model.N_REFS
+    no_clip = ["--rewards", "format=1,rouge_l=1"]
+    _train("grpo_stage1.py", flags + no_clip, tmp_path / "straight")
+    _train("grpo_stage1.py", flags + no_clip + ["--stop-after", "2"], tmp_path / "split")
+    _train("grpo_stage1.py", flags + no_clip + ["--resume"], tmp_path / "split")
+    _same_weights(tmp_path / "straight" / "last", tmp_path / "split" / "last")

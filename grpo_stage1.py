@@ -1,0 +1,306 @@
+"""
+Joint-GRPO stage 1: the VLM learns captions that are right and that the VDM renders well.
+The VDM is frozen; it only turns each sampled caption into the video that CLIP-V scores.
+
+    # one GPU
+    python grpo_stage1.py --init out/sft_vlm/last --vdm out/sft_vdm/last --train data/train.jsonl \\
+        --out out/grpo_stage1 --steps 800
+    # one node, 8 GPUs (the paper's settings)
+    torchrun --standalone --nproc_per_node=8 grpo_stage1.py --config config/paper.py --out out/grpo_stage1
+    # two nodes: run on each, with NODE_RANK 0 / 1 and MASTER_ADDR the first node
+    torchrun --nnodes=2 --node_rank=$NODE_RANK --nproc_per_node=8 --rdzv_backend=c10d \\
+        --rdzv_endpoint=$MASTER_ADDR:29500 grpo_stage1.py --config config/paper.py --out out/grpo_stage1
+    # the tiny models on the Shapes world, on a CPU
+    python grpo_stage1.py --config config/shapes.py --out out/shapes/grpo_stage1
+
+One step, on every rank, for each of its --prompts prompts (video, question):
+  1. sample G completions from the LoRA VLM (--temperature, --top-p);
+  2. render each completion's caption with the frozen VDM: --render-steps Euler steps, CFG
+     --render-cfg, the reference latents of the prompt's input clip (model.VDM.sample);
+  3. rewards r_f = format, r_t1 = ROUGE-L(caption, ground-truth caption), r_v1 = CLIP-V(render,
+     ground-truth video); each normalised (--norm, see rewards.normalise) and summed with the
+     lambda weights of --rewards;
+  4. A = (r - mean_group) / (std_group + eps) of the sum (rewards.group_advantages);
+  5. the old and reference log-probs of every completion token are computed, then
+     --updates-per-rollout optimizer steps on the clipped surrogate + beta k3 KL
+     (rewards.grpo_loss), averaged per sequence then over the batch (--loss-mean token:
+     over all tokens).
+
+Choices the paper leaves open, made here:
+- The SFT LoRA is merged into the base weights and a fresh LoRA (r 8, alpha 32) is trained on
+  top, so the KL reference, "the model with the adapter disabled", is the SFT model. The
+  checkpoint therefore holds the merged VLM (vlm.safetensors), the new adapter (vlm_lora/, peft
+  format) and the frozen VDM: `infer.py --model <out>/last` runs it as is.
+- Dropout is off (LoRA dropout is an SFT regulariser): the recomputed old log-probs equal the
+  policy's, so the ratio is exactly 1 at the first update of a rollout.
+- Log-probs are taken at the sampling temperature (logits / T); top_p defaults to 1 so the
+  distribution sampled is the distribution scored.
+- Groups never straddle ranks: a rank samples all G completions of its prompts, so every
+  advantage is computed within its group.
+"""
+
+import argparse
+import contextlib
+import importlib
+import os
+import time
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import common
+import data
+import model
+import rewards
+
+# -----------------------------------------------------------------------------
+# flags
+
+parser = argparse.ArgumentParser(description="Joint-GRPO stage 1: tune the VLM, the VDM frozen.")
+# data
+parser.add_argument("--train", default="data/train.jsonl", help="training manifest (.jsonl or the official .csv)")
+parser.add_argument("--skip-bad", action="store_true", help="skip and count bad manifest lines / clips instead of stopping")
+# models
+parser.add_argument("--init", default="out/sft_vlm/last", help="the SFT VLM: a checkpoint directory, vans or tiny")
+parser.add_argument("--vdm", default="out/sft_vdm/last", help="the frozen VDM: a checkpoint directory, vans or tiny")
+parser.add_argument("--qwen", default=None, help="local copy of Qwen/Qwen2.5-VL-3B-Instruct")
+parser.add_argument("--wan", default=None, help="local copy of Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
+parser.add_argument("--vans", default=None, help="local copy of KlingTeam/VANS")
+parser.add_argument("--clip", default="openai", help="CLIP-V weights: openai | a local open_clip file | random (tests)")
+# rollouts
+parser.add_argument("--prompts", type=int, default=1, help="prompts per rank per step (each gives a group of G)")
+parser.add_argument("--group-size", type=int, default=8, help="G: completions per prompt")
+parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (log-probs use the same)")
+parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1 = the full distribution)")
+parser.add_argument("--max-new-tokens", type=int, default=512, help="completion budget")
+parser.add_argument("--micro-batch", type=int, default=8, help="sequences per generation / log-prob forward")
+parser.add_argument("--frames", type=int, default=33, help="rendered frames (4k + 1)")
+parser.add_argument("--height", type=int, default=352, help="rendered height (multiple of 16)")
+parser.add_argument("--width", type=int, default=640, help="rendered width (multiple of 16)")
+parser.add_argument("--render-steps", type=int, default=20, help="Euler steps of the renders (inference uses 50)")
+parser.add_argument("--render-cfg", type=float, default=5.0, help="guidance scale of the renders")
+parser.add_argument("--render-batch", type=int, default=8, help="videos per VDM sampling batch")
+# rewards and loss
+parser.add_argument("--rewards", default="format=1,rouge_l=1,clip_v=1",
+                    help="name=lambda list: format, rouge_l, clip_v, or module:function (fn(completions, samples) -> floats)")
+parser.add_argument("--norm", default="group", choices=rewards.NORMALISATIONS, help="how each reward is normalised before the sum")
+parser.add_argument("--clip-range", type=float, default=1e-3, help="epsilon of the clipped ratio")
+parser.add_argument("--beta", type=float, default=0.004, help="weight of the k3 KL to the reference (SFT) model")
+parser.add_argument("--loss-mean", default="sequence", choices=["sequence", "token"], help="average per sequence, or over all tokens")
+parser.add_argument("--updates-per-rollout", type=int, default=1, help="optimizer steps on each rollout")
+parser.add_argument("--log-samples", type=int, default=2, help="completions written to the log at each log step")
+common.add_run_flags(parser)
+args = common.parse_flags(parser, "grpo_stage1")
+
+# -----------------------------------------------------------------------------
+# compute
+
+rank, world, device = common.compute_init(args.device)
+master = rank == 0
+amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+os.makedirs(args.out, exist_ok=True)
+last = os.path.join(args.out, "last")
+resume = args.resume and os.path.isdir(last)
+G = args.group_size
+
+
+def parse_rewards(spec):
+    """'format=1,rouge_l=1,clip_v=1' -> {name: (lambda, fn or None)}; a lambda of 0 drops the reward."""
+    out = {}
+    for item in filter(None, spec.split(",")):
+        name, _, w = item.partition("=")
+        fn = None
+        if ":" in name:
+            mod, _, fname = name.partition(":")
+            fn = getattr(importlib.import_module(mod), fname)
+        elif name not in ("format", "rouge_l", "clip_v"):
+            parser.error(f"--rewards: unknown reward {name!r} (format, rouge_l, clip_v or module:function)")
+        if float(w or 1) != 0:
+            out[name.rpartition(":")[2]] = (float(w or 1), fn)  # logged as rewards/<function name>/mean
+    return out
+
+
+reward_fns = parse_rewards(args.rewards)
+weights = {k: w for k, (w, _) in reward_fns.items()}
+render = "clip_v" in reward_fns
+
+# -----------------------------------------------------------------------------
+# data: each prompt's VLM frames, and (for CLIP-V) its reference clip and ground-truth video
+
+train, _ = common.read_manifests(args, min_frames=args.frames)
+dataset = data.ClipDataset(train, ("vlm", "clip", "target") if render else ("vlm",), args.frames, args.height,
+                           args.width, model.VLM_FRAMES)
+
+# -----------------------------------------------------------------------------
+# models: a fresh LoRA on the (merged) SFT VLM; the VDM and CLIP frozen
+
+preset = model.preset_of(last if resume else args.init)
+vlm, _ = model.load(last if resume else args.init, qwen=args.qwen, wan=args.wan, vans=args.vans, dtype=dtype,
+                    need=("vlm",))
+if not resume:
+    if hasattr(vlm.model, "merge_and_unload"):  # the SFT adapter becomes part of the reference
+        vlm.model = vlm.model.merge_and_unload()
+    vlm.model = model.add_lora(vlm.model)
+for name, p in vlm.model.named_parameters():
+    p.requires_grad_(".lora_" in name)
+for m in vlm.model.modules():
+    if isinstance(m, torch.nn.Dropout):
+        m.p = 0.0
+net = vlm.model.to(device)
+if args.grad_checkpointing:
+    net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+params = [p for p in net.parameters() if p.requires_grad]
+ddp_net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else net
+common.print0(f"{preset} VLM: {sum(p.numel() for p in params):,} LoRA parameters trained")
+
+_, vdm = model.load(last if resume else args.vdm, qwen=args.qwen, wan=args.wan, vans=args.vans, dtype=dtype,
+                    need=("vdm",))
+for m in (vdm.dit, vdm.vae, vdm.text_encoder):
+    m.to(device).eval().requires_grad_(False)
+clip = rewards.CLIP(None if args.clip == "random" else args.clip, device=device) if render else None
+
+
+@torch.no_grad()
+def render_videos(captions, clips):
+    """Captions (P * G, group after group) -> uint8 videos (T, H, W, 3), each conditioned on its
+    prompt's reference latents, in batches of --render-batch. The noise depends on (seed, step,
+    rank) only."""
+    refs = vdm.ref_latents(vdm.encode_video(data.to_tensor(clips))) if vdm.n_refs else None  # (P, 16, n, h, w)
+    neg = vdm.encode_text([model.NEGATIVE_PROMPT]) if args.render_cfg != 1.0 else None
+    gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1009 + rank)
+    videos = []
+    for i in range(0, len(captions), args.render_batch):
+        idx = list(range(i, min(i + args.render_batch, len(captions))))
+        z = vdm.sample(vdm.encode_text(captions[i:idx[-1] + 1]), None if neg is None else neg.expand(len(idx), -1, -1),
+                       None if refs is None else refs[[k // G for k in idx]], args.frames, args.height, args.width,
+                       steps=args.render_steps, cfg=args.render_cfg, generator=gen)
+        videos += [data.to_uint8(vdm.decode(z[k:k + 1])[0]) for k in range(len(idx))]
+    return videos
+
+
+def score(completions, batch):
+    """-> {reward name: raw values (P * G,)}, group after group."""
+    rep = lambda xs: [x for x in xs for _ in range(G)]
+    captions = [model.caption_of(c) for c in completions]
+    raw = {}
+    for name, (_, fn) in reward_fns.items():
+        if name == "format":
+            raw[name] = [rewards.format_reward(c) for c in completions]
+        elif name == "rouge_l":
+            raw[name] = [rewards.rouge_l(c, gt) for c, gt in zip(captions, rep(batch["caption"]))]
+        elif name == "clip_v":
+            raw[name] = clip.clip_v(render_videos(captions, batch["clip"]), rep(list(batch["target"].numpy())))
+        else:
+            samples = [{k: batch[k][i] for k in ("id", "question", "think", "caption", "event")} for i in range(len(batch["id"]))]
+            raw[name] = fn(completions, rep(samples))
+    return {k: torch.as_tensor(v, dtype=torch.float32).flatten().cpu() for k, v in raw.items()}
+
+
+# -----------------------------------------------------------------------------
+# optimizer and state
+
+optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+start = 0
+if resume:
+    state = common.load_train_state(last)
+    optimizer.load_state_dict(state["optimizer"])
+    start = state["step"]
+    common.print0(f"resumed from {last} at step {start}")
+else:
+    torch.manual_seed(args.seed + rank)  # completions differ by rank
+logger = common.Logger(args.out, args, rank)
+
+
+def save(step):
+    """<out>/last: merged VLM + GRPO LoRA + the frozen VDM + meta + training state, atomically."""
+    state = common.train_state(step, optimizer.state_dict())
+    if master:
+        parts = ("vlm", "vlm_lora", "dit") + (("vae", "text_encoder") if preset == "tiny" else ())
+        meta = {"preset": preset, "script": "grpo_stage1", "step": step, "flags": vars(args), "git": common.git_hash()}
+        model.save_checkpoint(last, vlm, vdm, meta, parts, extra={"train_state.pt": state})
+    if world > 1:
+        torch.distributed.barrier()
+
+
+# -----------------------------------------------------------------------------
+# training loop
+
+end = min(args.steps, start + args.stop_after) if args.stop_after else args.steps
+sampler = data.StepSampler(len(dataset), args.prompts, rank, world, args.seed, start, end)
+loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
+                                     collate_fn=data.collate, generator=torch.Generator())  # leaves the global RNG alone
+t0 = time.time()
+progress = tqdm(total=args.steps, initial=start, disable=not master, desc="grpo_stage1")
+for step, batch in zip(range(start, end), loader):
+    lr = common.lr_at(step, args.lr, args.warmup, args.steps)
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    rep = lambda xs: [x for x in xs for _ in range(G)]
+    videos, questions = rep(batch["vlm"]), rep(batch["question"])
+    mb = args.micro_batch
+
+    # 1. rollouts, in micro-batches: [(inputs of prompt + completion, completions)]
+    net.eval()
+    chunks = [vlm.rollout(videos[i:i + mb], questions[i:i + mb], temperature=args.temperature, top_p=args.top_p,
+                          max_new_tokens=args.max_new_tokens) for i in range(0, len(videos), mb)]
+    completions = [c for _, cs in chunks for c in cs]
+
+    # 2-4. rewards, their normalised lambda-weighted sum, and the group advantage
+    raw = score(completions, batch)
+    total = rewards.combine(raw, weights, G, args.norm)
+    advantages = rewards.group_advantages(total, G).to(device)
+
+    # 5. old and reference log-probs (no grad), then the updates
+    net.train()  # dropout is 0: train mode only lets gradient checkpointing work
+    with torch.no_grad(), amp:
+        old = [vlm.completion_logprobs(inp, args.temperature) for inp, _ in chunks]
+        with net.disable_adapter():
+            ref = [vlm.completion_logprobs(inp, args.temperature) for inp, _ in chunks]
+    norm = len(completions) if args.loss_mean == "sequence" else sum(int(inp["completion_mask"].sum()) for inp, _ in chunks)
+    stats = []
+    for _ in range(args.updates_per_rollout):
+        for k, (inp, _) in enumerate(chunks):
+            no_sync = ddp_net.no_sync() if world > 1 and k < len(chunks) - 1 else contextlib.nullcontext()
+            with no_sync:
+                with amp:
+                    logp = vlm.completion_logprobs(inp, args.temperature, ddp_net)
+                loss, st = rewards.grpo_loss(logp, old[k], ref[k], advantages[k * mb:(k + 1) * mb],
+                                             inp["completion_mask"], args.clip_range, args.beta, args.loss_mean, norm)
+                loss.backward()
+            stats.append(st)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    progress.update(1)
+
+    done = step + 1
+    if done % args.log_every == 0 or done == end:
+        weighted = sum(weights[k] * v for k, v in raw.items()).view(-1, G)  # the un-normalised reward
+        lengths = [int(n) for inp, _ in chunks for n in inp["completion_mask"].sum(1)]
+        metrics = {"reward": common.all_mean(weighted.flatten().tolist()),
+                   "reward_std": common.all_mean(weighted.std(1, unbiased=False).tolist()),
+                   "frac_reward_zero_std": common.all_mean((total.view(-1, G).std(1) < 1e-6).float().tolist()),
+                   **{f"rewards/{k}/mean": common.all_mean(v.tolist()) for k, v in raw.items()},
+                   "kl": common.all_mean([s["kl"] for s in stats]),
+                   "clip_ratio": common.all_mean([s["clip_ratio"] for s in stats]),
+                   "completions/mean_length": common.all_mean(lengths),
+                   "completions/clipped_ratio": common.all_mean([float(n >= args.max_new_tokens) for n in lengths]),
+                   "grad_norm": float(grad_norm), "lr": lr, "sec_per_step": (time.time() - t0) / (done - start)}
+        logger.log(metrics, done)
+        logger.log({"samples": [{"question": q, "completion": c, "reward": round(float(r), 4)} for q, c, r in
+                                zip(questions, completions, weighted.flatten())][:args.log_samples]}, done)
+        progress.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.4f}")
+    if done % args.save_every == 0 or done == end:
+        save(done)
+progress.close()
+
+# -----------------------------------------------------------------------------
+# cleanup
+
+common.check_in_sync(params)
+common.print0(f"{'done' if end == args.steps else 'stopped'}: step {end} of {args.steps}, {time.time() - t0:.0f} s; "
+              f"checkpoint {last}")
+logger.finish()
+common.compute_cleanup()
