@@ -38,10 +38,7 @@ def parse_flags(parser, script, argv=None):
         if unknown:
             parser.error(f"{path}: {name or script} sets unknown flag(s) {', '.join(unknown)}")
         parser.set_defaults(**preset)
-    args = parser.parse_args(argv)
-    if getattr(args, "steps", 0) is None:
-        parser.error("--steps is required (on the command line or in --config)")
-    return args
+    return parser.parse_args(argv)
 
 
 def read_manifests(args, min_frames):
@@ -62,12 +59,13 @@ def read_manifests(args, min_frames):
     return train, val
 
 
-def add_run_flags(parser):
-    """Flags every training script has: output, schedule, logging, compute."""
-    parser.add_argument("--out", required=True, help="run directory: checkpoints and log.jsonl")
+def add_run_flags(parser, out, steps):
+    """Flags every training script has: output, schedule, logging, compute. Defaults: the
+    paper's number of steps, and out/<script> as the run directory."""
+    parser.add_argument("--out", default=out, help="run directory: checkpoints and log.jsonl")
     parser.add_argument("--resume", action="store_true", help="continue from <out>/last if it exists")
     parser.add_argument("--seed", type=int, default=0, help="seed for data order and noise (rank r uses seed + r)")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (required, here or in --config)")
+    parser.add_argument("--steps", type=int, default=steps, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=1, help="samples per rank per step")
     parser.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (AdamW)")
     parser.add_argument("--warmup", type=int, default=0, help="linear warmup steps, then cosine decay to 0")

@@ -2,14 +2,13 @@
 Joint-GRPO stage 1: the VLM learns captions that are right and that the VDM renders well.
 The VDM is frozen; it only turns each sampled caption into the video that CLIP-V scores.
 
-    # one GPU
-    python grpo_stage1.py --init out/sft_vlm/last --vdm out/sft_vdm/last --train data/train.jsonl \\
-        --out out/grpo_stage1 --steps 800
+    # one GPU: the paper's 800 steps from out/sft_vlm/last and out/sft_vdm/last into out/grpo_stage1
+    python grpo_stage1.py --train data/train.jsonl
     # one node, 8 GPUs (the paper's settings)
-    torchrun --standalone --nproc_per_node=8 grpo_stage1.py --config config/paper.py --out out/grpo_stage1
+    torchrun --standalone --nproc_per_node=8 grpo_stage1.py --config config/paper.py
     # two nodes: run on each, with NODE_RANK 0 / 1 and MASTER_ADDR the first node
     torchrun --nnodes=2 --node_rank=$NODE_RANK --nproc_per_node=8 --rdzv_backend=c10d \\
-        --rdzv_endpoint=$MASTER_ADDR:29500 grpo_stage1.py --config config/paper.py --out out/grpo_stage1
+        --rdzv_endpoint=$MASTER_ADDR:29500 grpo_stage1.py --config config/paper.py
     # the tiny models on the Shapes world, on a CPU
     python grpo_stage1.py --config config/shapes.py --out out/shapes/grpo_stage1
 
@@ -90,7 +89,7 @@ parser.add_argument("--beta", type=float, default=0.004, help="weight of the k3 
 parser.add_argument("--loss-mean", default="sequence", choices=["sequence", "token"], help="average per sequence, or over all tokens")
 parser.add_argument("--updates-per-rollout", type=int, default=1, help="optimizer steps on each rollout")
 parser.add_argument("--log-samples", type=int, default=2, help="completions written to the log at each log step")
-common.add_run_flags(parser)
+common.add_run_flags(parser, out="out/grpo_stage1", steps=800)  # the paper's steps
 args = common.parse_flags(parser, "grpo_stage1")
 
 # -----------------------------------------------------------------------------

@@ -279,8 +279,8 @@ def sde_step_with_logprob(v, x, sigma, sigma_next, noise_level=0.7, prev_sample=
     std = noise_level * torch.sqrt(s / (1 - torch.where(s == 1, s_next, s)))
     mean = x + dt * (v + std ** 2 / (2 * s) * (x + (1 - s) * v))
     step_std = std * torch.sqrt(-dt)
-    if prev_sample is None:
-        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    if prev_sample is None:  # noise drawn on the generator's device, as the samplers do
+        eps = torch.randn(x.shape, generator=generator, device=generator.device if generator else x.device).to(x)
         prev_sample = mean + step_std * eps
     log_prob = (-(prev_sample.detach() - mean) ** 2 / (2 * step_std ** 2) - torch.log(step_std)
                 - math.log(math.sqrt(2 * math.pi)))
@@ -350,12 +350,12 @@ class VDM:
                        return_dict=False)[0]
         return out[:, :, -T:].float()
 
-    def guided_velocity(self, x, sigma, text, neg, refs=None, cfg=5.0):
+    def guided_velocity(self, x, sigma, text, neg, refs=None, cfg=5.0, dit=None):
         """Classifier-free guidance, both branches in one batched forward."""
         if cfg == 1.0:
-            return self.velocity(x, sigma, text, refs)
+            return self.velocity(x, sigma, text, refs, dit)
         r2 = None if refs is None else torch.cat([refs, refs])
-        v_cond, v_neg = self.velocity(torch.cat([x, x]), sigma, torch.cat([text, neg]), r2).chunk(2)
+        v_cond, v_neg = self.velocity(torch.cat([x, x]), sigma, torch.cat([text, neg]), r2, dit).chunk(2)
         return v_neg + cfg * (v_cond - v_neg)
 
     @torch.no_grad()
@@ -376,6 +376,28 @@ class VDM:
             v = self.guided_velocity(x, sigmas[i], text, neg, refs, cfg)
             x = euler_step(v, x, sigmas[i], sigmas[i + 1])
         return x
+
+
+    @torch.no_grad()
+    def sample_sde(self, text, neg=None, refs=None, frames=33, height=352, width=640, steps=20, cfg=5.0, shift=5.0,
+                   noise_level=0.7, generator=None):
+        """Flow-GRPO's stochastic sampler: the schedule of `sample`, every step an
+        sde_step_with_logprob. -> (xs (B, steps + 1, C, T, h, w), the trajectory from the noise
+        to the final latents; log_probs (B, steps) of each transition)."""
+        B = text.shape[0]
+        shape = (B, self.dit.config.in_channels, (frames - 1) // 4 + 1, height // 8, width // 8)
+        gen_dev = generator.device if generator is not None else torch.device("cpu")
+        x = torch.randn(shape, generator=generator, device=gen_dev, dtype=torch.float32).to(self.device)
+        if neg is None and cfg != 1.0:
+            neg = self.encode_text([NEGATIVE_PROMPT] * B)
+        sigmas = flow_sigmas(steps, shift).to(x.device)
+        xs, log_probs = [x], []
+        for i in range(steps):
+            v = self.guided_velocity(x, sigmas[i], text, neg, refs, cfg)
+            x, lp, _, _ = sde_step_with_logprob(v, x, sigmas[i], sigmas[i + 1], noise_level, generator=generator)
+            xs.append(x)
+            log_probs.append(lp)
+        return torch.stack(xs, 1), torch.stack(log_probs, 1)
 
 
 # -----------------------------------------------------------------------------

@@ -222,3 +222,23 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_range=1e-3, beta=
     clipped = ((ratio < 1 - clip_range) & (A < 0)) | ((ratio > 1 + clip_range) & (A > 0))
     n = m.sum().clamp_min(1)
     return loss, {"kl": ((kl * m).sum() / n).item(), "clip_ratio": ((clipped.float() * m).sum() / n).item()}
+
+
+def flow_grpo_loss(logp, old_logp, advantages, mean, ref_mean, step_std, clip_range=1e-3, beta=0.004, adv_clip=5.0,
+                   norm=None):
+    """Stage 2's loss at one SDE step (Flow-GRPO): the same clipped surrogate with one "token"
+    per sample, advantages clipped to +-adv_clip, and the KL to the reference DiT on the step means
+        KL = mean over non-batch elements of ||mean - mean_ref||^2 / (2 std^2 |dt|)
+    logp, old_logp, advantages: (B,); mean, ref_mean: (B, C, T, h, w); step_std = std sqrt(-dt)
+    as model.sde_step_with_logprob returns it. ref_mean None = no KL. norm: the number of
+    samples x steps the whole update averages over (default: B).
+    -> (loss, {"kl", "clip_ratio"})"""
+    A = advantages.float().clamp(-adv_clip, adv_clip)
+    ones = torch.ones_like(logp)[:, None]
+    loss, stats = grpo_loss(logp[:, None], old_logp[:, None], None, A, ones, clip_range, mean="sequence",
+                            norm=norm or len(logp))
+    kl = torch.zeros_like(logp)
+    if ref_mean is not None:
+        kl = ((mean.float() - ref_mean.float()) ** 2 / (2 * step_std.float() ** 2)).mean(dim=tuple(range(1, mean.dim())))
+        loss = loss + beta * kl.sum() / (norm or len(logp))
+    return loss, {"kl": kl.mean().item(), "clip_ratio": stats["clip_ratio"]}

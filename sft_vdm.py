@@ -3,12 +3,12 @@ Supervised fine-tuning of the VANS VDM: the Wan DiT learns to render the ground-
 caption as the target clip, given the reference latents of the input clip.
 
     # one GPU
-    python sft_vdm.py --train data/train.jsonl --val data/val.jsonl --out out/sft_vdm --steps 20000
+    python sft_vdm.py --train data/train.jsonl --val data/val.jsonl   # 20K steps into out/sft_vdm
     # one node, 8 GPUs (the paper's settings); --fsdp shards the DiT per block (FSDP2)
-    torchrun --standalone --nproc_per_node=8 sft_vdm.py --config config/paper.py --out out/sft_vdm --fsdp
+    torchrun --standalone --nproc_per_node=8 sft_vdm.py --config config/paper.py --fsdp
     # two nodes: run on each, with NODE_RANK 0 / 1 and MASTER_ADDR the first node
     torchrun --nnodes=2 --node_rank=$NODE_RANK --nproc_per_node=8 --rdzv_backend=c10d \\
-        --rdzv_endpoint=$MASTER_ADDR:29500 sft_vdm.py --config config/paper.py --out out/sft_vdm --fsdp
+        --rdzv_endpoint=$MASTER_ADDR:29500 sft_vdm.py --config config/paper.py --fsdp
     # the Shapes world on a CPU: first the tiny VAE, then the DiT (with the tiny text encoder)
     python sft_vdm.py --config config/shapes.py --out out/shapes/vae --train-vae
     python sft_vdm.py --config config/shapes.py --out out/shapes/sft_vdm --model out/shapes/vae/last
@@ -83,7 +83,7 @@ parser.add_argument("--val-loss-samples", type=int, default=32, help="validation
 parser.add_argument("--val-render", type=int, default=2, help="validation samples rendered to <out>/samples per rank")
 parser.add_argument("--val-steps", type=int, default=20, help="sampling steps of the rendered samples")
 parser.add_argument("--val-cfg", type=float, default=5.0, help="guidance scale of the rendered samples")
-common.add_run_flags(parser)
+common.add_run_flags(parser, out="out/sft_vdm", steps=20_000)  # the paper's steps
 args = common.parse_flags(parser, "sft_vdm")
 
 # -----------------------------------------------------------------------------

@@ -3,12 +3,12 @@ Supervised fine-tuning of the VANS VLM: for a video and a question, Qwen2.5-VL l
 to write [Think]reasoning[/Think][Ans]caption of the next event[/Ans].
 
     # one GPU
-    python sft_vlm.py --train data/train.jsonl --val data/val.jsonl --out out/sft_vlm --steps 10000
+    python sft_vlm.py --train data/train.jsonl --val data/val.jsonl   # 10K steps into out/sft_vlm
     # one node, 8 GPUs (the paper's settings)
-    torchrun --standalone --nproc_per_node=8 sft_vlm.py --config config/paper.py --out out/sft_vlm
+    torchrun --standalone --nproc_per_node=8 sft_vlm.py --config config/paper.py
     # two nodes: run on each, with NODE_RANK 0 / 1 and MASTER_ADDR the first node
     torchrun --nnodes=2 --node_rank=$NODE_RANK --nproc_per_node=8 --rdzv_backend=c10d \\
-        --rdzv_endpoint=$MASTER_ADDR:29500 sft_vlm.py --config config/paper.py --out out/sft_vlm
+        --rdzv_endpoint=$MASTER_ADDR:29500 sft_vlm.py --config config/paper.py
     # the tiny VLM on the Shapes world, on a CPU
     python sft_vlm.py --config config/shapes.py --out out/shapes/sft_vlm
 
@@ -57,7 +57,7 @@ parser.add_argument("--val-every", type=int, default=500, help="validate every N
 parser.add_argument("--val-loss-samples", type=int, default=64, help="validation samples for the loss")
 parser.add_argument("--val-generate", type=int, default=8, help="validation samples to caption greedily")
 parser.add_argument("--max-new-tokens", type=int, default=512, help="generation budget at validation")
-common.add_run_flags(parser)
+common.add_run_flags(parser, out="out/sft_vlm", steps=10_000)  # the paper's steps
 args = common.parse_flags(parser, "sft_vlm")
 
 # -----------------------------------------------------------------------------

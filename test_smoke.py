@@ -864,10 +864,11 @@ def test_config_presets(tmp_path):
     cfg.write_text("a = dict(steps=7, lr=0.5)\nb = dict(steps=9, nope=1)\n")
     def parse(argv):
         p = argparse.ArgumentParser()
-        common.add_run_flags(p)
+        common.add_run_flags(p, out="o", steps=100)
         return common.parse_flags(p, "a", argv)
     args = parse(["--out", "o", "--config", str(cfg)])
     assert (args.steps, args.lr, args.batch_size) == (7, 0.5, 1)
+    assert parse([]).steps == 100
     assert parse(["--out", "o", "--config", str(cfg), "--lr", "0.1"]).lr == 0.1  # the command line wins
     with pytest.raises(SystemExit):
         parse(["--out", "o", "--config", f"{cfg}:b"])  # unknown flag in the preset

@@ -4,6 +4,7 @@ The Shapes world on a CPU, with the tiny models (python data.py shapes ... --hei
     python sft_vlm.py --config config/shapes.py --out out/shapes/sft_vlm
     python sft_vdm.py --config config/shapes.py:sft_vae --out out/shapes/vae
     python sft_vdm.py --config config/shapes.py --out out/shapes/sft_vdm --model out/shapes/vae/last
+    python grpo_stage1.py --config config/shapes.py --out out/shapes/grpo_stage1
 
 The tiny models start from random weights, so the VLM is trained whole (not LoRA), the
 VAE first on its own, and the text encoder with the DiT; learning rates are higher than
@@ -22,3 +23,9 @@ sft_vae = dict(video, frames=9, model="tiny", train_vae=True, steps=300, lr=1e-3
 
 sft_vdm = dict(video, train_text_encoder=True, caption_dropout=0.1, steps=2000, lr=5e-4, warmup=100,
                batch_size=8, val_every=500, save_every=500, log_every=20)
+
+# CLIP-V needs CLIP weights that know this world; until they are trained, stage 1 here
+# rewards format and ROUGE-L only (add clip_v=1 to --rewards with --clip FILE)
+grpo_stage1 = dict(data, init="out/shapes/sft_vlm/last", vdm="out/shapes/sft_vdm/last", rewards="format=1,rouge_l=1",
+                   height=64, width=112, render_steps=20, render_cfg=3.0, steps=200, lr=1e-4, group_size=8,
+                   prompts=2, max_new_tokens=384, micro_batch=16, save_every=50, log_every=5)
