@@ -171,7 +171,7 @@ class Logger:
     def log(self, metrics, step):
         if not self.on:
             return
-        metrics = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
+        metrics = {k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in metrics.items()}  # 6 significant digits
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, "time": round(time.time(), 1), **metrics}) + "\n")
         if self.wandb is not None:

@@ -1,0 +1,390 @@
+"""
+Joint-GRPO stage 2: the DiT learns videos faithful to the input clip and to the stage-1
+VLM's captions, by Flow-GRPO through the ODE->SDE sampler. The VLM is frozen: it only
+writes the anchor captions.
+
+    # one GPU: the paper's 1000 steps from out/grpo_stage1/last (the stage-1 VLM and the SFT VDM) into out/grpo_stage2
+    python grpo_stage2.py --train data/train.jsonl
+    # one node, 8 GPUs (the paper's settings)
+    torchrun --standalone --nproc_per_node=8 grpo_stage2.py --config config/paper.py
+    # two nodes: run on each, with NODE_RANK 0 / 1 and MASTER_ADDR the first node
+    torchrun --nnodes=2 --node_rank=$NODE_RANK --nproc_per_node=8 --rdzv_backend=c10d \\
+        --rdzv_endpoint=$MASTER_ADDR:29500 grpo_stage2.py --config config/paper.py
+    # a 24 GB GPU: train a LoRA on the DiT instead of every weight
+    python grpo_stage2.py --train data/train.jsonl --lora
+
+1. Anchors, once (cached in <out>/anchors.rank*.jsonl, so a restart does not redo them): the
+   stage-1 VLM's caption of every training prompt. A caption with ROUGE-L below
+   --anchor-min-rouge (0.6) against the ground truth is sampled again, up to --anchor-tries
+   times; then the prompt is skipped and counted.
+2. Rollouts: for each of a rank's --prompts prompts, G videos sampled with
+   model.VDM.sample_sde (--sample-steps 20, noise level 0.7, CFG --cfg) from the anchor caption,
+   the reference latents of the input clip in front as at inference. The trajectory and each
+   transition's log-prob are kept; only the 9 target latent frames are ever noised or scored.
+3. Rewards: r_v2 = CLIP-V(video, ground-truth video), r_c2 = CLIP-T(video, anchor caption),
+   each normalised (--norm), summed with the lambdas of --rewards; A = the group z-score.
+4. Update, on the first --train-fraction (99%) of the SDE steps, each step's
+   rewards.flow_grpo_loss: ratio against the rollout's log-prob, clip range 1e-3, A clipped
+   to +-5, beta 0.004 times the KL of the step means to the reference DiT (the starting
+   weights, frozen; with --lora, the adapter disabled). Gradients add up over steps and
+   samples; one optimizer step per pass (--updates-per-rollout passes per rollout).
+
+The anti-hacking guard: `motion`, the mean absolute frame-to-frame difference of the
+generated videos (pixels in [0, 1]), is logged beside the rewards with the ground truth's
+`motion_gt`. A DiT drifting to static frames to please CLIP shows as motion falling.
+Every --sample-every steps rank 0 writes a generated video beside its ground truth to
+<out>/samples. Checkpoints hold the DiT (merged, with --lora; the adapter rides along for
+--resume), the rest of the VDM where the preset needs it, and the frozen VLM.
+"""
+
+import argparse
+import contextlib
+import copy
+import importlib
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import common
+import data
+import model
+import rewards
+
+# -----------------------------------------------------------------------------
+# flags
+
+parser = argparse.ArgumentParser(description="Joint-GRPO stage 2: tune the DiT, the VLM frozen as the anchor.")
+# data
+parser.add_argument("--train", default="data/train.jsonl", help="training manifest (.jsonl or the official .csv)")
+parser.add_argument("--skip-bad", action="store_true", help="skip and count bad manifest lines / clips instead of stopping")
+# models
+parser.add_argument("--vlm", default="out/grpo_stage1/last", help="the stage-1 VLM (anchor captions): a checkpoint, vans or tiny")
+parser.add_argument("--vdm", default="out/grpo_stage1/last", help="the VDM to tune, also the KL reference: a checkpoint, vans or tiny")
+parser.add_argument("--qwen", default=None, help="local copy of Qwen/Qwen2.5-VL-3B-Instruct")
+parser.add_argument("--wan", default=None, help="local copy of Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
+parser.add_argument("--vans", default=None, help="local copy of KlingTeam/VANS")
+parser.add_argument("--clip", default="openai", help="CLIP weights: openai | a local open_clip file | random (tests)")
+parser.add_argument("--lora", type=int, default=0, help="train a LoRA of this rank on the DiT (alpha = 2 rank) instead of every weight")
+# anchors
+parser.add_argument("--anchor-min-rouge", type=float, default=0.6, help="keep an anchor caption with at least this ROUGE-L")
+parser.add_argument("--anchor-tries", type=int, default=4, help="captions sampled per prompt before it is skipped")
+parser.add_argument("--max-new-tokens", type=int, default=512, help="anchor caption budget")
+# rollouts
+parser.add_argument("--prompts", type=int, default=1, help="prompts per rank per step (each gives a group of G)")
+parser.add_argument("--group-size", type=int, default=8, help="G: videos per prompt")
+parser.add_argument("--micro-batch", type=int, default=8, help="videos per DiT forward (rollouts and updates alike)")
+parser.add_argument("--frames", type=int, default=33, help="frames (4k + 1)")
+parser.add_argument("--height", type=int, default=352, help="height (multiple of 16)")
+parser.add_argument("--width", type=int, default=640, help="width (multiple of 16)")
+parser.add_argument("--sample-steps", type=int, default=20, help="SDE sampling steps")
+parser.add_argument("--noise-level", type=float, default=0.7, help="a of the SDE step")
+parser.add_argument("--cfg", type=float, default=5.0, help="guidance scale of rollouts and updates")
+parser.add_argument("--train-fraction", type=float, default=0.99, help="train on the first int(steps * f) SDE steps")
+# rewards and loss
+parser.add_argument("--rewards", default="clip_v=1,clip_t=1",
+                    help="name=lambda list: clip_v, clip_t, or module:function (fn(videos, samples) -> floats)")
+parser.add_argument("--norm", default="group", choices=rewards.NORMALISATIONS, help="how each reward is normalised before the sum")
+parser.add_argument("--clip-range", type=float, default=1e-3, help="epsilon of the clipped ratio")
+parser.add_argument("--adv-clip", type=float, default=5.0, help="advantages clipped to +-this")
+parser.add_argument("--beta", type=float, default=0.004, help="weight of the KL of the step means to the reference DiT")
+parser.add_argument("--updates-per-rollout", type=int, default=1, help="optimizer steps on each rollout")
+parser.add_argument("--sample-every", type=int, default=50, help="write a generated video to <out>/samples every N steps")
+common.add_run_flags(parser, out="out/grpo_stage2", steps=1000)  # the paper's steps
+args = common.parse_flags(parser, "grpo_stage2")
+
+# -----------------------------------------------------------------------------
+# compute
+
+rank, world, device = common.compute_init(args.device)
+master = rank == 0
+amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+frozen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+os.makedirs(args.out, exist_ok=True)
+last = os.path.join(args.out, "last")
+resume = args.resume and os.path.isdir(last)
+G = args.group_size
+
+
+def parse_rewards(spec):
+    """'clip_v=1,clip_t=1' -> {name: (lambda, fn or None)}; a lambda of 0 drops the reward."""
+    out = {}
+    for item in filter(None, spec.split(",")):
+        name, _, w = item.partition("=")
+        fn = None
+        if ":" in name:
+            mod, _, fname = name.partition(":")
+            fn = getattr(importlib.import_module(mod), fname)
+        elif name not in ("clip_v", "clip_t"):
+            parser.error(f"--rewards: unknown reward {name!r} (clip_v, clip_t or module:function)")
+        if float(w or 1) != 0:
+            out[name.rpartition(":")[2]] = (float(w or 1), fn)
+    return out
+
+
+reward_fns = parse_rewards(args.rewards)
+weights = {k: w for k, (w, _) in reward_fns.items()}
+
+# -----------------------------------------------------------------------------
+# data
+
+train, _ = common.read_manifests(args, min_frames=args.frames)
+clips = data.ClipDataset(train, ("vlm", "clip", "target"), args.frames, args.height, args.width, model.VLM_FRAMES)
+
+# -----------------------------------------------------------------------------
+# anchors: the stage-1 VLM's captions, kept when ROUGE-L >= --anchor-min-rouge
+
+torch.manual_seed(args.seed + rank)  # anchor captions are sampled
+vlm, _ = model.load(args.vlm, qwen=args.qwen, wan=args.wan, vans=args.vans, dtype=frozen_dtype, need=("vlm",))
+vlm.model.to(device).eval().requires_grad_(False)
+vlm_frames = data.ClipDataset(train, ("vlm",), args.frames, vlm_frames=model.VLM_FRAMES)
+key = lambda i: f"{i}:{train[i]['id']}"  # a changed manifest does not reuse stale anchors
+anchors = {}
+for name in sorted(os.listdir(args.out)):
+    if name.startswith("anchors.rank") and name.endswith(".jsonl"):
+        with open(os.path.join(args.out, name)) as f:
+            anchors.update((r["key"], r) for r in map(json.loads, f))
+todo = [i for i in range(len(train))[rank::world] if key(i) not in anchors]
+with open(os.path.join(args.out, f"anchors.rank{rank}.jsonl"), "a") as f:
+    for c in tqdm(range(0, len(todo), args.micro_batch), disable=not master or not todo, desc="anchors"):
+        idx, best = todo[c:c + args.micro_batch], {}
+        for attempt in range(args.anchor_tries):
+            need = [i for i in idx if best.get(i, (-1.0,))[0] < args.anchor_min_rouge]
+            if not need:
+                break
+            outs = vlm.generate([vlm_frames.load(train[i])["vlm"] for i in need], [train[i]["question"] for i in need],
+                                max_new_tokens=args.max_new_tokens)  # inference sampling: temperature 0.7, top_p 0.9
+            for i, out in zip(need, outs):
+                caption = model.caption_of(out)
+                score = rewards.rouge_l(caption, train[i]["caption"])
+                if score > best.get(i, (-1.0,))[0]:
+                    best[i] = (score, caption, attempt + 1)
+        for i in idx:
+            score, caption, tries = best[i]
+            keep = score >= args.anchor_min_rouge
+            r = {"key": key(i), "caption": caption if keep else None, "rouge_l": round(score, 4), "tries": tries}
+            anchors[r["key"]] = r
+            f.write(json.dumps(r) + "\n")
+            f.flush()
+if world > 1:
+    dist.barrier()
+    for name in os.listdir(args.out):  # every rank reads every rank's anchors
+        if name.startswith("anchors.rank") and name.endswith(".jsonl"):
+            with open(os.path.join(args.out, name)) as f:
+                anchors.update((r["key"], r) for r in map(json.loads, f))
+usable = [i for i in range(len(train)) if anchors[key(i)]["caption"] is not None]
+common.print0(f"anchors: {len(usable)} of {len(train)} prompts kept, {len(train) - len(usable)} skipped "
+              f"(ROUGE-L < {args.anchor_min_rouge} after {args.anchor_tries} tries)")
+if not usable:
+    raise SystemExit("error: no prompt has an anchor caption; lower --anchor-min-rouge or train stage 1 further")
+vlm.model.to("cpu")  # kept only to go into the checkpoint
+
+# -----------------------------------------------------------------------------
+# models: the DiT (every weight, or a LoRA), its frozen reference, the frozen encoders and CLIP
+
+preset = model.preset_of(args.vdm)
+_, vdm = model.load(args.vdm, qwen=args.qwen, wan=args.wan, vans=args.vans, dtype=torch.float32, need=("vdm",))
+vdm.text_encoder.to(device, frozen_dtype).eval().requires_grad_(False)
+vdm.vae.to(device).eval().requires_grad_(False)
+dit = vdm.dit.to(device).requires_grad_(False)
+ref_dit = None
+if args.lora:
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    dit.add_adapter(LoraConfig(r=args.lora, lora_alpha=2 * args.lora, init_lora_weights=True,
+                               target_modules=["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]))
+    if resume:
+        set_peft_model_state_dict(dit, load_file(os.path.join(last, "dit_lora.safetensors")))
+    for n, p in dit.named_parameters():
+        p.requires_grad_(".lora_" in n)
+else:
+    ref_dit = copy.deepcopy(dit).eval()  # the starting weights, frozen
+    if resume:
+        model._load_strict(dit, load_file(os.path.join(last, "dit.safetensors")), "dit.safetensors")
+    dit.requires_grad_(True)
+if args.grad_checkpointing:
+    dit.enable_gradient_checkpointing()
+dit.train()
+params = [p for p in dit.parameters() if p.requires_grad]
+ddp_dit = DDP(dit, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else dit
+common.print0(f"{preset} DiT: {sum(p.numel() for p in params):,} parameters trained" + (f" (LoRA r{args.lora})" if args.lora else ""))
+clip = rewards.CLIP(None if args.clip == "random" else args.clip, device=device) \
+    if {"clip_v", "clip_t"} & set(reward_fns) else None
+
+
+def ref_velocity(x, sigma, text, neg, refs):
+    """The reference DiT's guided velocity: the frozen copy, or the DiT with its adapter off."""
+    if ref_dit is not None:
+        return vdm.guided_velocity(x, sigma, text, neg, refs, args.cfg, dit=ref_dit)
+    dit.disable_adapters()
+    try:
+        return vdm.guided_velocity(x, sigma, text, neg, refs, args.cfg)
+    finally:
+        dit.enable_adapters()
+
+
+def merged_dit_state():
+    """The DiT's weights with the LoRA folded in (W + scale B A): a plain DiT for every loader."""
+    from peft.tuners.lora import LoraLayer
+    sd = {k.replace(".base_layer.", "."): v for k, v in dit.state_dict().items() if ".lora_" not in k}
+    for name, m in dit.named_modules():
+        if isinstance(m, LoraLayer):
+            sd[f"{name}.weight"] = (m.base_layer.weight + m.get_delta_weight("default")).detach()
+    return sd
+
+
+def score(videos, captions, batch):
+    """-> {reward name: raw values (P * G,)}, group after group."""
+    rep = lambda xs: [x for x in xs for _ in range(G)]
+    raw = {}
+    for name, (_, fn) in reward_fns.items():
+        if name == "clip_v":
+            raw[name] = clip.clip_v(videos, rep(list(batch["target"].numpy())))
+        elif name == "clip_t":
+            raw[name] = clip.clip_t(videos, captions)
+        else:
+            samples = [{k: batch[k][i] for k in ("id", "question", "think", "caption", "event")} for i in range(len(batch["id"]))]
+            raw[name] = fn(videos, [dict(s, anchor=c) for s, c in zip(rep(samples), captions)])
+    return {k: torch.as_tensor(v, dtype=torch.float32).flatten().cpu() for k, v in raw.items()}
+
+
+def motion(videos):
+    """Mean absolute frame-to-frame difference, pixels in [0, 1]: one value per video."""
+    return [float((torch.as_tensor(v[1:]).float() - torch.as_tensor(v[:-1]).float()).abs().mean() / 255) for v in videos]
+
+
+# -----------------------------------------------------------------------------
+# optimizer and state
+
+optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+start = 0
+if resume:
+    state = common.load_train_state(last)
+    optimizer.load_state_dict(state["optimizer"])
+    start = state["step"]
+    common.print0(f"resumed from {last} at step {start}")
+else:
+    torch.manual_seed(args.seed + rank)
+logger = common.Logger(args.out, args, rank)
+
+
+def save(step):
+    """<out>/last: the tuned DiT (+ the tiny VAE and text encoder), the frozen VLM, meta and
+    training state, atomically."""
+    state = common.train_state(step, optimizer.state_dict())
+    if master:
+        parts = ("dit", "vlm", "vlm_lora") + (("vae", "text_encoder") if preset == "tiny" else ())
+        weights = {"dit": merged_dit_state(), "dit_lora": get_peft_model_state_dict(dit)} if args.lora else {}
+        meta = {"preset": preset, "script": "grpo_stage2", "step": step, "flags": vars(args), "git": common.git_hash(),
+                "anchors_kept": len(usable), "anchors_skipped": len(train) - len(usable)}
+        model.save_checkpoint(last, vlm, vdm, meta, parts, weights=weights, extra={"train_state.pt": state})
+    if world > 1:
+        dist.barrier()
+
+
+# -----------------------------------------------------------------------------
+# training loop
+
+end = min(args.steps, start + args.stop_after) if args.stop_after else args.steps
+sampler = data.StepSampler(len(usable), args.prompts, rank, world, args.seed, start, end)
+loader = torch.utils.data.DataLoader(torch.utils.data.Subset(clips, usable), batch_sampler=sampler,
+                                     num_workers=args.workers, collate_fn=data.collate, generator=torch.Generator())
+sigmas = model.flow_sigmas(args.sample_steps).to(device)
+trained_steps = range(int(args.sample_steps * args.train_fraction))
+neg = vdm.encode_text([model.NEGATIVE_PROMPT]) if args.cfg != 1.0 else None  # (1, 512, D)
+t0 = time.time()
+progress = tqdm(total=args.steps, initial=start, disable=not master, desc="grpo_stage2")
+for step, batch in zip(range(start, end), loader):
+    lr = common.lr_at(step, args.lr, args.warmup, args.steps)
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    P, mb = len(batch["id"]), args.micro_batch
+    captions = [anchors[key(usable[i])]["caption"] for i in sampler.batch(step) for _ in range(G)]
+    with torch.no_grad():
+        text = vdm.encode_text(captions)  # (P * G, 512, D)
+        refs = vdm.ref_latents(vdm.encode_video(data.to_tensor(batch["clip"]))) if vdm.n_refs else None
+        refs = refs.repeat_interleave(G, 0) if refs is not None else None  # (P * G, 16, n, h, w)
+    chunk = lambda t, c: None if t is None else t[c:c + mb]
+    negs = lambda c: None if neg is None else neg.expand(len(captions[c:c + mb]), -1, -1)
+
+    # 1. rollouts in micro-batches, the layout the update reuses: trajectories (n, S + 1, C, T, h, w), log-probs (n, S)
+    dit.eval()
+    gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1009 + rank)
+    rollouts = []
+    for c in range(0, len(captions), mb):
+        with torch.no_grad(), amp:
+            rollouts.append(vdm.sample_sde(chunk(text, c), negs(c), chunk(refs, c), args.frames, args.height,
+                                           args.width, args.sample_steps, args.cfg, noise_level=args.noise_level,
+                                           generator=gen))
+    with torch.no_grad():
+        videos = [data.to_uint8(vdm.decode(xs[k:k + 1, -1])[0]) for xs, _ in rollouts for k in range(len(xs))]
+
+    # 2-3. rewards, their normalised sum, the group advantage
+    raw = score(videos, captions, batch)
+    total = rewards.combine(raw, weights, G, args.norm)
+    advantages = rewards.group_advantages(total, G).to(device)
+
+    # 4. the update over the trained SDE steps, gradients accumulated, one optimizer step per pass
+    dit.train()
+    norm = len(captions) * len(trained_steps)
+    stats = []
+    for _ in range(args.updates_per_rollout):
+        for k, (xs, old_logp) in enumerate(rollouts):
+            c = k * mb
+            for j in trained_steps:
+                sync = k == len(rollouts) - 1 and j == trained_steps[-1]
+                with (contextlib.nullcontext() if sync or world == 1 else ddp_dit.no_sync()):
+                    with amp:
+                        v = vdm.guided_velocity(xs[:, j], sigmas[j], chunk(text, c), negs(c), chunk(refs, c), args.cfg,
+                                                dit=ddp_dit)
+                    _, logp, mean, step_std = model.sde_step_with_logprob(v, xs[:, j], sigmas[j], sigmas[j + 1],
+                                                                          args.noise_level, prev_sample=xs[:, j + 1])
+                    ref_mean = None
+                    if args.beta:
+                        with torch.no_grad(), amp:
+                            v_ref = ref_velocity(xs[:, j], sigmas[j], chunk(text, c), negs(c), chunk(refs, c))
+                        ref_mean = model.sde_step_with_logprob(v_ref, xs[:, j], sigmas[j], sigmas[j + 1],
+                                                               args.noise_level, prev_sample=xs[:, j + 1])[2]
+                    loss, st = rewards.flow_grpo_loss(logp, old_logp[:, j], advantages[c:c + mb], mean, ref_mean,
+                                                      step_std, args.clip_range, args.beta, args.adv_clip, norm)
+                    loss.backward()
+                st["approx_kl"] = 0.5 * ((logp.detach() - old_logp[:, j]) ** 2).mean().item()
+                stats.append(st)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    progress.update(1)
+
+    done = step + 1
+    if done % args.log_every == 0 or done == end:
+        weighted = sum(weights[k] * v for k, v in raw.items()).view(-1, G)  # the un-normalised reward
+        metrics = {"reward": common.all_mean(weighted.flatten().tolist()),
+                   "reward_std": common.all_mean(weighted.std(1, unbiased=False).tolist()),
+                   "frac_reward_zero_std": common.all_mean((total.view(-1, G).std(1) < 1e-6).float().tolist()),
+                   **{f"rewards/{k}/mean": common.all_mean(v.tolist()) for k, v in raw.items()},
+                   **{k: common.all_mean([s[k] for s in stats]) for k in ("kl", "clip_ratio", "approx_kl")},
+                   "motion": common.all_mean(motion(videos)),
+                   "motion_gt": common.all_mean(motion(list(batch["target"].numpy()))),
+                   "grad_norm": float(grad_norm), "lr": lr, "sec_per_step": (time.time() - t0) / (done - start)}
+        logger.log(metrics, done)
+        progress.set_postfix(reward=f"{metrics['reward']:.3f}", motion=f"{metrics['motion']:.4f}")
+    if master and (done % args.sample_every == 0 or done == end):
+        side_by_side = torch.cat([torch.as_tensor(batch["target"][0]), torch.as_tensor(videos[0])], dim=2).numpy()
+        data.write_video(os.path.join(args.out, "samples", f"step{done:06d}_{batch['id'][0]}.mp4"), side_by_side)
+    if done % args.save_every == 0 or done == end:
+        save(done)
+progress.close()
+
+# -----------------------------------------------------------------------------
+# cleanup
+
+common.check_in_sync(params)
+common.print0(f"{'done' if end == args.steps else 'stopped'}: step {end} of {args.steps}, {time.time() - t0:.0f} s; "
+              f"checkpoint {last}")
+logger.finish()
+common.compute_cleanup()
