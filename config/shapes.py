@@ -11,10 +11,11 @@ VAE first on its own, and the text encoder with the DiT; learning rates are high
 the paper's, as usual for small models trained from scratch.
 """
 
-data = dict(train="data/shapes/train.jsonl", val="data/shapes/val.jsonl", frames=33, device="cpu", workers=1)
-video = dict(data, height=64, width=112, val_render=1, val_steps=20, val_cfg=3.0)
+data = dict(train="data/shapes/train.jsonl", frames=33, device="cpu", workers=1)
+sft = dict(data, val="data/shapes/val.jsonl")
+video = dict(sft, height=64, width=112, val_render=1, val_steps=20, val_cfg=3.0)
 
-sft_vlm = dict(data, model="tiny", finetune="full", steps=2000, lr=1e-3, warmup=100, batch_size=8,
+sft_vlm = dict(sft, model="tiny", finetune="full", steps=2000, lr=1e-3, warmup=100, batch_size=8,
                val_every=500, val_generate=8, max_new_tokens=384, save_every=500, log_every=20)
 
 # the VAE is causal and convolutional: 9-frame clips teach it what 33-frame ones would, 4x cheaper
