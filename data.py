@@ -16,6 +16,7 @@ import contextlib
 import csv
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -459,6 +460,72 @@ def shapes_scene(seed, split, i, H, W):
     rng = np.random.default_rng([seed, ["train", "val", "test"].index(split), i])
     scene = stack_scene if rng.random() < 0.5 else ball_scene
     return scene(rng, H, W, hypothetical=(i % 4 == 3))
+
+
+# -----------------------------------------------------------------------------
+# event accuracy: does a caption state, and does a video show, the generator's event?
+
+def caption_event(text):
+    """The event a Shapes caption states, read with the keywords of the generator's templates:
+    {"world", "action" | "outcome", "color", "onto" | "side"} with the fields it finds, or None."""
+    t = text.lower()
+    by_place = lambda words: [w for _, w in sorted((m.start(), w) for w in words for m in re.finditer(rf"\b{w}\b", t))]
+    colors, sides = by_place(COLORS), by_place(["left", "right"])
+    if re.search(r"\bblock\b", t):
+        action = "remove" if re.search(r"\boff the top\b|\bback on the table\b", t) else \
+            "place" if re.search(r"\bon top of\b", t) else None
+        return {"world": "stack", "action": action, "color": colors[0] if colors else None,
+                **({"onto": colors[1] if len(colors) > 1 else None} if action == "place" else {})}
+    if re.search(r"\bball\b", t):
+        outcome = "bounce" if "bounce" in t else "leave" if re.search(r"\bout of the frame\b", t) else \
+            "stop" if re.search(r"\bstops?\b", t) else None
+        return {"world": "ball", "outcome": outcome, "color": colors[0] if colors else None,
+                "side": sides[0] if sides else None}
+    return None
+
+
+def caption_correct(text, event):
+    """True iff the caption states the event: the same action / outcome, colour, and block below or side."""
+    got = caption_event(text)
+    keys = ("world", "action", "color", "onto") if event["world"] == "stack" else ("world", "outcome", "color", "side")
+    return got is not None and all(got.get(k) == event.get(k) for k in keys if k in event)
+
+
+def _blob(frame, color, min_px):
+    """Centroid (x, y) of the pixels whose nearest palette colour is `color`, or None if fewer than min_px."""
+    palette = np.array([COLORS[color]] + [c for n, c in COLORS.items() if n != color] + [BACKGROUND, FLOOR, WALL], np.float32)
+    d = ((frame[:, :, None, :].astype(np.float32) - palette) ** 2).sum(-1)  # (H, W, colours)
+    ys, xs = np.nonzero((d.argmin(-1) == 0) & (d[..., 0] < 80 ** 2))
+    return (float(xs.mean()), float(ys.mean())) if len(xs) >= min_px else None
+
+
+def video_shows(frames, event):
+    """True iff the uint8 clip (T, H, W, 3) shows the event, by tracking the event's coloured blob
+    (pixels nearest that palette colour) against the generator's geometry: a placed block ends on
+    the tower at its height, a removed one on the table away from the tower; a bouncing ball comes
+    back from the side by at least its radius, a leaving ball is gone at the end, a stopping ball
+    is still in the last 5 frames and short of the side."""
+    T, H, W, _ = frames.shape
+    u = H / 16
+    track = [_blob(f, event["color"], min_px=max(4, int(u * u))) for f in frames]
+    end = track[-1]
+    if event["world"] == "stack":
+        if end is None:
+            return False
+        if event["action"] == "place":
+            return abs(end[0] - W * 0.22) < u and abs(end[1] - (H * 14 / 16 - u - 2 * u * event["height"])) < u
+        return abs(end[1] - (H * 14 / 16 - u)) < u and abs(end[0] - W * 0.22) > 2 * u
+    d = 1 if event["side"] == "right" else -1
+    xs = [p[0] for p in track if p is not None]
+    if event["outcome"] == "leave":
+        return end is None and len(xs) > 0 and d * (xs[-1] - xs[0]) > 0
+    if end is None or not xs:
+        return False
+    if event["outcome"] == "bounce":
+        return d * (max(xs, key=lambda x: d * x) - end[0]) > u
+    last = [p for p in track[-5:] if p is not None]
+    still = len(last) == 5 and max(abs(p[0] - end[0]) for p in last) < u / 4
+    return still and (W - end[0] if d > 0 else end[0]) > u
 
 
 def _write_scene(job):

@@ -302,17 +302,26 @@ def score(samples, preds, clip, i3d, height, width):
     per = [{"id": s["id"], "kind": s["kind"], "question": s["question"], "caption": p["caption"],
             "think": p.get("think"), "gt_caption": s["caption"], "rouge_l": r, "clip_v": v, "clip_t": t}
            for s, p, r, v, t in zip(samples, preds, rl, cv, ct)]
+    # Shapes: event accuracy against the generator's own record of the event (data.caption_correct, data.video_shows)
+    row["event_caption"] = row["event_video"] = None
+    if all(s.get("event") for s in samples):
+        for s, p, q in zip(samples, preds, per):
+            q["event_caption"] = bool(data.caption_correct(p["caption"], s["event"]))
+            q["event_video"] = bool(data.video_shows(p["video"], s["event"]))
+        row["event_caption"] = float(np.mean([q["event_caption"] for q in per]))
+        row["event_video"] = float(np.mean([q["event_video"] for q in per]))
     return row, per
 
 
 def table_row(name, r):
     f = lambda x, d=4: "-" if x is None else f"{x:.{d}f}"
     return (f"| {name} | {f(r['bleu1'])} | {f(r['bleu2'])} | {f(r['bleu3'])} | {f(r['bleu4'])} | {f(r['rouge_l'])} "
-            f"| {f(r['fvd'], 2)} | {f(r['clip_v'])} | {f(r['clip_t'])} | {r['n']} |")
+            f"| {f(r['fvd'], 2)} | {f(r['clip_v'])} | {f(r['clip_t'])} | {f(r.get('event_caption'), 3)} "
+            f"| {f(r.get('event_video'), 3)} | {r['n']} |")
 
 
-TABLE_HEADER = ("| model | BLEU@1 | BLEU@2 | BLEU@3 | BLEU@4 | ROUGE-L | FVD | CLIP-V | CLIP-T | N |\n"
-                "|---|---|---|---|---|---|---|---|---|---|")
+TABLE_HEADER = ("| model | BLEU@1 | BLEU@2 | BLEU@3 | BLEU@4 | ROUGE-L | FVD | CLIP-V | CLIP-T | event (caption) "
+                "| event (video) | N |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 # -----------------------------------------------------------------------------
@@ -332,6 +341,8 @@ def write_report(path, samples, per, row, name):
         form = "".join(f'<div class="crit">{label}: ' + "".join(
             f'<label><input type="radio" name="{sid}|{key}" value="{v}">{v}</label>' for v in range(1, 6)) + "</div>"
             for key, label in crit)
+        events = "".join(f" &middot; event in the {w}: {'yes' if p[f'event_{w}'] else 'no'}" for w in ("caption", "video")
+                         if f"event_{w}" in p)
         cards.append(f"""<section class="sample" data-id="{sid}">
 <h2>{sid} <small>{html.escape(p["kind"] or "")}</small></h2>
 <p class="q"><b>Question:</b> {html.escape(p["question"])}</p>
@@ -343,7 +354,7 @@ def write_report(path, samples, per, row, name):
 <p><b>Predicted:</b> {html.escape(p["caption"])}</p>
 <details><summary>reasoning</summary><p>{html.escape(p["think"] or "")}</p></details>
 <p><b>Ground truth:</b> {html.escape(p["gt_caption"])}</p>
-<p class="scores">ROUGE-L {p["rouge_l"]:.4f} &middot; CLIP-V {p["clip_v"]:.4f} &middot; CLIP-T {p["clip_t"]:.4f}</p>
+<p class="scores">ROUGE-L {p["rouge_l"]:.4f} &middot; CLIP-V {p["clip_v"]:.4f} &middot; CLIP-T {p["clip_t"]:.4f}{events}</p>
 <form class="rating">{form}</form>
 </section>""")
     head = " &middot; ".join(f"{k} {'-' if v is None else f'{v:.4f}' if isinstance(v, float) else v}"
