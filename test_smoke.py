@@ -1248,3 +1248,28 @@ def test_grpo_stage2_torchrun_lora_anchors_and_exact_resume(shapes_small, tmp_pa
                check=False)
     assert r.returncode != 0 and "anchors: 0 of 16 prompts kept, 16 skipped (ROUGE-L < 0.6 after 2 tries)" in r.stdout
     assert r.stderr.strip().splitlines()[-1].startswith("error: no prompt has an anchor caption")
+
+
+def test_shapes_event_accuracy_checks():
+    wrong = {"bounce": "leave", "leave": "stop", "stop": "bounce", "place": "remove", "remove": "place"}
+    n = 0
+    for H, W, scenes in ((64, 112, 40), (96, 176, 12)):
+        for i in range(scenes):
+            x, answers = data.shapes_scene(0, "val", i, H, W)
+            for _, _, caption, y, ev in answers:
+                n += 1
+                key = "action" if ev["world"] == "stack" else "outcome"
+                other = {**ev, key: wrong[ev[key]]}
+                assert data.caption_correct(caption, ev) and not data.caption_correct(caption, other)
+                assert data.video_shows(y, ev), (H, i, ev)
+                assert not data.video_shows(y, other), (H, i, other)
+                recolored = caption.replace(ev["color"], "red" if ev["color"] != "red" else "blue", 1)
+                assert not data.caption_correct(recolored, ev)
+                if ev["world"] == "ball":
+                    flipped = caption.replace(ev["side"], "left" if ev["side"] == "right" else "right")
+                    assert not data.caption_correct(flipped, ev)
+                # the input clip's last frame held still does not show a placed, removed, bounced or left event
+                if ev.get("action") or ev["outcome"] != "stop":
+                    assert not data.video_shows(np.repeat(x[-1:], len(y), 0), ev), (H, i, ev)
+    assert n > 60
+    assert data.caption_event("Nothing happens.") is None
