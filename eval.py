@@ -414,7 +414,7 @@ if __name__ == "__main__":
     split = parser.add_mutually_exclusive_group()
     split.add_argument("--procedural", action="store_true", help="only samples with kind == procedural")
     split.add_argument("--predictive", action="store_true", help="only samples with kind == predictive")
-    parser.add_argument("--clip", default="openai", help="CLIP ViT-B/32 weights: openai | local file | random (smoke tests only)")
+    parser.add_argument("--clip", default="openai", help="CLIP weights: openai | a local ViT-B/32 file | a tiny-CLIP dir | random (smoke tests only)")
     parser.add_argument("--i3d", default=I3D_PATH, help="I3D weights (written by --fetch-i3d)")
     parser.add_argument("--fetch-i3d", action="store_true", help="download and convert the I3D weights, then exit")
     infer.add_flags(parser)

@@ -66,7 +66,7 @@ parser.add_argument("--vdm", default="out/sft_vdm/last", help="the frozen VDM: a
 parser.add_argument("--qwen", default=None, help="local copy of Qwen/Qwen2.5-VL-3B-Instruct")
 parser.add_argument("--wan", default=None, help="local copy of Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
 parser.add_argument("--vans", default=None, help="local copy of KlingTeam/VANS")
-parser.add_argument("--clip", default="openai", help="CLIP-V weights: openai | a local open_clip file | random (tests)")
+parser.add_argument("--clip", default="openai", help="CLIP-V weights: openai | a local ViT-B/32 file | a tiny-CLIP dir | random (tests)")
 # rollouts
 parser.add_argument("--prompts", type=int, default=1, help="prompts per rank per step (each gives a group of G)")
 parser.add_argument("--group-size", type=int, default=8, help="G: completions per prompt")

@@ -69,7 +69,7 @@ parser.add_argument("--vdm", default="out/grpo_stage1/last", help="the VDM to tu
 parser.add_argument("--qwen", default=None, help="local copy of Qwen/Qwen2.5-VL-3B-Instruct")
 parser.add_argument("--wan", default=None, help="local copy of Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
 parser.add_argument("--vans", default=None, help="local copy of KlingTeam/VANS")
-parser.add_argument("--clip", default="openai", help="CLIP weights: openai | a local open_clip file | random (tests)")
+parser.add_argument("--clip", default="openai", help="CLIP weights: openai | a local ViT-B/32 file | a tiny-CLIP dir | random (tests)")
 parser.add_argument("--lora", type=int, default=0, help="train a LoRA of this rank on the DiT (alpha = 2 rank) instead of every weight")
 # anchors
 parser.add_argument("--anchor-min-rouge", type=float, default=0.6, help="keep an anchor caption with at least this ROUGE-L")

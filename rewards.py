@@ -10,6 +10,9 @@ The scores Joint-GRPO trains on, each written once:
 then per-reward normalisation, the lambda-weighted sum, and GRPO's group advantage.
 """
 
+import json
+import math
+import os
 import re
 import string
 import warnings
@@ -75,34 +78,62 @@ class CLIPError(ValueError):
     pass
 
 
+# A CLIP small enough to train on a CPU, for worlds (Shapes) OpenAI's CLIP never saw: open_clip's
+# own CLIP class, whole frames at image_size (no crop), byte tokens. Saved as <dir>/clip.json + clip.safetensors.
+TINY_CLIP = dict(embed_dim=64, quick_gelu=False,
+                 vision_cfg=dict(image_size=[64, 112], patch_size=8, width=64, layers=3, head_width=32),
+                 text_cfg=dict(context_length=96, vocab_size=259, width=64, heads=2, layers=2))
+
+
+def byte_tokens(texts, length=96):
+    """The tiny CLIP's tokenizer: 257 (start), UTF-8 bytes + 1, 258 (end, the largest id: open_clip
+    pools the text at its argmax), zero padding, cut to `length`. -> long (N, length)"""
+    out = torch.zeros(len(texts), length, dtype=torch.long)
+    for i, t in enumerate(texts):
+        ids = [257] + [b + 1 for b in t.encode("utf-8")][:length - 2] + [258]
+        out[i, :len(ids)] = torch.tensor(ids)
+    return out
+
+
 class CLIP:
-    """open_clip ViT-B/32 (OpenAI weights, QuickGELU) for CLIP-V and CLIP-T: raw cosines, no grad,
-    bf16 on GPU. weights: "openai" (the hub, or its local cache), a local weights file
-    (.safetensors / .bin, open_clip's loader with weights_only), or None (random init: tests only)."""
+    """CLIP-V and CLIP-T: raw cosines, no grad, bf16 on GPU. weights: "openai" (open_clip ViT-B/32
+    with QuickGELU, OpenAI's weights from the hub or its local cache), a local open_clip weights file
+    for that model (.safetensors / .bin, open_clip's loader with weights_only), a tiny-CLIP directory
+    (clip.json + clip.safetensors, see train_clip), or None (random ViT-B/32: tests only)."""
 
     def __init__(self, weights="openai", device="cpu", batch_size=256):
         import logging
         import open_clip
-        logging.disable(logging.ERROR)  # open_clip logs its own download failure; ours is the one-line error
-        try:
-            self.model = open_clip.create_model("ViT-B-32-quickgelu", pretrained=weights, device=device)
-        except Exception as e:
-            raise CLIPError(f"CLIP ViT-B/32 weights {weights!r} could not be loaded ({type(e).__name__}): "
-                            f"with no network, pass a local open_clip weights file (e.g. open_clip_model.safetensors "
-                            f"of timm/vit_base_patch32_clip_224.openai) instead") from None
-        finally:
-            logging.disable(logging.NOTSET)
+        if isinstance(weights, str) and os.path.isdir(weights):
+            self.model, self.tokenizer, self.crop = load_tiny_clip(weights), byte_tokens, False
+        else:
+            logging.disable(logging.ERROR)  # open_clip logs its own download failure; ours is the one-line error
+            try:
+                self.model = open_clip.create_model("ViT-B-32-quickgelu", pretrained=weights, device=device)
+            except Exception as e:
+                raise CLIPError(f"CLIP ViT-B/32 weights {weights!r} could not be loaded ({type(e).__name__}): "
+                                f"with no network, pass a local open_clip weights file (e.g. open_clip_model.safetensors "
+                                f"of timm/vit_base_patch32_clip_224.openai) instead") from None
+            finally:
+                logging.disable(logging.NOTSET)
+            self.tokenizer, self.crop = open_clip.get_tokenizer("ViT-B-32-quickgelu"), True
+        self.size = tuple(self.model.visual.image_size)
         self.device = torch.device(device)
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.model.to(self.device, self.dtype).eval().requires_grad_(False)
-        self.tokenizer = open_clip.get_tokenizer("ViT-B-32-quickgelu")
         self.batch_size = batch_size
 
     def preprocess(self, frames):
         """uint8 (N, H, W, 3) -> (N, 3, 224, 224): bicubic (antialiased) shortest side 224,
-        center crop, CLIP mean/std, as CLIP's own transform."""
+        center crop, CLIP mean/std, as CLIP's own transform. A tiny CLIP takes the whole frame,
+        resized to its image size."""
         x = torch.as_tensor(frames).permute(0, 3, 1, 2).float().to(self.device)
         H, W = x.shape[-2:]
+        if not self.crop:
+            x = F.interpolate(x, size=self.size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 255) / 255.0
+            mean = torch.tensor(CLIP_MEAN, device=self.device).view(1, 3, 1, 1)
+            std = torch.tensor(CLIP_STD, device=self.device).view(1, 3, 1, 1)
+            return ((x - mean) / std).to(self.dtype)
         s = 224 / min(H, W)
         h, w = max(224, round(H * s)), max(224, round(W * s))
         x = F.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False).clamp(0, 255)
@@ -149,6 +180,69 @@ class CLIP:
         import numpy as np
         feats = self.image_features(np.concatenate([np.asarray(v) for v in videos]))
         return feats.split([len(v) for v in videos])
+
+
+def build_tiny_clip(cfg=TINY_CLIP):
+    import open_clip
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+    return open_clip.CLIP(cfg["embed_dim"], CLIPVisionCfg(**cfg["vision_cfg"]), CLIPTextCfg(**cfg["text_cfg"]),
+                          quick_gelu=cfg["quick_gelu"])
+
+
+def load_tiny_clip(path):
+    from safetensors.torch import load_file
+    files = [os.path.join(path, f) for f in ("clip.json", "clip.safetensors")]
+    if not all(os.path.isfile(f) for f in files):
+        raise CLIPError(f"{path}: not a tiny-CLIP directory (needs clip.json and clip.safetensors)")
+    with open(files[0]) as f:
+        model = build_tiny_clip(json.load(f))
+    sd = load_file(files[1])
+    own = model.state_dict()
+    bad = sorted(set(own) ^ set(sd)) + sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
+    if bad:
+        raise CLIPError(f"{files[1]}: {len(bad)} keys missing, unexpected or misshapen (e.g. {bad[0]})")
+    model.load_state_dict(sd)
+    return model
+
+
+def train_clip(manifest, out, steps=1000, batch_size=64, lr=1e-3, frames_per_clip=5, seed=0, height=64, width=112):
+    """Contrastive training of a tiny CLIP on (target frame, caption) pairs of a manifest: CLIP-V
+    then compares what this world's frames show, CLIP-T whether a frame fits a caption. Writes
+    out/clip.json + out/clip.safetensors. -> the list of losses."""
+    import data
+    from safetensors.torch import save_file
+    torch.manual_seed(seed)
+    samples, _ = data.read_manifest(manifest)
+    frames = torch.stack([torch.from_numpy(data.load_clip(s["target_video"], frames_per_clip, height, width))
+                          for s in samples])  # (N, K, H, W, 3) uint8, K frames spread over each target
+    cfg = {**TINY_CLIP, "vision_cfg": {**TINY_CLIP["vision_cfg"], "image_size": [height, width]}}
+    model = build_tiny_clip(cfg)
+    clip = CLIP.__new__(CLIP)  # only its preprocessing, on this model
+    clip.model, clip.crop, clip.size, clip.device, clip.dtype = model, False, (height, width), torch.device("cpu"), torch.float32
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    losses = []
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        i = torch.randint(len(samples), (batch_size,))
+        img = clip.preprocess(frames[i, torch.randint(frames_per_clip, (batch_size,))])
+        a = F.normalize(model.encode_image(img), dim=-1)
+        b = F.normalize(model.encode_text(byte_tokens([samples[j]["caption"] for j in i.tolist()])), dim=-1)
+        same = torch.tensor([[samples[j]["caption"] == samples[k]["caption"] for k in i.tolist()] for j in i.tolist()])
+        logits = model.logit_scale.exp() * a @ b.T
+        target = same.float() / same.sum(1, keepdim=True)  # identical captions are all positives
+        loss = (-(target * logits.log_softmax(1)).sum(1).mean() - (target.T * logits.log_softmax(0)).sum(0).mean()) / 2
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if step % 100 == 0 or step == steps - 1:
+            print(f"clip step {step}: loss {loss.item():.4f}", flush=True)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "clip.json"), "w") as f:
+        json.dump(cfg, f)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(out, "clip.safetensors"))
+    return losses
 
 
 # -----------------------------------------------------------------------------
@@ -242,3 +336,20 @@ def flow_grpo_loss(logp, old_logp, advantages, mean, ref_mean, step_std, clip_ra
         kl = ((mean.float() - ref_mean.float()) ** 2 / (2 * step_std.float() ** 2)).mean(dim=tuple(range(1, mean.dim())))
         loss = loss + beta * kl.sum() / (norm or len(logp))
     return loss, {"kl": kl.mean().item(), "clip_ratio": stats["clip_ratio"]}
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="Train a tiny CLIP for CLIP-V / CLIP-T in a synthetic world.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    tc = sub.add_parser("train-clip", help="contrastive training on a manifest's target frames and captions")
+    tc.add_argument("--train", default="data/shapes/train.jsonl", help="training manifest")
+    tc.add_argument("--out", default="out/shapes/clip", help="output directory (clip.json + clip.safetensors)")
+    tc.add_argument("--steps", type=int, default=1000, help="optimizer steps")
+    tc.add_argument("--batch-size", type=int, default=64, help="pairs per step")
+    tc.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    tc.add_argument("--height", type=int, default=64, help="frame height the CLIP sees")
+    tc.add_argument("--width", type=int, default=112, help="frame width the CLIP sees")
+    tc.add_argument("--seed", type=int, default=0, help="seed")
+    a = parser.parse_args()
+    train_clip(a.train, a.out, a.steps, a.batch_size, a.lr, seed=a.seed, height=a.height, width=a.width)

@@ -1273,3 +1273,20 @@ def test_shapes_event_accuracy_checks():
                     assert not data.video_shows(np.repeat(x[-1:], len(y), 0), ev), (H, i, ev)
     assert n > 60
     assert data.caption_event("Nothing happens.") is None
+
+
+def test_tiny_clip_trains_and_loads(shapes_small, tmp_path):
+    from rewards import CLIP, CLIPError, byte_tokens, train_clip
+    ids = byte_tokens(["ab", "\u00e9"], length=6)
+    assert ids.tolist() == [[257, 98, 99, 258, 0, 0], [257, 0xC3 + 1, 0xA9 + 1, 258, 0, 0]]
+    losses = train_clip(str(shapes_small / "train.jsonl"), str(tmp_path / "clip"), steps=60, batch_size=16,
+                        lr=2e-3, height=32, width=64)
+    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10, losses
+    clip = CLIP(str(tmp_path / "clip"))
+    samples, _ = data.read_manifest(str(shapes_small / "train.jsonl"))
+    videos = [data.load_clip(s["target_video"], 5, 32, 64) for s in samples[:4]]
+    assert torch.allclose(clip.clip_v(videos, videos), torch.ones(4), atol=1e-5)
+    t = clip.clip_t(videos, [s["caption"] for s in samples[:4]])
+    assert t.shape == (4,) and (t.abs() <= 1).all()
+    with pytest.raises(CLIPError, match="not a tiny-CLIP directory"):
+        CLIP(str(tmp_path))
