@@ -99,6 +99,7 @@ def compute_init(device):
 
 def compute_cleanup():
     if dist.is_initialized():
+        dist.barrier()  # no rank tears its connections down while another still talks to it
         dist.destroy_process_group()
 
 
