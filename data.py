@@ -302,7 +302,7 @@ class StepSampler(torch.utils.data.Sampler):
 #   procedural  a tower is built block by block; the input clip shows the last block
 #               placed, the row on the table holds the rest in order. "What should I
 #               do next?" -> the leftmost waiting block goes on top.
-#   predictive  a ball rolls along the floor: toward a wall (it bounces), toward an
+#   predictive  a ball rolls along the ground: toward a wall (it bounces), toward an
 #               open side (it leaves the frame), or slowing down (it stops).
 #   multi-future every 4th scene asks a second, hypothetical question about the same
 #               input clip whose answer differs: "...if I want to take the tower
@@ -312,14 +312,15 @@ class StepSampler(torch.utils.data.Sampler):
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30),
           "purple": (150, 60, 190), "orange": (240, 130, 20)}
-BACKGROUND, FLOOR, WALL = (235, 235, 235), (120, 100, 80), (60, 60, 60)
+# No floor is drawn (objects stand on the line y = H * 14/16): a floor next to every object
+# would share the VLM's vision tokens with it and hide it from a VLM trained from scratch.
+BACKGROUND, WALL = (235, 235, 235), (60, 60, 60)
 N_IN, N_OUT = 40, 33  # input and target clip lengths
 
 
 def _canvas(n, H, W):
     f = np.empty((n, H, W, 3), np.uint8)
     f[:] = BACKGROUND
-    f[:, round(H * 14 / 16):] = FLOOR
     return f
 
 
@@ -462,6 +463,12 @@ def shapes_scene(seed, split, i, H, W):
     return scene(rng, H, W, hypothetical=(i % 4 == 3))
 
 
+def shapes_texts(n_scenes, seed=0):
+    """(question, think, caption) of the first n_scenes training scenes (rendered at 16x28: cheap)."""
+    return [(q, think, caption) for i in range(n_scenes)
+            for q, think, caption, _, _ in shapes_scene(seed, "train", i, 16, 28)[1]]
+
+
 # -----------------------------------------------------------------------------
 # event accuracy: does a caption state, and does a video show, the generator's event?
 
@@ -493,7 +500,7 @@ def caption_correct(text, event):
 
 def _blob(frame, color, min_px):
     """Centroid (x, y) of the pixels whose nearest palette colour is `color`, or None if fewer than min_px."""
-    palette = np.array([COLORS[color]] + [c for n, c in COLORS.items() if n != color] + [BACKGROUND, FLOOR, WALL], np.float32)
+    palette = np.array([COLORS[color]] + [c for n, c in COLORS.items() if n != color] + [BACKGROUND, WALL], np.float32)
     d = ((frame[:, :, None, :].astype(np.float32) - palette) ** 2).sum(-1)  # (H, W, colours)
     ys, xs = np.nonzero((d.argmin(-1) == 0) & (d[..., 0] < 80 ** 2))
     return (float(xs.mean()), float(ys.mean())) if len(xs) >= min_px else None

@@ -216,7 +216,7 @@ def save(step):
     """<out>/last: merged VLM + GRPO LoRA + the frozen VDM + meta + training state, atomically."""
     state = common.train_state(step, optimizer.state_dict())
     if master:
-        parts = ("vlm", "vlm_lora", "dit") + (("vae", "text_encoder") if preset == "tiny" else ())
+        parts = ("vlm", "vlm_lora", "dit") + (("vae", "text_encoder") if preset != "full" else ())
         meta = {"preset": preset, "script": "grpo_stage1", "step": step, "flags": vars(args), "git": common.git_hash()}
         model.save_checkpoint(last, vlm, vdm, meta, parts, extra={"train_state.pt": state})
     if world > 1:

@@ -278,7 +278,7 @@ def save(step):
     training state, atomically."""
     state = common.train_state(step, optimizer.state_dict())
     if master:
-        parts = ("dit", "vlm", "vlm_lora") + (("vae", "text_encoder") if preset == "tiny" else ())
+        parts = ("dit", "vlm", "vlm_lora") + (("vae", "text_encoder") if preset != "full" else ())
         weights = {"dit": merged_dit_state(), "dit_lora": get_peft_model_state_dict(dit)} if args.lora else {}
         meta = {"preset": preset, "script": "grpo_stage2", "step": step, "flags": vars(args), "git": common.git_hash(),
                 "anchors_kept": len(usable), "anchors_skipped": len(train) - len(usable)}

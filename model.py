@@ -15,8 +15,11 @@ timestep, and only its output on the 9 target frames is used. The refs stay
 clean at every step.
 
 Presets: "full" (hub weights; the configs below let tests build it on the meta
-device) and "tiny" (same classes, small random configs, tokenizers built in
-process: no files needed).
+device), "tiny" (same classes, small random configs, tokenizers built in
+process: no files needed; for tests) and "shapes" (the tiny VDM with a bigger
+VLM, a BPE tokenizer fitted to the Shapes text, pixels normalised around the
+Shapes background and a one-line system prompt: what it takes for a VLM trained
+from scratch to read the Shapes clips).
 """
 
 import json
@@ -95,6 +98,21 @@ CONFIGS = {
         vlm_pixels=(4 * 28 * 28, 16 * 28 * 28),
     ),
 }
+# Shapes: an object is ~1% of a 64x112 frame. A 128-wide VLM trained from scratch only finds it
+# when empty patches give zero vision tokens (pixels normalised around the background colour,
+# 235) and the text around the 24 video tokens is short (BPE tokens, a one-line system prompt).
+CONFIGS["shapes"] = dict(
+    CONFIGS["tiny"],
+    vlm=dict(text_config=dict(CONFIGS["tiny"]["vlm"]["text_config"], vocab_size=None,  # None: the tokenizer's size
+                              hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                              rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]}),
+             vision_config=dict(CONFIGS["tiny"]["vlm"]["vision_config"], hidden_size=64, intermediate_size=128,
+                                out_hidden_size=128, fullatt_block_indexes=[0, 1]),
+             tie_word_embeddings=True),
+    vlm_norm=(235 / 255, 0.1),  # pixel mean and std of the VLM's processor
+    system_prompt="Predict the next event.",
+    bpe_vocab=600,
+)
 
 
 class CheckpointError(ValueError):
@@ -114,11 +132,37 @@ def byte_tokenizer():
     return Qwen2Tokenizer(vocab=vocab, merges=[], additional_special_tokens=QWEN_SPECIAL[1:])
 
 
+def bpe_tokenizer(texts, vocab_size):
+    """Qwen2's byte-level BPE fitted to `texts` (merges up to vocab_size, every byte kept, so any
+    text encodes) plus Qwen's special tokens. Deterministic for the same texts."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fitted = json.loads(bpe.to_str())["model"]
+    vocab = {**fitted["vocab"], **{s: len(fitted["vocab"]) + i for i, s in enumerate(QWEN_SPECIAL)}}
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in fitted["merges"]]
+    return Qwen2Tokenizer(vocab=vocab, merges=merges, additional_special_tokens=QWEN_SPECIAL[1:])
+
+
+def shapes_tokenizer():
+    """The "shapes" preset's tokenizer: BPE fitted to the system prompt and the questions and
+    answers of 1000 Shapes scenes (the generator's own text, no files)."""
+    import data
+    c = CONFIGS["shapes"]
+    texts = [c["system_prompt"]] + [q + answer_text(t, a) for q, t, a in data.shapes_texts(1000)]
+    return bpe_tokenizer(texts, c["bpe_vocab"])
+
+
 def vlm_processor(tokenizer, preset):
     from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
-    lo, hi = CONFIGS[preset]["vlm_pixels"]
-    video = Qwen2VLVideoProcessor(size={"shortest_edge": lo, "longest_edge": hi}, cap_pixels_per_frame=True)
-    return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer, video_processor=video)
+    c = CONFIGS[preset]
+    lo, hi = c["vlm_pixels"]
+    norm = dict(image_mean=[c["vlm_norm"][0]] * 3, image_std=[c["vlm_norm"][1]] * 3) if "vlm_norm" in c else {}
+    video = Qwen2VLVideoProcessor(size={"shortest_edge": lo, "longest_edge": hi}, cap_pixels_per_frame=True, **norm)
+    return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**norm), tokenizer=tokenizer, video_processor=video)
 
 
 def build_vlm_net(preset, tokenizer):
@@ -131,6 +175,7 @@ def build_vlm_net(preset, tokenizer):
     special = dict(bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
                    pad_token_id=tokenizer.pad_token_id)
     cfg["text_config"] = {**cfg["text_config"], **special}
+    cfg["text_config"]["vocab_size"] = cfg["text_config"]["vocab_size"] or len(tokenizer)
     return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**cfg, **ids, **special))
 
 
@@ -145,10 +190,10 @@ def build_vdm_nets(preset):
 # -----------------------------------------------------------------------------
 # the VLM
 
-def chat_prompt(question, answer=None):
-    """Qwen2.5-VL's chat format with the paper's system prompt and the video in
+def chat_prompt(question, answer=None, system=SYSTEM_PROMPT):
+    """Qwen2.5-VL's chat format with the (paper's) system prompt and the video in
     front of the question; with an answer, the full SFT sequence."""
-    p = (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n"
+    p = (f"<|im_start|>system\n{system}<|im_end|>\n"
          f"<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>{question}<|im_end|>\n"
          f"<|im_start|>assistant\n")
     return p if answer is None else p + answer + "<|im_end|>"
@@ -173,8 +218,8 @@ def caption_of(text):
 class VLM:
     """Qwen2.5-VL (optionally a peft LoRA model around it) + its processor."""
 
-    def __init__(self, model, processor):
-        self.model, self.processor = model, processor
+    def __init__(self, model, processor, system_prompt=SYSTEM_PROMPT):
+        self.model, self.processor, self.system_prompt = model, processor, system_prompt
         self.processor.tokenizer.padding_side = "left"  # generation appends on the right
 
     @property
@@ -186,7 +231,7 @@ class VLM:
         treated as sampled at 1 fps (as the official release). With answers, the full
         sequences and their SFT labels: the answer tokens and the closing <|im_end|>;
         -100 on the prompt, the video and the (left) padding."""
-        texts = [chat_prompt(q, a) for q, a in zip(questions, answers or [None] * len(questions))]
+        texts = [chat_prompt(q, a, self.system_prompt) for q, a in zip(questions, answers or [None] * len(questions))]
         videos = [np.ascontiguousarray(v) for v in videos]
         inp = self.processor(text=texts, videos=videos, video_metadata=[{"fps": 1.0, "total_num_frames": len(v)} for v in videos],
                              padding=True, return_tensors="pt").to(self.device)
@@ -498,13 +543,15 @@ def _hub_reachable(timeout=3.0):
         return False
 
 
-def load_tiny(seed=0, need=("vlm", "vdm")):
-    """Random tiny models (deterministic for a seed); a model not in `need` is None."""
+def load_tiny(seed=0, need=("vlm", "vdm"), preset="tiny", tokenizer=None):
+    """Random models of a small preset (deterministic for a seed); a model not in `need` is None.
+    tokenizer: the VLM's (default: the preset's own, built in process)."""
     from transformers import ByT5Tokenizer
     torch.manual_seed(seed)
-    tok = byte_tokenizer()
-    vlm = VLM(build_vlm_net("tiny", tok).eval(), vlm_processor(tok, "tiny"))  # built either way: same RNG stream
-    dit, vae, te = build_vdm_nets("tiny")
+    tok = tokenizer or (shapes_tokenizer() if preset == "shapes" else byte_tokenizer())
+    vlm = VLM(build_vlm_net(preset, tok).eval(), vlm_processor(tok, preset),  # built either way: same RNG stream
+              CONFIGS[preset].get("system_prompt", SYSTEM_PROMPT))
+    dit, vae, te = build_vdm_nets(preset)
     vdm = VDM(dit.eval(), vae.eval(), te.eval(), ByT5Tokenizer())
     return (vlm if "vlm" in need else None), (vdm if "vdm" in need else None)
 
@@ -550,8 +597,9 @@ def load_official(vlm, vdm, vans_dir):
 
 
 # Our own checkpoint directory (written by save_checkpoint / the training scripts):
-#   meta.json               {"preset": "tiny" | "full", "n_refs": 6, ...}
-#   vlm.safetensors         full VLM weights (tiny preset: the base is random, so it is saved)
+#   meta.json               {"preset": "full" | "tiny" | "shapes", "n_refs": 6, ...}
+#   vlm.safetensors         full VLM weights (small presets: the base is random, so it is saved)
+#   vlm_tokenizer/          the VLM's tokenizer (small presets, saved with vlm.safetensors)
 #   vlm_lora/               peft adapter (adapter_config.json + adapter_model.safetensors)
 #   dit.safetensors         DiT, diffusers naming
 #   vae.safetensors, text_encoder.safetensors   (tiny preset, when trained)
@@ -585,6 +633,9 @@ def save_checkpoint(path, vlm, vdm, meta, parts=("vlm", "vlm_lora", "dit", "vae"
         if is_peft:  # peft wraps targeted Linear layers: base_layer.weight -> weight
             sd = {k.replace(".base_layer.", "."): v for k, v in sd.items()}
         weights["vlm"] = sd
+    if "vlm" in parts and vlm is not None and meta.get("preset") != "full":
+        vlm.processor.tokenizer.save_pretrained(os.path.join(tmp, "vlm_tokenizer"))
+        written.append("vlm_tokenizer")
     if "vlm_lora" in parts and is_peft:
         vlm.model.save_pretrained(os.path.join(tmp, "vlm_lora"))
         written.append("vlm_lora")
@@ -623,15 +674,17 @@ def load_checkpoint(path, qwen=None, wan=None, dtype=torch.bfloat16, need=("vlm"
     if meta.get("preset") not in CONFIGS:
         raise CheckpointError(f"{meta_path}: 'preset' must be one of {sorted(CONFIGS)}, got {meta.get('preset')!r}")
     have = set(meta.get("parts", []))
-    tiny = meta["preset"] == "tiny"  # random bases: every part must be here
-    required = {"vlm": [{"vlm"}] if tiny else [{"vlm"}, {"vlm_lora"}],
+    tiny = meta["preset"] != "full"  # random bases: every part must be here
+    required = {"vlm": [{"vlm", "vlm_tokenizer"}] if tiny else [{"vlm"}, {"vlm_lora"}],
                 "vdm": [{"dit", "vae", "text_encoder"}] if tiny else [{"dit"}]}
     for m in need:
         if not any(files <= have for files in required[m]):
             raise CheckpointError(f"{path}: has no {m.upper()} weights (needs {' or '.join('+'.join(sorted(f)) for f in required[m])}); "
                                   f"it holds {', '.join(sorted(have)) or 'nothing'}")
     if tiny:
-        vlm, vdm = load_tiny(need=need)
+        from transformers import Qwen2Tokenizer
+        tok = Qwen2Tokenizer.from_pretrained(os.path.join(path, "vlm_tokenizer")) if "vlm" in need else None
+        vlm, vdm = load_tiny(need=need, preset=meta["preset"], tokenizer=tok)
     else:
         given = {k: v for k, v in (("qwen", qwen), ("wan", wan)) if ("vlm" if k == "qwen" else "vdm") in need}
         vlm, vdm = load_base(**hub_paths(**given), dtype=dtype, need=need)
@@ -659,19 +712,19 @@ def load_checkpoint(path, qwen=None, wan=None, dtype=torch.bfloat16, need=("vlm"
 
 
 def preset_of(name):
-    """"tiny" or "full": the architecture a --model name loads."""
+    """"full", "tiny" or "shapes": the architecture a --model name loads."""
     if os.path.isfile(os.path.join(name, "meta.json")):
         with open(os.path.join(name, "meta.json")) as f:
             return json.load(f).get("preset")
-    return "tiny" if name == "tiny" else "full"
+    return {"tiny": "tiny", "random:shapes": "shapes"}.get(name, "full")
 
 
 def load(name, qwen=None, wan=None, vans=None, dtype=torch.bfloat16, need=("vlm", "vdm")):
     """-> (VLM, VDM) for "vans" (official release), "base" (Qwen-Wan baseline, no refs),
-    "tiny" (random tiny models), or a checkpoint directory of ours. Weights in `dtype`
-    (the VAE stays float32). A model not in `need` is not loaded (None)."""
-    if name == "tiny":
-        return load_tiny(need=need)
+    "tiny" / "random:shapes" (random models of those presets), or a checkpoint directory of
+    ours. Weights in `dtype` (the VAE stays float32). A model not in `need` is not loaded (None)."""
+    if name in ("tiny", "random:shapes"):
+        return load_tiny(need=need, preset=preset_of(name))
     if name == "base":
         given = {k: v for k, v in (("qwen", qwen), ("wan", wan)) if ("vlm" if k == "qwen" else "vdm") in need}
         return load_base(**hub_paths(**given), dtype=dtype, need=need)
@@ -680,4 +733,4 @@ def load(name, qwen=None, wan=None, vans=None, dtype=torch.bfloat16, need=("vlm"
         return load_official(*load_base(p["qwen"], p["wan"], dtype), p["vans"])
     if os.path.isdir(name):
         return load_checkpoint(name, qwen, wan, dtype, need)
-    raise CheckpointError(f"--model {name!r}: expected vans, base, tiny, or a checkpoint directory")
+    raise CheckpointError(f"--model {name!r}: expected vans, base, tiny, random:shapes, or a checkpoint directory")

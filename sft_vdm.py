@@ -37,6 +37,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import math
 import os
 import time
 
@@ -298,7 +299,7 @@ def save(step):
         vdm.set_latent_stats(*latent_stats())
     state = common.train_state(step, get_optimizer_state_dict(trained, optimizer, options=full))
     if master:
-        parts = ("dit", "vae", "text_encoder") if preset == "tiny" else ("dit",)
+        parts = ("dit", "vae", "text_encoder") if preset != "full" else ("dit",)
         meta = {"preset": preset, "script": "sft_vdm", "step": step, "flags": vars(args), "git": common.git_hash()}
         model.save_checkpoint(last, None, vdm, meta, parts, weights=weights, extra={"train_state.pt": state})
     if world > 1:
@@ -308,7 +309,8 @@ def save(step):
 @torch.no_grad()
 def validate(step):
     """Loss at fixed noise and timesteps (comparable across steps), and a few rendered samples
-    written next to their ground truth. Every rank takes the same number of samples."""
+    written next to their ground truth; on Shapes, the fraction of them that show the
+    generator's event. Every rank takes the same number of samples."""
     trained.eval()
     mine = lambda n: [val[(rank + world * i) % len(val)] for i in range((n + world - 1) // world)]
     g = torch.Generator().manual_seed(1234 + rank)
@@ -322,6 +324,7 @@ def validate(step):
             sigma = torch.rand(1, generator=g)
             losses.append(flow_matching_loss(refs, x0, text, b["caption"], g, sigma, dropout=0.0).item())
     os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
+    shows = []
     for s in mine(args.val_render):
         b = data.collate([clips.load(s)])
         if args.train_vae:  # the VAE's reconstruction
@@ -332,10 +335,13 @@ def validate(step):
             z = vdm.sample(text, None, refs, args.frames, args.height, args.width, steps=args.val_steps,
                            cfg=args.val_cfg, generator=torch.Generator().manual_seed(0))
             video = vdm.decode(z)
+        if s["event"]:
+            shows.append(float(data.video_shows(data.to_uint8(video[0].clamp(-1, 1)), s["event"])))
         side_by_side = torch.cat([data.to_tensor(b["target"]).to(video), video.clamp(-1, 1)], dim=-1)[0]
         data.write_video(os.path.join(args.out, "samples", f"step{step:06d}_{s['id']}.mp4"), data.to_uint8(side_by_side))
     trained.train()
-    return {"val/loss": common.all_mean(losses)}
+    event = common.all_mean(shows)  # every rank joins the all-reduce; nan where no sample has an event
+    return {"val/loss": common.all_mean(losses), **({} if math.isnan(event) else {"val/event_accuracy": event})}
 
 
 # -----------------------------------------------------------------------------

@@ -20,13 +20,15 @@ Loss: cross-entropy on the assistant tokens only ([Think]...[/Think][Ans]...[/An
 system prompt, question, video tokens and padding are masked), mean over those tokens on
 each rank, averaged over ranks by DDP. AdamW, linear warmup + cosine decay, gradient
 clipping, bf16 autocast on GPU. Every --val-every steps: loss on the validation set and
-greedy captions for --val-generate samples, scored with the format reward and ROUGE-L.
+greedy captions for --val-generate samples, scored with the format reward and ROUGE-L
+(and, on Shapes, event accuracy: does the caption state the generator's event).
 Writes <out>/last (a checkpoint loadable as --model, with its training state) and
 <out>/log.jsonl. The paper does not give a batch size: --batch-size is per rank.
 """
 
 import argparse
 import contextlib
+import math
 import os
 import time
 
@@ -129,7 +131,7 @@ def save(step):
     state = common.train_state(step, optimizer.state_dict())
     if master:
         parts = ("vlm_lora",) if args.finetune == "lora" else ()
-        parts += ("vlm",) if args.finetune == "full" or preset == "tiny" else ()
+        parts += ("vlm",) if args.finetune == "full" or preset != "full" else ()
         meta = {"preset": preset, "script": "sft_vlm", "step": step, "flags": vars(args), "git": common.git_hash()}
         model.save_checkpoint(last, vlm, None, meta, parts, extra={"train_state.pt": state})
     if world > 1:
@@ -143,15 +145,23 @@ def validate():
     mine = lambda n: val[:n][rank::world]
     chunks = [mine(args.val_loss_samples)[i:i + args.batch_size] for i in range(0, len(mine(args.val_loss_samples)), args.batch_size)]
     losses = [batch_loss(data.collate([dataset.load(s) for s in c]), net).item() for c in chunks]
-    fmt, rouge = [], []
-    for s in mine(args.val_generate):
-        item = dataset.load(s)
-        (out,) = vlm.generate([item["vlm"]], [s["question"]], greedy=True, max_new_tokens=args.max_new_tokens)
-        fmt.append(rewards.format_reward(out))
-        rouge.append(rewards.rouge_l(model.caption_of(out), s["caption"]))
+    fmt, rouge, event = [], [], []
+    gen = mine(args.val_generate)
+    for c in [gen[i:i + args.batch_size] for i in range(0, len(gen), args.batch_size)]:
+        outs = vlm.generate([dataset.load(s)["vlm"] for s in c], [s["question"] for s in c], greedy=True,
+                            max_new_tokens=args.max_new_tokens)
+        for s, out in zip(c, outs):
+            fmt.append(rewards.format_reward(out))
+            rouge.append(rewards.rouge_l(model.caption_of(out), s["caption"]))
+            if s["event"]:  # Shapes: does the caption state the generator's event?
+                event.append(float(data.caption_correct(model.caption_of(out), s["event"])))
     net.train()
-    return {"val/loss": common.all_mean(losses), "val/format_reward": common.all_mean(fmt),
-            "val/rouge_l": common.all_mean(rouge)}
+    metrics = {"val/loss": common.all_mean(losses), "val/format_reward": common.all_mean(fmt),
+               "val/rouge_l": common.all_mean(rouge)}
+    event = common.all_mean(event)  # every rank joins the all-reduce; nan where no sample has an event
+    if not math.isnan(event):
+        metrics["val/event_accuracy"] = event
+    return metrics
 
 
 # -----------------------------------------------------------------------------

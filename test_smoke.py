@@ -71,6 +71,35 @@ def test_full_presets_parameter_counts():
     assert count(text) == 5_680_910_336
 
 
+def test_shapes_preset_tokens_pixels_and_checkpoint(tmp_path):
+    vlm, vdm = model.load_tiny(seed=0, preset="shapes")
+    tok = vlm.processor.tokenizer
+    # BPE fitted to the Shapes text: its words are single tokens, any other text still round-trips
+    x, answers = data.shapes_scene(0, "test", 3, H, W)
+    q, think, caption, _, _ = answers[0]
+    answer = model.answer_text(think, caption)
+    assert len(tok(answer).input_ids) < len(answer.split()) * 1.6 < len(answer) / 3
+    for text in (answer, "Qu'arrive-t-il ensuite ? 球 \u00e9"):
+        assert tok.decode(tok(text).input_ids) == text
+    # pixels are normalised around the background: empty patches are exact zeros, an object's are not
+    frames = x[data.uniform_indices(len(x), model.VLM_FRAMES)]
+    inp = vlm.inputs([frames], [q], [answer])
+    pix = inp["pixel_values_videos"]  # (patches, 3 * 2 * 14 * 14)
+    empty = (pix == 0).all(1)
+    assert 0.7 < empty.float().mean() < 1 and pix[~empty].abs().max() > 5
+    prompt = tok.decode(inp["input_ids"][0])
+    assert prompt.startswith("<|im_start|>system\nPredict the next event.<|im_end|>") and model.SYSTEM_PROMPT not in prompt
+    assert vlm.model.config.text_config.vocab_size == len(tok) and vlm.model.config.text_config.hidden_size == 128
+    # the tokenizer travels with the checkpoint, and the loaded model is the same model
+    model.save_checkpoint(str(tmp_path / "ckpt"), vlm, vdm, {"preset": "shapes"})
+    vlm2, _ = model.load(str(tmp_path / "ckpt"), need=("vlm",))
+    assert vlm2.processor.tokenizer.get_vocab() == tok.get_vocab() and vlm2.system_prompt == vlm.system_prompt
+    inp2 = vlm2.inputs([frames], [q], [answer])
+    assert torch.equal(inp2["input_ids"], inp["input_ids"]) and torch.equal(inp2["pixel_values_videos"], pix)
+    with torch.no_grad():
+        assert torch.equal(vlm2.model(**inp2).logits, vlm.model(**inp).logits)
+
+
 # -----------------------------------------------------------------------------
 # the VLM
 
@@ -362,7 +391,7 @@ def test_our_checkpoint_round_trip(tmp_path):
     model.save_checkpoint(str(tmp_path / "vlm_only"), vlm, None, {"preset": "tiny"}, ("vlm", "vlm_lora"))
     assert model.load(str(tmp_path / "vlm_only"), need=("vlm",))[1] is None
     with pytest.raises(model.CheckpointError, match=r"vlm_only: has no VDM weights \(needs dit\+text_encoder\+vae\); "
-                                                    r"it holds vlm, vlm_lora"):
+                                                    r"it holds vlm, vlm_lora, vlm_tokenizer"):
         model.load(str(tmp_path / "vlm_only"))
 
 
@@ -1122,7 +1151,7 @@ def test_grpo_stage1_update_points_the_right_way(shapes_small, tmp_path):
     finally:
         del os.environ["PYTHONPATH"]
     r = _log(tmp_path / "run", "rewards/letters_of_blue/mean")
-    assert len(r) == 40 and sum(r[20:]) / 20 > max(0.08, 2.5 * sum(r[:5]) / 5), r  # measured: 0.033 -> 0.139
+    assert len(r) == 40 and sum(r[20:]) / 20 > max(0.08, 2.5 * sum(r[:5]) / 5), r  # measured: 0.030 -> 0.145
     kl = _log(tmp_path / "run", "kl")
     assert kl[0] == 0 and kl[-1] > 0  # the first update starts at the reference
 
@@ -1218,7 +1247,7 @@ def test_grpo_stage2_toy_reward_moves_the_right_way(shapes_small, tmp_path, fn, 
         del os.environ["PYTHONPATH"]
     r = _log(tmp_path / "run", f"rewards/{fn}/mean")
     brightness = [x if sign > 0 else 1 - x for x in r]
-    # measured: brightness 0.3355 -> 0.3425 (one direction) and 0.3367 -> 0.3285 (the other), group std ~0.001
+    # measured: brightness 0.3355 -> 0.3419 (one direction) and 0.3367 -> 0.3322 (the other), group std ~0.001
     assert sign * (sum(brightness[20:]) / 12 - sum(brightness[:5]) / 5) > 0.003, brightness
     assert _log(tmp_path / "run", "kl")[0] == 0 and all(m > 0 for m in _log(tmp_path / "run", "motion"))
 

@@ -15,11 +15,13 @@ data = dict(train="data/shapes/train.jsonl", frames=33, device="cpu", workers=1)
 sft = dict(data, val="data/shapes/val.jsonl")
 video = dict(sft, height=64, width=112, val_render=1, val_steps=20, val_cfg=3.0)
 
-sft_vlm = dict(sft, model="tiny", finetune="full", steps=2000, lr=1e-3, warmup=100, batch_size=8,
-               val_every=500, val_generate=8, max_new_tokens=384, save_every=500, log_every=20)
+# 98% caption event accuracy on 100 val samples after 2500 steps (13 min on 2 cores); the
+# colours are read from the video only after a plateau on the text prior (14% at step 1000)
+sft_vlm = dict(sft, model="random:shapes", finetune="full", steps=2500, lr=2e-3, warmup=50, batch_size=16,
+               val_every=500, val_generate=100, max_new_tokens=160, save_every=500, log_every=50)
 
 # the VAE is causal and convolutional: 9-frame clips teach it what 33-frame ones would, 4x cheaper
-sft_vae = dict(video, frames=9, model="tiny", train_vae=True, steps=300, lr=1e-3, warmup=20, batch_size=2,
+sft_vae = dict(video, frames=9, model="random:shapes", train_vae=True, steps=300, lr=1e-3, warmup=20, batch_size=2,
                kl_weight=1e-6, val_every=100, save_every=100, log_every=10)
 
 sft_vdm = dict(video, train_text_encoder=True, caption_dropout=0.1, steps=2000, lr=5e-4, warmup=100,
@@ -29,4 +31,4 @@ sft_vdm = dict(video, train_text_encoder=True, caption_dropout=0.1, steps=2000, 
 # rewards format and ROUGE-L only (add clip_v=1 to --rewards with --clip FILE)
 grpo_stage1 = dict(data, init="out/shapes/sft_vlm/last", vdm="out/shapes/sft_vdm/last", rewards="format=1,rouge_l=1",
                    height=64, width=112, render_steps=20, render_cfg=3.0, steps=200, lr=1e-4, group_size=8,
-                   prompts=2, max_new_tokens=384, micro_batch=16, save_every=50, log_every=5)
+                   prompts=2, max_new_tokens=160, micro_batch=16, save_every=50, log_every=5)
