@@ -285,6 +285,8 @@ for step, batch in zip(range(start, end), loader):
                    "kl": common.all_mean([s["kl"] for s in stats]),
                    "clip_ratio": common.all_mean([s["clip_ratio"] for s in stats]),
                    "completions/mean_length": common.all_mean(lengths),
+                   "completions/think_length": common.all_mean([len(vlm.processor.tokenizer(model.extract(c, "Think") or "").input_ids)
+                                                                for c in completions]),  # tokens inside [Think]
                    "completions/clipped_ratio": common.all_mean([float(n >= args.max_new_tokens) for n in lengths]),
                    "grad_norm": float(grad_norm), "lr": lr, "sec_per_step": (time.time() - t0) / (done - start)}
         logger.log(metrics, done)

@@ -1163,8 +1163,9 @@ def test_grpo_stage1_torchrun_with_renders_and_exact_resume(shapes_small, tmp_pa
     assert "weights identical on all 2 ranks" in r.stdout
     logs = [json.loads(l) for l in open(tmp_path / "ddp" / "log.jsonl")]
     names = {"reward", "reward_std", "frac_reward_zero_std", "rewards/format/mean", "rewards/rouge_l/mean",
-             "rewards/clip_v/mean", "kl", "clip_ratio", "completions/mean_length"}
+             "rewards/clip_v/mean", "kl", "clip_ratio", "completions/mean_length", "completions/think_length"}
     assert names <= set(logs[0]) and any("samples" in l for l in logs)
+    assert all(0 <= l["completions/think_length"] <= l["completions/mean_length"] for l in logs if "kl" in l)
     assert any(l.get("clip_ratio", 0) > 0 for l in logs)  # the second update of a rollout sees a real ratio
     vlm, vdm = model.load(str(tmp_path / "ddp" / "last"))  # merged VLM + LoRA + the frozen VDM: a --model
     assert type(vlm.model).__name__ == "PeftModel" and vdm.n_refs == model.N_REFS
@@ -1319,3 +1320,37 @@ def test_tiny_clip_trains_and_loads(shapes_small, tmp_path):
     assert t.shape == (4,) and (t.abs() <= 1).all()
     with pytest.raises(CLIPError, match="not a tiny-CLIP directory"):
         CLIP(str(tmp_path))
+
+
+def test_training_curves_from_logs(tmp_path):
+    import plot_curves
+    runs = {1: tmp_path / "stage1", 2: tmp_path / "stage2"}
+    rng = np.random.default_rng(0)
+    logged = {1: {"rewards/format/mean": rng.random(30), "rewards/rouge_l/mean": rng.random(30), "reward": rng.random(30),
+                  "completions/think_length": rng.integers(0, 90, 30)},  # no clip_v: stage 1 without r_v1
+              2: {"rewards/clip_v/mean": rng.random(30), "rewards/clip_t/mean": rng.random(30), "reward": rng.random(30),
+                  "motion": rng.random(30), "motion_gt": np.full(30, 0.5)}}
+    for stage, run in runs.items():
+        run.mkdir()
+        with open(run / "log.jsonl", "w") as f:
+            for i in range(30):
+                f.write(json.dumps({"step": 5 * (i + 1), "time": 0.0, **{k: float(v[i]) for k, v in logged[stage].items()}}) + "\n")
+                f.write(json.dumps({"step": 5 * (i + 1), "samples": [{"completion": "x"}]}) + "\n")
+    fig = plot_curves.plot(plot_curves.read_log(runs[1]), plot_curves.read_log(runs[2]), smooth=4)
+    panels = {title: ax for (_, _, title), ax in zip(plot_curves.PANELS, fig.axes)}
+    assert len(panels) == 9
+    for stage, key, title in plot_curves.PANELS:
+        ax = panels[title]
+        if key not in logged[stage]:
+            assert [t.get_text() for t in ax.texts] == ["not logged"] and not ax.lines
+            continue
+        raw, avg = ax.lines[:2]
+        y = logged[stage][key]
+        assert np.array_equal(raw.get_xdata(), 5 * np.arange(1, 31)) and np.allclose(raw.get_ydata(), y)
+        assert np.allclose(avg.get_ydata(), [y[max(0, i - 3):i + 1].mean() for i in range(30)])  # mean of the last 4
+    assert np.allclose(panels[plot_curves.PANELS[-1][2]].lines[2].get_ydata(), 0.5)  # motion beside motion_gt
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "plot_curves.py"), str(runs[1]), str(runs[2]), "--out",
+                        str(tmp_path / "curves.png")], capture_output=True, text=True)
+    assert r.returncode == 0 and (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "plot_curves.py"), str(tmp_path / "nope")], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.strip() == f"error: {tmp_path / 'nope' / 'log.jsonl'} does not exist (give a training run's --out directory)"
