@@ -98,6 +98,11 @@ def test_shapes_preset_tokens_pixels_and_checkpoint(tmp_path):
     assert torch.equal(inp2["input_ids"], inp["input_ids"]) and torch.equal(inp2["pixel_values_videos"], pix)
     with torch.no_grad():
         assert torch.equal(vlm2.model(**inp2).logits, vlm.model(**inp).logits)
+    # --model random:shapes is the same random model (seed 0), built by name
+    vlm3, _ = model.load("random:shapes", need=("vlm",))
+    assert model.preset_of("random:shapes") == "shapes" and model.preset_of(str(tmp_path / "ckpt")) == "shapes"
+    with torch.no_grad():
+        assert torch.equal(vlm3.model(**vlm3.inputs([frames], [q], [answer])).logits, vlm.model(**inp).logits)
 
 
 # -----------------------------------------------------------------------------
