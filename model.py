@@ -111,7 +111,7 @@ CONFIGS["shapes"] = dict(
              tie_word_embeddings=True),
     vlm_norm=(235 / 255, 0.1),  # pixel mean and std of the VLM's processor
     system_prompt="Predict the next event.",
-    bpe_vocab=600,
+    bpe_vocab=600,  # at most: the Shapes text runs out of merges at 530 (538 with the specials)
 )
 
 
@@ -683,7 +683,8 @@ def load_checkpoint(path, qwen=None, wan=None, dtype=torch.bfloat16, need=("vlm"
                                   f"it holds {', '.join(sorted(have)) or 'nothing'}")
     if tiny:
         from transformers import Qwen2Tokenizer
-        tok = Qwen2Tokenizer.from_pretrained(os.path.join(path, "vlm_tokenizer")) if "vlm" in need else None
+        # the VLM's own tokenizer; a VDM-only load builds a throwaway VLM, any tokenizer will do
+        tok = Qwen2Tokenizer.from_pretrained(os.path.join(path, "vlm_tokenizer")) if "vlm" in need else byte_tokenizer()
         vlm, vdm = load_tiny(need=need, preset=meta["preset"], tokenizer=tok)
     else:
         given = {k: v for k, v in (("qwen", qwen), ("wan", wan)) if ("vlm" if k == "qwen" else "vdm") in need}
