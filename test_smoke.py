@@ -955,6 +955,7 @@ def test_sft_vlm_torchrun_loss_decreases(shapes_small, tmp_path):
     assert len(loss) == 6 and loss[-1] < 0.8 * loss[0], loss
     val = [json.loads(l) for l in open(tmp_path / "run" / "log.jsonl") if "val/loss" in l][-1]
     assert val["val/loss"] < loss[0] and 0 <= val["val/rouge_l"] <= 1 and val["val/format_reward"] in (0, 0.5, 1)
+    assert val["val/event_accuracy"] in (0, 0.5, 1)  # Shapes lines carry events: one caption judged per rank
     vlm, vdm = model.load(str(tmp_path / "run" / "last"), need=("vlm",))  # the checkpoint is a --model
     assert vdm is None and not hasattr(vlm.model, "peft_config")
 
@@ -1019,6 +1020,8 @@ def test_sft_vdm_torchrun_ddp_loss_decreases(shapes_small, tiny_vdm_ckpt, tmp_pa
     loss = _log(tmp_path / "run")
     assert len(loss) == 6 and loss[-1] < 0.85 * loss[0], loss
     assert len(os.listdir(tmp_path / "run" / "samples")) == 2  # one rendered sample per rank
+    val = [json.loads(l) for l in open(tmp_path / "run" / "log.jsonl") if "val/loss" in l][-1]
+    assert val["val/event_accuracy"] in (0, 0.5, 1)  # each rank's render judged against its event
     _, vdm = model.load(str(tmp_path / "run" / "last"), need=("vdm",))
     assert vdm.n_refs == model.N_REFS
 
