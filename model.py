@@ -31,6 +31,7 @@ import tempfile
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -185,6 +186,27 @@ def build_vdm_nets(preset):
     from transformers import UMT5Config, UMT5EncoderModel
     c = CONFIGS[preset]
     return WanTransformer3DModel(**c["dit"]), AutoencoderKLWan(**c["vae"]), UMT5EncoderModel(UMT5Config(**c["text"]))
+
+
+def keyframe_init(vae):
+    """Start a random AutoencoderKLWan as a per-frame autoencoder: each causal 3x3x3 kernel sees
+    only the current frame, the encoder's temporal downsampling keeps the last frame of every
+    2 (so of every 4-frame chunk) and the decoder's temporal upsampling repeats each frame.
+    Trained on single frames (sft_vdm --train-vae), which use no other weight, it encodes a
+    1 + 4k clip as its frames 0, 4, ..., 4k and decodes each later latent frame as 4 copies.
+    (From random time kernels the tiny VAE takes many times longer to learn the objects' colours.)"""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanResample
+    with torch.no_grad():
+        for m in vae.modules():
+            if isinstance(m, WanResample) and hasattr(m, "time_conv"):  # (c_out, c, 3, 1, 1), c_out = c or 2c
+                w = m.time_conv.weight
+                w.zero_()
+                m.time_conv.bias.zero_()
+                w[:, :, -1, 0, 0] = torch.eye(w.shape[1]).repeat(w.shape[0] // w.shape[1], 1)
+        for name, m in vae.named_modules():
+            if isinstance(m, WanCausalConv3d) and m.kernel_size[0] == 3 and not name.endswith("time_conv"):
+                m.weight[:, :, :-1] = 0  # the earlier frames' taps
+                m.weight[:, :, -1] *= 3 ** 0.5  # the fan-in of a 3x3 kernel, as a 2D init would have
 
 
 # -----------------------------------------------------------------------------
@@ -352,14 +374,16 @@ class VDM:
 
     def encode_text(self, prompts, grad=False):
         """umT5 embeddings (B, 512, D), zero past each prompt's length (as Wan). grad: keep the
-        graph (training the tiny text encoder)."""
+        graph (training the tiny text encoder), and run the encoder on the longest prompt's length,
+        not 512: masked padding changes only the rounding of what comes before it."""
         from diffusers.pipelines.wan.pipeline_wan import prompt_clean
-        t = self.tokenizer([prompt_clean(p) for p in prompts], padding="max_length", max_length=TEXT_LEN,
+        t = self.tokenizer([prompt_clean(p) for p in prompts], padding="longest" if grad else "max_length", max_length=TEXT_LEN,
                            truncation=True, add_special_tokens=True, return_tensors="pt")
         dev = next(self.text_encoder.parameters()).device
         with torch.set_grad_enabled(grad):
             h = self.text_encoder(t.input_ids.to(dev), t.attention_mask.to(dev)).last_hidden_state
-        return (h * t.attention_mask.to(dev)[..., None]).to(self.device, self.dit.dtype)
+        h = F.pad(h * t.attention_mask.to(dev)[..., None], (0, 0, 0, TEXT_LEN - h.shape[1]))
+        return h.to(self.device, self.dit.dtype)
 
     @torch.no_grad()
     def encode_video(self, video):

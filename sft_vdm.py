@@ -27,8 +27,9 @@ checkpoint's dit.safetensors is then the average, and the raw weights ride in th
 training state.
 
 For the Shapes world the VAE and text encoder are tiny and random, so they are trained too:
---train-vae trains the VAE alone (reconstruction MSE + --kl-weight KL, on input and target
-clips) and measures the per-channel latent statistics that normalise its latents;
+--train-vae trains the VAE alone (reconstruction MSE + --kl-weight KL, on single frames of the
+input and target clips; a random VAE starts as a per-frame one, model.keyframe_init) and
+measures the per-channel latent statistics that normalise its latents;
 --train-text-encoder trains the text encoder jointly with the DiT through the same loss.
 """
 
@@ -72,8 +73,9 @@ parser.add_argument("--wan", default=None, help="local copy of Wan-AI/Wan2.1-T2V
 parser.add_argument("--n-refs", type=int, default=model.N_REFS, help="reference latent frames (0 = plain text-to-video)")
 parser.add_argument("--fsdp", action="store_true", help="shard the DiT per block with FSDP2 instead of DDP")
 # what is trained, and how
-parser.add_argument("--train-vae", action="store_true", help="train the VAE alone (tiny models): reconstruction + KL")
+parser.add_argument("--train-vae", action="store_true", help="train the VAE alone (tiny models), on single frames")
 parser.add_argument("--kl-weight", type=float, default=1e-6, help="--train-vae: weight of the KL term")
+parser.add_argument("--fg-weight", type=float, default=0.0, help="--train-vae: extra weight of pixels off the frame's median colour")
 parser.add_argument("--train-text-encoder", action="store_true", help="train the text encoder with the DiT (tiny models)")
 parser.add_argument("--timestep-shift", type=float, default=5.0, help="u ~ U(0,1) -> s = shift u / (1 + (shift - 1) u)")
 parser.add_argument("--caption-dropout", type=float, default=0.0, help="probability a caption is replaced by the negative prompt")
@@ -111,6 +113,8 @@ clips = data.ClipDataset(train, ("clip", "target"), args.frames, args.height, ar
 preset = model.preset_of(last if resume else args.model)
 _, vdm = model.load(last if resume else args.model, wan=args.wan, dtype=torch.float32, need=("vdm",))
 vdm.n_refs = args.n_refs
+if args.train_vae and not resume and args.model in ("tiny", "random:shapes"):
+    model.keyframe_init(vdm.vae)
 vdm.dit.to(device)
 vdm.vae.to(device)
 if device.type == "cuda" and not args.train_text_encoder:
@@ -240,13 +244,21 @@ def flow_matching_loss(refs, x0, text, captions, generator=None, sigma=None, dro
     return F.mse_loss(v.float(), eps - x0)
 
 
-def vae_loss(clip, target):
-    """Reconstruction MSE in [-1, 1] pixels + kl_weight * KL(posterior || N(0, I)), per element."""
-    x = data.to_tensor(torch.cat([clip, target])).to(device)
+def vae_loss(clip, target, generator=None):
+    """On one random frame of each clip and target: the MSE in [-1, 1] pixels of the posterior
+    mean's reconstruction (the latents the DiT sees), with foreground pixels (off the frame's
+    median colour by more than 0.1) weighted 1 + fg_weight, + kl_weight * KL(posterior || N(0, I))
+    per element. A frame is a whole chunk of the causal VAE: it trains every weight that
+    model.keyframe_init leaves to train."""
+    frames = torch.cat([clip, target])  # (2B, T, H, W, 3) uint8
+    pick = torch.randint(frames.shape[1], (frames.shape[0],), generator=generator)
+    x = data.to_tensor(frames[torch.arange(frames.shape[0]), pick, None]).to(device)  # (2B, 3, 1, H, W)
     post = vdm.vae.encode(x).latent_dist
-    rec = vdm.vae.decode(post.sample()).sample
+    rec = vdm.vae.decode(post.mode()).sample
+    median = x.flatten(2).median(-1).values[:, :, None, None, None]
+    w = 1 + args.fg_weight * ((x - median).abs().amax(1, keepdim=True) > 0.1).float()
     kl = 0.5 * (post.mean ** 2 + post.var - 1 - post.logvar).mean()
-    return F.mse_loss(rec, x) + args.kl_weight * kl
+    return (w * (rec - x) ** 2).mean() / w.mean() + args.kl_weight * kl
 
 
 def step_loss(batch):
@@ -318,7 +330,7 @@ def validate(step):
     for s in mine(args.val_loss_samples):
         b = data.collate([clips.load(s)])
         if args.train_vae:
-            losses.append(vae_loss(b["clip"], b["target"]).item())
+            losses.append(vae_loss(b["clip"], b["target"], g).item())
         else:
             refs, x0, text = encode(b["clip"], b["target"], b["caption"])
             sigma = torch.rand(1, generator=g)

@@ -172,6 +172,9 @@ def test_ode_sampler_reproduces_wan_pipeline_exactly(tiny):
     ours = vdm.sample(vdm.encode_text([prompt]), frames=T, height=H, width=W, steps=6, cfg=1.0, generator=gen(3))
     assert ours.shape == (1, 16, 9, H // 8, W // 8)
     assert torch.equal(ours, ref)
+    # training runs the text encoder at the prompts' longest length, not 512: the same embeddings
+    prompts = [prompt, "a blue square"]
+    torch.testing.assert_close(vdm.encode_text(prompts, grad=True), vdm.encode_text(prompts), atol=1e-6, rtol=1e-5)
 
 
 def test_cfg_matches_wan_pipeline(tiny):
@@ -998,6 +1001,16 @@ def test_sft_vae_phase_learns_and_normalises(shapes_small, tmp_path):
     # the stored statistics normalise the trained VAE's latents (measured on these 16 clips)
     z = z.transpose(0, 1).flatten(1)
     assert z.mean(1).abs().max() < 1e-3 and (z.std(1) - 1).abs().max() < 0.01
+    # trained from random weights on single frames, the VAE is a per-frame one (model.keyframe_init):
+    # latent frame 2 of a 9-frame clip is frame 8's alone, and decodes to 4 copies of its decoding
+    clip = data.to_tensor(data.load_clip(samples[0]["target_video"], 9, 32, 64))[None]
+    with torch.no_grad():
+        z = vdm.vae.encode(clip).latent_dist.mode()
+        z8 = vdm.vae.encode(clip[:, :, 8:]).latent_dist.mode()
+        torch.testing.assert_close(z[:, :, 2:], z8, atol=1e-5, rtol=1e-4)
+        rec, rec8 = vdm.vae.decode(z).sample, vdm.vae.decode(z8).sample
+    torch.testing.assert_close(rec[:, :, 5:], rec8.expand(-1, -1, 4, -1, -1), atol=1e-5, rtol=1e-4)
+    assert (z[:, :, 1] - z[:, :, 2]).abs().max() > 0.01  # the chunk before is another frame's
 
 
 @pytest.fixture(scope="module")
