@@ -110,6 +110,7 @@ CONFIGS["shapes"] = dict(
              vision_config=dict(CONFIGS["tiny"]["vlm"]["vision_config"], hidden_size=64, intermediate_size=128,
                                 out_hidden_size=128, fullatt_block_indexes=[0, 1]),
              tie_word_embeddings=True),
+    dit=dict(CONFIGS["tiny"]["dit"], num_attention_heads=4, attention_head_dim=32, ffn_dim=512, num_layers=4),
     vlm_norm=(235 / 255, 0.1),  # pixel mean and std of the VLM's processor
     system_prompt="Predict the next event.",
     bpe_vocab=600,  # at most: the Shapes text runs out of merges at 530 (538 with the specials)

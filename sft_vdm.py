@@ -10,7 +10,7 @@ caption as the target clip, given the reference latents of the input clip.
     torchrun --nnodes=2 --node_rank=$NODE_RANK --nproc_per_node=8 --rdzv_backend=c10d \\
         --rdzv_endpoint=$MASTER_ADDR:29500 sft_vdm.py --config config/paper.py --fsdp
     # the Shapes world on a CPU: first the tiny VAE, then the DiT (with the tiny text encoder)
-    python sft_vdm.py --config config/shapes.py --out out/shapes/vae --train-vae
+    python sft_vdm.py --config config/shapes.py:sft_vae --out out/shapes/vae
     python sft_vdm.py --config config/shapes.py --out out/shapes/sft_vdm --model out/shapes/vae/last
 
 The loss (flow matching, as model.py samples): target latents x0 (B, 16, 9, h, w) of the
