@@ -378,8 +378,8 @@ class VDM:
         graph (training the tiny text encoder), and run the encoder on the longest prompt's length,
         not 512: masked padding changes only the rounding of what comes before it."""
         from diffusers.pipelines.wan.pipeline_wan import prompt_clean
-        t = self.tokenizer([prompt_clean(p) for p in prompts], padding="longest" if grad else "max_length", max_length=TEXT_LEN,
-                           truncation=True, add_special_tokens=True, return_tensors="pt")
+        t = self.tokenizer([prompt_clean(p) for p in prompts], padding="longest" if grad else "max_length",
+                           max_length=TEXT_LEN, truncation=True, add_special_tokens=True, return_tensors="pt")
         dev = next(self.text_encoder.parameters()).device
         with torch.set_grad_enabled(grad):
             h = self.text_encoder(t.input_ids.to(dev), t.attention_mask.to(dev)).last_hidden_state
@@ -737,19 +737,22 @@ def load_checkpoint(path, qwen=None, wan=None, dtype=torch.bfloat16, need=("vlm"
     return vlm, vdm
 
 
+RANDOM = {"tiny": "tiny", "random:shapes": "shapes"}  # --model names of random models -> their preset
+
+
 def preset_of(name):
     """"full", "tiny" or "shapes": the architecture a --model name loads."""
     if os.path.isfile(os.path.join(name, "meta.json")):
         with open(os.path.join(name, "meta.json")) as f:
             return json.load(f).get("preset")
-    return {"tiny": "tiny", "random:shapes": "shapes"}.get(name, "full")
+    return RANDOM.get(name, "full")
 
 
 def load(name, qwen=None, wan=None, vans=None, dtype=torch.bfloat16, need=("vlm", "vdm")):
     """-> (VLM, VDM) for "vans" (official release), "base" (Qwen-Wan baseline, no refs),
     "tiny" / "random:shapes" (random models of those presets), or a checkpoint directory of
     ours. Weights in `dtype` (the VAE stays float32). A model not in `need` is not loaded (None)."""
-    if name in ("tiny", "random:shapes"):
+    if name in RANDOM:
         return load_tiny(need=need, preset=preset_of(name))
     if name == "base":
         given = {k: v for k, v in (("qwen", qwen), ("wan", wan)) if ("vlm" if k == "qwen" else "vdm") in need}

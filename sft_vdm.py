@@ -113,7 +113,7 @@ clips = data.ClipDataset(train, ("clip", "target"), args.frames, args.height, ar
 preset = model.preset_of(last if resume else args.model)
 _, vdm = model.load(last if resume else args.model, wan=args.wan, dtype=torch.float32, need=("vdm",))
 vdm.n_refs = args.n_refs
-if args.train_vae and not resume and args.model in ("tiny", "random:shapes"):
+if args.train_vae and not resume and args.model in model.RANDOM:
     model.keyframe_init(vdm.vae)
 vdm.dit.to(device)
 vdm.vae.to(device)
