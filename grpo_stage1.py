@@ -15,7 +15,8 @@ The VDM is frozen; it only turns each sampled caption into the video that CLIP-V
 One step, on every rank, for each of its --prompts prompts (video, question):
   1. sample G completions from the LoRA VLM (--temperature, --top-p);
   2. render each completion's caption with the frozen VDM: --render-steps Euler steps, CFG
-     --render-cfg, the reference latents of the prompt's input clip (model.VDM.sample);
+     --render-cfg, the reference latents of the prompt's input clip (model.VDM.sample), every
+     render of a group from the same noise, so a caption repeated in the group renders once;
   3. rewards r_f = format, r_t1 = ROUGE-L(caption, ground-truth caption), r_v1 = CLIP-V(render,
      ground-truth video); each normalised (--norm, see rewards.normalise) and summed with the
      lambda weights of --rewards;
@@ -34,6 +35,9 @@ Choices the paper leaves open, made here:
   policy's, so the ratio is exactly 1 at the first update of a rollout.
 - Log-probs are taken at the sampling temperature (logits / T); top_p defaults to 1 so the
   distribution sampled is the distribution scored.
+- A group's renders share one noise (common random numbers): r_v1 then ranks the captions
+  of a group by what they render, not by the luck of their noise, and identical captions,
+  common once the VLM is sure, cost one render.
 - Groups never straddle ranks: a rank samples all G completions of its prompts, so every
   advantage is computed within its group.
 """
@@ -163,38 +167,44 @@ clip = rewards.CLIP(None if args.clip == "random" else args.clip, device=device)
 
 @torch.no_grad()
 def render_videos(captions, clips):
-    """Captions (P * G, group after group) -> uint8 videos (T, H, W, 3), each conditioned on its
-    prompt's reference latents, in batches of --render-batch. The noise depends on (seed, step,
-    rank) only."""
+    """Captions (P * G, group after group) -> uint8 videos (T, H, W, 3), in batches of
+    --render-batch. A group's renders share its prompt's reference latents and one noise
+    (from seed, step, rank and group), so r_v1 differs within a group only as the captions
+    do, and a caption repeated in its group is rendered once. -> (videos, renders made)"""
     refs = vdm.ref_latents(vdm.encode_video(data.to_tensor(clips))) if vdm.n_refs else None  # (P, 16, n, h, w)
     neg = vdm.encode_text([model.NEGATIVE_PROMPT]) if args.render_cfg != 1.0 else None
     gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1009 + rank)
-    videos = []
-    for i in range(0, len(captions), args.render_batch):
-        idx = list(range(i, min(i + args.render_batch, len(captions))))
-        z = vdm.sample(vdm.encode_text(captions[i:idx[-1] + 1]), None if neg is None else neg.expand(len(idx), -1, -1),
-                       None if refs is None else refs[[k // G for k in idx]], args.frames, args.height, args.width,
-                       steps=args.render_steps, cfg=args.render_cfg, generator=gen)
-        videos += [data.to_uint8(vdm.decode(z[k:k + 1])[0]) for k in range(len(idx))]
-    return videos
+    noise = torch.randn(len(clips), vdm.dit.config.in_channels, (args.frames - 1) // 4 + 1, args.height // 8,
+                        args.width // 8, generator=gen)
+    jobs = list(dict.fromkeys((k // G, c) for k, c in enumerate(captions)))  # (group, caption), each once
+    videos = {}
+    for i in range(0, len(jobs), args.render_batch):
+        chunk = jobs[i:i + args.render_batch]
+        g = [j for j, _ in chunk]
+        z = vdm.sample(vdm.encode_text([c for _, c in chunk]), None if neg is None else neg.expand(len(g), -1, -1),
+                       None if refs is None else refs[g], args.frames, args.height, args.width,
+                       steps=args.render_steps, cfg=args.render_cfg, latents=noise[g])
+        videos.update((job, data.to_uint8(vdm.decode(z[k:k + 1])[0])) for k, job in enumerate(chunk))
+    return [videos[(k // G, c)] for k, c in enumerate(captions)], len(jobs)
 
 
 def score(completions, batch):
-    """-> {reward name: raw values (P * G,)}, group after group."""
+    """-> ({reward name: raw values (P * G,)}, group after group; the number of renders made)."""
     rep = lambda xs: [x for x in xs for _ in range(G)]
     captions = [model.caption_of(c) for c in completions]
-    raw = {}
+    raw, renders = {}, 0
     for name, (_, fn) in reward_fns.items():
         if name == "format":
             raw[name] = [rewards.format_reward(c) for c in completions]
         elif name == "rouge_l":
             raw[name] = [rewards.rouge_l(c, gt) for c, gt in zip(captions, rep(batch["caption"]))]
         elif name == "clip_v":
-            raw[name] = clip.clip_v(render_videos(captions, batch["clip"]), rep(list(batch["target"].numpy())))
+            videos, renders = render_videos(captions, batch["clip"])
+            raw[name] = clip.clip_v(videos, rep(list(batch["target"].numpy())))
         else:
             samples = [{k: batch[k][i] for k in ("id", "question", "think", "caption", "event")} for i in range(len(batch["id"]))]
             raw[name] = fn(completions, rep(samples))
-    return {k: torch.as_tensor(v, dtype=torch.float32).flatten().cpu() for k, v in raw.items()}
+    return {k: torch.as_tensor(v, dtype=torch.float32).flatten().cpu() for k, v in raw.items()}, renders
 
 
 # -----------------------------------------------------------------------------
@@ -247,7 +257,7 @@ for step, batch in zip(range(start, end), loader):
     completions = [c for _, cs in chunks for c in cs]
 
     # 2-4. rewards, their normalised lambda-weighted sum, and the group advantage
-    raw = score(completions, batch)
+    raw, renders = score(completions, batch)
     total = rewards.combine(raw, weights, G, args.norm)
     advantages = rewards.group_advantages(total, G).to(device)
 
@@ -288,6 +298,10 @@ for step, batch in zip(range(start, end), loader):
                    "completions/think_length": common.all_mean([len(vlm.processor.tokenizer(model.extract(c, "Think") or "").input_ids)
                                                                 for c in completions]),  # tokens inside [Think]
                    "completions/clipped_ratio": common.all_mean([float(n >= args.max_new_tokens) for n in lengths]),
+                   **({"renders": common.all_mean([renders])} if render else {}),
+                   **({"event_accuracy": common.all_mean([float(data.caption_correct(model.caption_of(c), e)) for c, e in
+                                                          zip(completions, [e for e in batch["event"] for _ in range(G)])])}
+                      if all(batch["event"]) else {}),
                    "grad_norm": float(grad_norm), "lr": lr, "sec_per_step": (time.time() - t0) / (done - start)}
         logger.log(metrics, done)
         logger.log({"samples": [{"question": q, "completion": c, "reward": round(float(r), 4)} for q, c, r in
