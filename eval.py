@@ -6,6 +6,7 @@ The paper's evaluation: BLEU@1-4, ROUGE-L, FVD, CLIP-V, CLIP-T (and N), on a man
     python eval.py --manifest test.jsonl --model tiny --limit 8   # offline smoke run
     python eval.py --manifest test.jsonl --predictions out/eval   # score existing outputs only
     python eval.py --manifest test.jsonl --model vans --procedural   # only kind == procedural
+    python eval.py --table out/shapes*/eval/*/results.json        # one table: a row per directory name, mean +- std over seeds
 
 Generation uses infer.py's code path; every finished sample is cached in --out
 (<id>.mp4 + <id>.json) and skipped on restart. FVD's Inception-I3D is written
@@ -313,15 +314,37 @@ def score(samples, preds, clip, i3d, height, width):
     return row, per
 
 
-def table_row(name, r):
-    f = lambda x, d=4: "-" if x is None else f"{x:.{d}f}"
-    return (f"| {name} | {f(r['bleu1'])} | {f(r['bleu2'])} | {f(r['bleu3'])} | {f(r['bleu4'])} | {f(r['rouge_l'])} "
-            f"| {f(r['fvd'], 2)} | {f(r['clip_v'])} | {f(r['clip_t'])} | {f(r.get('event_caption'), 3)} "
-            f"| {f(r.get('event_video'), 3)} | {r['n']} |")
+COLUMNS = [("BLEU@1", "bleu1", 4), ("BLEU@2", "bleu2", 4), ("BLEU@3", "bleu3", 4), ("BLEU@4", "bleu4", 4),
+           ("ROUGE-L", "rouge_l", 4), ("FVD", "fvd", 2), ("CLIP-V", "clip_v", 4), ("CLIP-T", "clip_t", 4),
+           ("event (caption)", "event_caption", 3), ("event (video)", "event_video", 3)]
 
 
-TABLE_HEADER = ("| model | BLEU@1 | BLEU@2 | BLEU@3 | BLEU@4 | ROUGE-L | FVD | CLIP-V | CLIP-T | event (caption) "
-                "| event (video) | N |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+def table(rows):
+    """[(name, [results, ...])] -> the paper's table in Markdown; a row of several results
+    (seeds) shows their mean +- standard deviation."""
+    def cell(xs, d):
+        xs = [x for x in xs if x is not None]
+        if not xs:
+            return "-"
+        return f"{np.mean(xs):.{d}f}" + (f" ± {np.std(xs, ddof=1):.{d}f}" if len(xs) > 1 else "")
+    lines = ["| model | " + " | ".join(c for c, _, _ in COLUMNS) + " | N | seeds |",
+             "|---" * (len(COLUMNS) + 3) + "|"]
+    for name, rs in rows:
+        lines.append(f"| {name} | " + " | ".join(cell([r.get(k) for r in rs], d) for _, k, d in COLUMNS)
+                     + f" | {rs[0]['n']} | {len(rs)} |")
+    return "\n".join(lines)
+
+
+def table_of_files(paths):
+    """results.json files -> table(): one row per directory name, in order of first appearance
+    (out/shapes-*/eval/sft/results.json are the seeds of row "sft")."""
+    rows = {}
+    for p in paths:
+        with open(p) as f:
+            rows.setdefault(os.path.basename(os.path.dirname(os.path.abspath(p))), []).append(json.load(f))
+    if len({r["n"] for rs in rows.values() for r in rs}) > 1:
+        raise ValueError(f"{', '.join(paths)}: results of different sample counts do not make one table")
+    return table(list(rows.items()))
 
 
 # -----------------------------------------------------------------------------
@@ -417,14 +440,21 @@ if __name__ == "__main__":
     parser.add_argument("--clip", default="openai", help="CLIP weights: openai | a local ViT-B/32 file | a tiny-CLIP dir | random (smoke tests only)")
     parser.add_argument("--i3d", default=I3D_PATH, help="I3D weights (written by --fetch-i3d)")
     parser.add_argument("--fetch-i3d", action="store_true", help="download and convert the I3D weights, then exit")
+    parser.add_argument("--table", nargs="+", metavar="RESULTS", help="print the table of these results.json files, then exit")
     infer.add_flags(parser)
     args = parser.parse_args()
     if args.fetch_i3d:
         fetch_i3d(args.i3d)
         sys.exit(0)
+    if args.table:
+        try:
+            print(table_of_files(args.table))
+        except (OSError, ValueError, KeyError) as e:
+            infer.fail(e)
+        sys.exit(0)
     if not args.manifest:
         infer.fail("--manifest is required")
-    infer.check_size(args)
+    infer.settle_flags(args)
 
     # --- data
     try:
@@ -490,6 +520,5 @@ if __name__ == "__main__":
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     write_report(os.path.join(out_dir, "report.html"), samples, per, row, name)
-    print(TABLE_HEADER)
-    print(table_row(name, row))
+    print(table([(name, [row])]))
     print(f"-> {os.path.join(out_dir, 'results.json')}, {os.path.join(out_dir, 'report.html')}")

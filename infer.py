@@ -28,16 +28,17 @@ import model
 
 def add_flags(parser):
     """The model and generation flags, shared with eval.py."""
-    parser.add_argument("--model", default="vans", help="vans | base | tiny | path to a checkpoint directory")
+    parser.add_argument("--model", default="vans", help="vans | base | shapes | tiny | path to a checkpoint directory")
+    parser.add_argument("--vdm", default=None, help="take the VDM from this --model instead (e.g. an SFT VLM with an SFT VDM)")
     parser.add_argument("--seed", type=int, default=0, help="seed for caption sampling and video noise")
-    # VLM
+    # VLM; defaults of None come from the model's preset (model.CONFIGS[...]["infer"])
     parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling (temperature 0.7, top_p 0.9)")
-    parser.add_argument("--max-new-tokens", type=int, default=1024, help="VLM generation budget")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="VLM generation budget (1024; shapes 160)")
     # VDM
-    parser.add_argument("--steps", type=int, default=50, help="Euler flow-matching steps")
-    parser.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (1 = off)")
-    parser.add_argument("--height", type=int, default=352, help="output height (multiple of 16)")
-    parser.add_argument("--width", type=int, default=640, help="output width (multiple of 16)")
+    parser.add_argument("--steps", type=int, default=None, help="Euler flow-matching steps (50; shapes 20)")
+    parser.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale, 1 = off (5; shapes 3)")
+    parser.add_argument("--height", type=int, default=None, help="output height, a multiple of 16 (352; shapes 64)")
+    parser.add_argument("--width", type=int, default=None, help="output width, a multiple of 16 (640; shapes 112)")
     parser.add_argument("--frames", type=int, default=33, help="output frames (4k + 1)")
     parser.add_argument("--fps", type=int, default=11, help="fps of the written video")
     # weights and compute
@@ -55,7 +56,11 @@ parser.add_argument("--json", action="store_true", help="print one JSON object i
 add_flags(parser)
 
 
-def check_size(args):
+def settle_flags(args):
+    """Fill the generation flags left unset with the model's preset defaults, then check the size."""
+    for k, v in model.CONFIGS[model.preset_of(args.model)]["infer"].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     if args.height % 16 or args.width % 16 or (args.frames - 1) % 4:
         fail(f"--height/--width must be multiples of 16 and --frames of the form 4k + 1, "
              f"got {args.height}x{args.width}x{args.frames}")
@@ -66,7 +71,11 @@ def load_models(args):
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
-        vlm, vdm = model.load(args.model, qwen=args.qwen, wan=args.wan, vans=args.vans, dtype=dtype)
+        if args.vdm:
+            vlm, _ = model.load(args.model, qwen=args.qwen, wan=args.wan, vans=args.vans, dtype=dtype, need=("vlm",))
+            _, vdm = model.load(args.vdm, qwen=args.qwen, wan=args.wan, vans=args.vans, dtype=dtype, need=("vdm",))
+        else:
+            vlm, vdm = model.load(args.model, qwen=args.qwen, wan=args.wan, vans=args.vans, dtype=dtype)
     except model.CheckpointError as e:
         fail(e)
     vlm.model.to(device)
@@ -117,7 +126,7 @@ def fail(msg):
 
 if __name__ == "__main__":
     args = parser.parse_args()
-    check_size(args)
+    settle_flags(args)
     # check the input before loading any model, so bad input fails in seconds
     try:
         data.read_frames(args.video, 1, min_frames=args.frames)

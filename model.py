@@ -78,6 +78,7 @@ CONFIGS = {
                   relative_attention_num_buckets=32, relative_attention_max_distance=128,
                   feed_forward_proj="gated-gelu", tie_word_embeddings=False),
         vlm_pixels=(128 * 28 * 28, 768 * 28 * 28),  # qwen-vl-utils' video min/max pixels per frame
+        infer=dict(max_new_tokens=1024, steps=50, cfg=5.0, height=352, width=640),  # infer.py's defaults
     ),
     "tiny": dict(
         vlm=dict(text_config=dict(vocab_size=256 + len(QWEN_SPECIAL), hidden_size=64, intermediate_size=128,
@@ -97,6 +98,7 @@ CONFIGS = {
                   relative_attention_num_buckets=32, relative_attention_max_distance=128,
                   feed_forward_proj="gated-gelu", tie_word_embeddings=False),
         vlm_pixels=(4 * 28 * 28, 16 * 28 * 28),
+        infer=dict(max_new_tokens=1024, steps=50, cfg=5.0, height=352, width=640),
     ),
 }
 # Shapes: an object is ~1% of a 64x112 frame. A 128-wide VLM trained from scratch only finds it
@@ -114,6 +116,7 @@ CONFIGS["shapes"] = dict(
     vlm_norm=(235 / 255, 0.1),  # pixel mean and std of the VLM's processor
     system_prompt="Predict the next event.",
     bpe_vocab=600,  # at most: the Shapes text runs out of merges at 530 (538 with the specials)
+    infer=dict(max_new_tokens=160, steps=20, cfg=3.0, height=64, width=112),  # the size the Shapes data has
 )
 
 
@@ -738,10 +741,12 @@ def load_checkpoint(path, qwen=None, wan=None, dtype=torch.bfloat16, need=("vlm"
 
 
 RANDOM = {"tiny": "tiny", "random:shapes": "shapes"}  # --model names of random models -> their preset
+SHIPPED = {"shapes": os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "shapes")}  # in the repo
 
 
 def preset_of(name):
     """"full", "tiny" or "shapes": the architecture a --model name loads."""
+    name = SHIPPED.get(name, name)
     if os.path.isfile(os.path.join(name, "meta.json")):
         with open(os.path.join(name, "meta.json")) as f:
             return json.load(f).get("preset")
@@ -750,10 +755,13 @@ def preset_of(name):
 
 def load(name, qwen=None, wan=None, vans=None, dtype=torch.bfloat16, need=("vlm", "vdm")):
     """-> (VLM, VDM) for "vans" (official release), "base" (Qwen-Wan baseline, no refs),
-    "tiny" / "random:shapes" (random models of those presets), or a checkpoint directory of
+    "shapes" (the Shapes models shipped in weights/shapes), "tiny" / "random:shapes"
+    (random models of those presets), or a checkpoint directory of
     ours. Weights in `dtype` (the VAE stays float32). A model not in `need` is not loaded (None)."""
     if name in RANDOM:
         return load_tiny(need=need, preset=preset_of(name))
+    if name in SHIPPED:
+        return load_checkpoint(SHIPPED[name], qwen, wan, dtype, need)
     if name == "base":
         given = {k: v for k, v in (("qwen", qwen), ("wan", wan)) if ("vlm" if k == "qwen" else "vdm") in need}
         return load_base(**hub_paths(**given), dtype=dtype, need=need)
@@ -762,4 +770,33 @@ def load(name, qwen=None, wan=None, vans=None, dtype=torch.bfloat16, need=("vlm"
         return load_official(*load_base(p["qwen"], p["wan"], dtype), p["vans"])
     if os.path.isdir(name):
         return load_checkpoint(name, qwen, wan, dtype, need)
-    raise CheckpointError(f"--model {name!r}: expected vans, base, tiny, random:shapes, or a checkpoint directory")
+    raise CheckpointError(f"--model {name!r}: expected vans, base, shapes, tiny, random:shapes, or a checkpoint directory")
+
+
+def pack(out, vlm_path, vdm_path, clip=None):
+    """One checkpoint directory from the VLM of one checkpoint and the VDM of another, with no
+    training state (what weights/shapes is); `clip`, a tiny-CLIP directory, is copied to out/clip."""
+    presets = {preset_of(vlm_path), preset_of(vdm_path)}
+    if len(presets) != 1 or presets == {"full"}:
+        raise CheckpointError(f"pack: {vlm_path} and {vdm_path} must be checkpoints of one small preset, got {sorted(presets)}")
+    vlm, _ = load_checkpoint(vlm_path, dtype=torch.float32, need=("vlm",))
+    _, vdm = load_checkpoint(vdm_path, dtype=torch.float32, need=("vdm",))
+    origin = {}
+    for part, path in (("vlm", vlm_path), ("vdm", vdm_path)):
+        with open(os.path.join(path, "meta.json")) as f:
+            origin[part] = {k: v for k, v in json.load(f).items() if k in ("script", "step", "git")}
+    save_checkpoint(out, vlm, vdm, {"preset": presets.pop(), "script": "pack", **origin})
+    if clip:
+        shutil.copytree(clip, os.path.join(out, "clip"))
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="Pack a VLM and a VDM checkpoint into one --model directory.")
+    parser.add_argument("--vlm", required=True, help="checkpoint directory holding the VLM")
+    parser.add_argument("--vdm", required=True, help="checkpoint directory holding the VDM")
+    parser.add_argument("--clip", default=None, help="a tiny-CLIP directory to ship alongside (out/clip)")
+    parser.add_argument("--out", required=True, help="the new checkpoint directory")
+    args = parser.parse_args()
+    pack(args.out, args.vlm, args.vdm, args.clip)
+    print(f"-> {args.out}")
