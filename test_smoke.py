@@ -401,6 +401,14 @@ def test_our_checkpoint_round_trip(tmp_path):
     with pytest.raises(model.CheckpointError, match=r"vlm_only: has no VDM weights \(needs dit\+text_encoder\+vae\); "
                                                     r"it holds vlm, vlm_lora, vlm_tokenizer"):
         model.load(str(tmp_path / "vlm_only"))
+    # model.pack: the VLM of one checkpoint and the VDM of another as one --model directory, no training state
+    _, vdm_b = model.load_tiny(seed=1, need=("vdm",))
+    model.save_checkpoint(str(tmp_path / "vdm_only"), None, vdm_b, {"preset": "tiny"}, extra={"train_state.pt": {}})
+    model.pack(str(tmp_path / "packed"), str(tmp_path / "vlm_only"), str(tmp_path / "vdm_only"))
+    vlm3, vdm3 = model.load(str(tmp_path / "packed"))
+    assert torch.equal(_vlm_logits(vlm3), _vlm_logits(vlm)) and torch.equal(_dit_out(vdm3.dit), _dit_out(vdm_b.dit))
+    assert not torch.equal(_dit_out(vdm3.dit), _dit_out(vdm.dit))
+    assert "train_state.pt" not in os.listdir(tmp_path / "packed")
 
 
 # -----------------------------------------------------------------------------
@@ -1376,3 +1384,48 @@ def test_training_curves_from_logs(tmp_path):
     assert r.returncode == 0 and (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     r = subprocess.run([sys.executable, os.path.join(ROOT, "plot_curves.py"), str(tmp_path / "nope")], capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.strip() == f"error: {tmp_path / 'nope' / 'log.jsonl'} does not exist (give a training run's --out directory)"
+
+
+def test_eval_table_mean_and_spread(tmp_path):
+    row = lambda x, n=200: {"n": n, **{k: x for _, k, _ in ev.COLUMNS}, "fvd": 100 * x, "event_video": None}
+    paths = []
+    for seed, x in enumerate([0.4, 0.6]):
+        for name, y in (("sft", x), ("joint_grpo", x + 0.2)):
+            p = tmp_path / f"s{seed}" / "eval" / name / "results.json"
+            p.parent.mkdir(parents=True)
+            p.write_text(json.dumps(row(y)))
+            paths.append(str(p))
+    lines = ev.table_of_files(paths).splitlines()
+    assert [l.split(" | ")[0] for l in lines[2:]] == ["| sft", "| joint_grpo"]  # rows in order of appearance
+    sft = lines[2].split(" | ")
+    assert sft[1] == "0.5000 ± 0.1414" and sft[6] == "50.00 ± 14.14" and sft[9] == "0.500 ± 0.141"  # std with ddof 1
+    assert sft[10] == "-" and sft[11:] == ["200", "2 |"]
+    assert lines[3].split(" | ")[5] == "0.7000 ± 0.1414"
+    assert "± " not in ev.table_of_files(paths[:2])  # one seed: no spread
+    other = tmp_path / "s2" / "eval" / "sft" / "results.json"
+    other.parent.mkdir(parents=True)
+    other.write_text(json.dumps(row(0.5, n=8)))
+    with pytest.raises(ValueError, match="different sample counts"):
+        ev.table_of_files(paths + [str(other)])
+
+
+# -----------------------------------------------------------------------------
+# the shipped Shapes models (weights/shapes)
+
+SHIPPED_FLOOR = dict(event_caption=0.75, event_video=0.25)  # measured: 16/16 and 9/16; random models score ~0
+
+
+@needs_i3d
+def test_shipped_shapes_models_stay_above_a_floor(tmp_path):
+    """`--model shapes` on 16 fresh Shapes test samples (world seed 1, which no model trained on):
+    the caption and the video must still state and show the event as often as the floor says."""
+    data.make_shapes(str(tmp_path / "data"), 0, 0, 16, height=64, width=112, seed=1, workers=2)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--manifest", str(tmp_path / "data" / "test.jsonl"),
+                        "--model", "shapes", "--clip", os.path.join(ROOT, "weights", "shapes", "clip"),
+                        "--out", str(tmp_path / "eval"), "--batch-size", "8"],
+                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert res["n"] == 16
+    for k, floor in SHIPPED_FLOOR.items():
+        assert res[k] >= floor, (k, res[k], [(s["caption"], s["gt_caption"]) for s in res["samples"]])
