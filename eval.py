@@ -341,7 +341,13 @@ def table_of_files(paths):
     rows = {}
     for p in paths:
         with open(p) as f:
-            rows.setdefault(os.path.basename(os.path.dirname(os.path.abspath(p))), []).append(json.load(f))
+            try:
+                r = json.load(f)
+            except ValueError as e:
+                raise ValueError(f"{p}: not JSON ({e})")
+        if not isinstance(r, dict) or "n" not in r:
+            raise ValueError(f"{p}: not a results.json of eval.py (no 'n')")
+        rows.setdefault(os.path.basename(os.path.dirname(os.path.abspath(p))), []).append(r)
     if len({r["n"] for rs in rows.values() for r in rs}) > 1:
         raise ValueError(f"{', '.join(paths)}: results of different sample counts do not make one table")
     return table(list(rows.items()))
@@ -449,7 +455,7 @@ if __name__ == "__main__":
     if args.table:
         try:
             print(table_of_files(args.table))
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError) as e:
             infer.fail(e)
         sys.exit(0)
     if not args.manifest:

@@ -776,15 +776,18 @@ def load(name, qwen=None, wan=None, vans=None, dtype=torch.bfloat16, need=("vlm"
 def pack(out, vlm_path, vdm_path, clip=None):
     """One checkpoint directory from the VLM of one checkpoint and the VDM of another, with no
     training state (what weights/shapes is); `clip`, a tiny-CLIP directory, is copied to out/clip."""
-    presets = {preset_of(vlm_path), preset_of(vdm_path)}
-    if len(presets) != 1 or presets == {"full"}:
-        raise CheckpointError(f"pack: {vlm_path} and {vdm_path} must be checkpoints of one small preset, got {sorted(presets)}")
+    metas = {}
+    for part, path in (("vlm", vlm_path), ("vdm", vdm_path)):
+        if not os.path.isfile(os.path.join(path, "meta.json")):
+            raise CheckpointError(f"{path}: not a VANS checkpoint directory (no meta.json)")
+        with open(os.path.join(path, "meta.json")) as f:
+            metas[part] = json.load(f)
+    presets = {m.get("preset") for m in metas.values()}
+    if len(presets) != 1 or "full" in presets:
+        raise CheckpointError(f"pack: {vlm_path} and {vdm_path} must be of one small preset, got {sorted(map(str, presets))}")
     vlm, _ = load_checkpoint(vlm_path, dtype=torch.float32, need=("vlm",))
     _, vdm = load_checkpoint(vdm_path, dtype=torch.float32, need=("vdm",))
-    origin = {}
-    for part, path in (("vlm", vlm_path), ("vdm", vdm_path)):
-        with open(os.path.join(path, "meta.json")) as f:
-            origin[part] = {k: v for k, v in json.load(f).items() if k in ("script", "step", "git")}
+    origin = {part: {k: v for k, v in m.items() if k in ("script", "step", "git")} for part, m in metas.items()}
     save_checkpoint(out, vlm, vdm, {"preset": presets.pop(), "script": "pack", **origin})
     if clip:
         shutil.copytree(clip, os.path.join(out, "clip"))
@@ -792,11 +795,15 @@ def pack(out, vlm_path, vdm_path, clip=None):
 
 if __name__ == "__main__":
     import argparse
+    import sys
     parser = argparse.ArgumentParser(description="Pack a VLM and a VDM checkpoint into one --model directory.")
     parser.add_argument("--vlm", required=True, help="checkpoint directory holding the VLM")
     parser.add_argument("--vdm", required=True, help="checkpoint directory holding the VDM")
     parser.add_argument("--clip", default=None, help="a tiny-CLIP directory to ship alongside (out/clip)")
     parser.add_argument("--out", required=True, help="the new checkpoint directory")
     args = parser.parse_args()
-    pack(args.out, args.vlm, args.vdm, args.clip)
+    try:
+        pack(args.out, args.vlm, args.vdm, args.clip)
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
     print(f"-> {args.out}")

@@ -409,6 +409,8 @@ def test_our_checkpoint_round_trip(tmp_path):
     assert torch.equal(_vlm_logits(vlm3), _vlm_logits(vlm)) and torch.equal(_dit_out(vdm3.dit), _dit_out(vdm_b.dit))
     assert not torch.equal(_dit_out(vdm3.dit), _dit_out(vdm.dit))
     assert "train_state.pt" not in os.listdir(tmp_path / "packed")
+    with pytest.raises(model.CheckpointError, match=r"nowhere: not a VANS checkpoint directory"):
+        model.pack(str(tmp_path / "p2"), str(tmp_path / "nowhere"), str(tmp_path / "vdm_only"))
 
 
 # -----------------------------------------------------------------------------
@@ -1406,6 +1408,9 @@ def test_eval_table_mean_and_spread(tmp_path):
     other.parent.mkdir(parents=True)
     other.write_text(json.dumps(row(0.5, n=8)))
     with pytest.raises(ValueError, match="different sample counts"):
+        ev.table_of_files(paths + [str(other)])
+    other.write_text("{}")
+    with pytest.raises(ValueError, match=r"s2/eval/sft/results\.json: not a results\.json of eval\.py"):
         ev.table_of_files(paths + [str(other)])
 
 
