@@ -14,7 +14,7 @@ VAE first on its own, and the text encoder with the DiT; learning rates are high
 the paper's, as usual for small models trained from scratch.
 """
 
-data = dict(train="data/shapes/train.jsonl", frames=33, device="cpu", workers=1)
+data = dict(train="data/shapes/train.jsonl", frames=33, workers=1)  # on a GPU when there is one
 sft = dict(data, val="data/shapes/val.jsonl")
 video = dict(sft, height=64, width=112, val_render=1, val_steps=20, val_cfg=3.0)
 
