@@ -1199,8 +1199,14 @@ def test_grpo_stage1_torchrun_with_renders_and_exact_resume(shapes_small, tmp_pa
     assert names <= set(logs[0]) and any("samples" in l for l in logs)
     assert all(0 <= l["completions/think_length"] <= l["completions/mean_length"] for l in logs if "kl" in l)
     assert any(l.get("clip_ratio", 0) > 0 for l in logs)  # the second update of a rollout sees a real ratio
+    assert all(1 <= l["renders"] <= 2 for l in logs if "kl" in l)  # a group of 2: 1 or 2 distinct captions
     vlm, vdm = model.load(str(tmp_path / "ddp" / "last"))  # merged VLM + LoRA + the frozen VDM: a --model
     assert type(vlm.model).__name__ == "PeftModel" and vdm.n_refs == model.N_REFS
+    # near-greedy sampling: a group's completions agree, so one render serves the group and,
+    # from one shared noise, every reward is equal within it
+    _train("grpo_stage1.py", flags + ["--temperature", "0.01", "--steps", "2"], tmp_path / "sure")
+    sure = [l for l in map(json.loads, open(tmp_path / "sure" / "log.jsonl")) if "kl" in l]
+    assert len(sure) == 2 and all(l["renders"] == 1 and l["frac_reward_zero_std"] == 1 for l in sure), sure
     no_clip = ["--rewards", "format=1,rouge_l=1"]
     _train("grpo_stage1.py", flags + no_clip, tmp_path / "straight")
     _train("grpo_stage1.py", flags + no_clip + ["--stop-after", "2"], tmp_path / "split")
