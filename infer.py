@@ -4,6 +4,7 @@ what happens next and writes a caption, the VDM renders it as the answer video.
 
     python infer.py in.mp4 "What should I do next?"                 # official VANS weights
     python infer.py in.mp4 "What happens next?" --model base        # Qwen-Wan baseline, no references
+    python infer.py examples/ball.mp4 "What happens next?" --model shapes   # the shipped Shapes models, offline
     python infer.py in.mp4 "What happens next?" --model tiny        # random tiny models, offline (noise)
     python infer.py photo.png "Leave it for a week." --json         # an image is a static clip
     python infer.py in.mp4 "..." --model out/grpo_stage2            # a checkpoint of our training scripts
