@@ -7,7 +7,8 @@ The scores Joint-GRPO trains on, each written once:
     stage 2 (DiT):  r_v2 CLIP.clip_v        generated vs ground-truth video
                     r_c2 CLIP.clip_t        generated video vs anchor caption
 
-then per-reward normalisation, the lambda-weighted sum, and GRPO's group advantage.
+then per-reward normalisation, the lambda-weighted sum, and GRPO's group advantage. For the
+Shapes world only, caption_event and video_event check the event itself (module:function rewards).
 """
 
 import json
@@ -65,6 +66,24 @@ def rouge_l(candidate, reference, beta=1.2):
         return 0.0
     p, rec = n / len(c), n / len(r)
     return (1 + beta ** 2) * p * rec / (rec + beta ** 2 * p)
+
+
+# -----------------------------------------------------------------------------
+# Shapes only: the event itself, checked by the generator's own rules (data.caption_correct,
+# data.video_shows). Not the paper's rewards: a verifier to tell a weak reward from a weak
+# optimiser, passed as --rewards rewards:caption_event=1 (stage 1) or rewards:video_event=1 (stage 2).
+
+def caption_event(completions, samples):
+    """Stage 1: 1.0 where the completion's caption states the sample's event, else 0.0."""
+    import data
+    import model
+    return [float(data.caption_correct(model.caption_of(c), s["event"])) for c, s in zip(completions, samples)]
+
+
+def video_event(videos, samples):
+    """Stage 2: 1.0 where the uint8 video (T, H, W, 3) shows the sample's event, else 0.0."""
+    import data
+    return [float(data.video_shows(v, s["event"])) for v, s in zip(videos, samples)]
 
 
 # -----------------------------------------------------------------------------

@@ -1341,6 +1341,10 @@ def test_shapes_event_accuracy_checks():
                     assert not data.video_shows(np.repeat(x[-1:], len(y), 0), ev), (H, i, ev)
     assert n > 60
     assert data.caption_event("Nothing happens.") is None
+    # the same checks as the Shapes-only rewards, on whole completions and videos (the last scene)
+    completions = [f"[Think]t[/Think][Ans]{c}[/Ans]" for c in (caption, recolored)]
+    assert rewards.caption_event(completions, [{"event": ev}] * 2) == [1.0, 0.0]
+    assert rewards.video_event([y, y], [{"event": ev}, {"event": other}]) == [1.0, 0.0]
 
 
 def test_tiny_clip_trains_and_loads(shapes_small, tmp_path):
