@@ -299,8 +299,7 @@ for step, batch in zip(range(start, end), loader):
                                                                 for c in completions]),  # tokens inside [Think]
                    "completions/clipped_ratio": common.all_mean([float(n >= args.max_new_tokens) for n in lengths]),
                    **({"renders": common.all_mean([renders])} if render else {}),
-                   **({"event_accuracy": common.all_mean([float(data.caption_correct(model.caption_of(c), e)) for c, e in
-                                                          zip(completions, [e for e in batch["event"] for _ in range(G)])])}
+                   **({"event_accuracy": common.all_mean(rewards.caption_event(completions, rep([{"event": e} for e in batch["event"]])))}
                       if all(batch["event"]) else {}),
                    "grad_norm": float(grad_norm), "lr": lr, "sec_per_step": (time.time() - t0) / (done - start)}
         logger.log(metrics, done)

@@ -1198,6 +1198,7 @@ def test_grpo_stage1_torchrun_with_renders_and_exact_resume(shapes_small, tmp_pa
              "rewards/clip_v/mean", "kl", "clip_ratio", "completions/mean_length", "completions/think_length"}
     assert names <= set(logs[0]) and any("samples" in l for l in logs)
     assert all(0 <= l["completions/think_length"] <= l["completions/mean_length"] for l in logs if "kl" in l)
+    assert all(l["event_accuracy"] in (0, 0.25, 0.5, 0.75, 1) for l in logs if "kl" in l)  # 2 ranks x 2 completions judged
     assert any(l.get("clip_ratio", 0) > 0 for l in logs)  # the second update of a rollout sees a real ratio
     assert all(1 <= l["renders"] <= 2 for l in logs if "kl" in l)  # a group of 2: 1 or 2 distinct captions
     vlm, vdm = model.load(str(tmp_path / "ddp" / "last"))  # merged VLM + LoRA + the frozen VDM: a --model
