@@ -72,7 +72,7 @@ def add_run_flags(parser, out, steps):
     parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     parser.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0 = off)")
     parser.add_argument("--save-every", type=int, default=500, help="write <out>/last every N steps (and at the end)")
-    parser.add_argument("--stop-after", type=int, default=0, help="save and stop after N steps of this run (a job time slot); --resume goes on")
+    parser.add_argument("--stop-at", type=int, default=0, help="save and stop at step N (a job's time slot, or an early stop that --resume honours); --resume goes on to N or --steps")
     parser.add_argument("--log-every", type=int, default=10, help="log metrics every N steps")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     parser.add_argument("--wandb", default=None, help="wandb project to log to (off by default)")

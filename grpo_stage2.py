@@ -290,7 +290,7 @@ def save(step):
 # -----------------------------------------------------------------------------
 # training loop
 
-end = min(args.steps, start + args.stop_after) if args.stop_after else args.steps
+end = min(args.steps, args.stop_at) if args.stop_at else args.steps
 sampler = data.StepSampler(len(usable), args.prompts, rank, world, args.seed, start, end)
 loader = torch.utils.data.DataLoader(torch.utils.data.Subset(clips, usable), batch_sampler=sampler,
                                      num_workers=args.workers, collate_fn=data.collate, generator=torch.Generator())

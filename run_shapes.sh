@@ -7,7 +7,8 @@
 # data -> VAE -> DiT + text encoder -> VLM -> a CLIP for this world -> Joint-GRPO stage 1
 # -> stage 2 (and stage 2 without r_c2) -> eval of every row on the test split -> curves.
 # Every stage's settings are in config/shapes.py; each prints its time and appends it to
-# OUT/times.txt. A finished stage (its checkpoint or results are there) is skipped on a rerun.
+# OUT/times.txt, the record of finished stages: a rerun skips those and resumes an
+# interrupted training stage from its last checkpoint (--resume).
 set -euo pipefail
 cd "$(dirname "$0")"
 export HF_HUB_OFFLINE=1
@@ -17,33 +18,35 @@ DATA=data/shapes
 C=config/shapes.py
 mkdir -p "$OUT"
 
-stage() {  # stage NAME DONE_FILE COMMAND...: run COMMAND unless DONE_FILE exists, and time it
-    local name=$1 done=$2 t0=$SECONDS
-    shift 2
-    if [ -e "$done" ]; then echo "== $name: done already ($done)"; return; fi
+stage() {  # stage NAME COMMAND...: run COMMAND unless OUT/times.txt records NAME as finished, and time it
+    local name=$1 t0=$SECONDS
+    shift
+    if grep -qs "^$name [0-9]* s$" "$OUT/times.txt"; then echo "== $name: done already"; return; fi
     echo "== $name"
     "$@"
     echo "$name $((SECONDS - t0)) s" | tee -a "$OUT/times.txt"
 }
 
-stage data $DATA/test.jsonl \
-    python data.py shapes --out $DATA --n-train 4000 --n-val 100 --n-test 200 --height 64 --width 112
-stage vae $OUT/vae/last python sft_vdm.py --config $C:sft_vae --out $OUT/vae --seed $SEED
-stage sft_vdm $OUT/sft_vdm/last python sft_vdm.py --config $C --model $OUT/vae/last --out $OUT/sft_vdm --seed $SEED
-stage sft_vlm $OUT/sft_vlm/last python sft_vlm.py --config $C --out $OUT/sft_vlm --seed $SEED
-stage clip $OUT/clip/clip.safetensors python rewards.py train-clip --train $DATA/train.jsonl --out $OUT/clip --seed $SEED
-stage grpo_stage1 $OUT/grpo_stage1/last python grpo_stage1.py --config $C --init $OUT/sft_vlm/last \
-    --vdm $OUT/sft_vdm/last --clip $OUT/clip --out $OUT/grpo_stage1 --seed $SEED
-stage grpo_stage2 $OUT/grpo_stage2/last python grpo_stage2.py --config $C --vlm $OUT/grpo_stage1/last \
-    --vdm $OUT/grpo_stage1/last --clip $OUT/clip --out $OUT/grpo_stage2 --seed $SEED
-stage grpo_stage2_no_ct $OUT/grpo_stage2_no_ct/last python grpo_stage2.py --config $C --vlm $OUT/grpo_stage1/last \
-    --vdm $OUT/grpo_stage1/last --clip $OUT/clip --rewards clip_v=1 --out $OUT/grpo_stage2_no_ct --seed $SEED
+# the data are the same for every seed; test.jsonl is written last
+if [ ! -e $DATA/test.jsonl ]; then
+    stage data python data.py shapes --out $DATA --n-train 4000 --n-val 100 --n-test 200 --height 64 --width 112
+fi
+stage vae python sft_vdm.py --config $C:sft_vae --out $OUT/vae --seed $SEED --resume
+stage sft_vdm python sft_vdm.py --config $C --model $OUT/vae/last --out $OUT/sft_vdm --seed $SEED --resume
+stage sft_vlm python sft_vlm.py --config $C --out $OUT/sft_vlm --seed $SEED --resume
+stage clip python rewards.py train-clip --train $DATA/train.jsonl --out $OUT/clip --seed $SEED
+stage grpo_stage1 python grpo_stage1.py --config $C --init $OUT/sft_vlm/last \
+    --vdm $OUT/sft_vdm/last --clip $OUT/clip --out $OUT/grpo_stage1 --seed $SEED --resume
+stage grpo_stage2 python grpo_stage2.py --config $C --vlm $OUT/grpo_stage1/last \
+    --vdm $OUT/grpo_stage1/last --clip $OUT/clip --out $OUT/grpo_stage2 --seed $SEED --resume
+stage grpo_stage2_no_ct python grpo_stage2.py --config $C --vlm $OUT/grpo_stage1/last \
+    --vdm $OUT/grpo_stage1/last --clip $OUT/clip --rewards clip_v=1 --out $OUT/grpo_stage2_no_ct --seed $SEED --resume
 
 # the table's rows: untrained, SFT, + stage 1, + stage 2 (Joint-GRPO), stage 2 without r_c2
 evaluate() {  # evaluate ROW --model ... : eval.py on the test split into OUT/eval/ROW
     local row=$1
     shift
-    stage "eval $row" $OUT/eval/$row/results.json python eval.py --manifest $DATA/test.jsonl --clip $OUT/clip \
+    stage "eval $row" python eval.py --manifest $DATA/test.jsonl --clip $OUT/clip \
         --seed $SEED --out $OUT/eval/$row "$@"
 }
 evaluate untrained --model random:shapes

@@ -359,7 +359,7 @@ def validate(step):
 # -----------------------------------------------------------------------------
 # training loop
 
-end = min(args.steps, start + args.stop_after) if args.stop_after else args.steps
+end = min(args.steps, args.stop_at) if args.stop_at else args.steps
 sampler = data.StepSampler(len(dataset), args.batch_size, rank, world, args.seed, start, end)
 loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers, collate_fn=collate,
                                      generator=torch.Generator())  # leaves the global RNG alone

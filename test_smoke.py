@@ -977,7 +977,7 @@ def test_sft_vlm_lora_exact_resume(shapes_small, tmp_path):
     flags = ["--model", "tiny", "--train", str(shapes_small / "train.jsonl"), "--steps", "8", "--batch-size", "2",
              "--lr", "1e-3", "--warmup", "2"]
     _train("sft_vlm.py", flags, tmp_path / "straight")
-    _train("sft_vlm.py", flags + ["--stop-after", "4"], tmp_path / "split")
+    _train("sft_vlm.py", flags + ["--stop-at", "4"], tmp_path / "split")
     assert json.load(open(tmp_path / "split" / "last" / "meta.json"))["step"] == 4
     _train("sft_vlm.py", flags + ["--resume"], tmp_path / "split")
     _same_weights(tmp_path / "straight" / "last", tmp_path / "split" / "last")
@@ -1056,7 +1056,7 @@ def test_sft_vdm_fsdp_cache_ema_exact_resume(shapes_small, tiny_vdm_ckpt, tmp_pa
              "--warmup", "2", "--fsdp", "--cache-latents", "--ema", "0.5", "--caption-dropout", "0.3"]
     r = _train("sft_vdm.py", flags, tmp_path / "straight", nproc=2)
     assert "FSDP2" in r.stdout and "weights identical on all 2 ranks" in r.stdout
-    _train("sft_vdm.py", flags + ["--stop-after", "3"], tmp_path / "split", nproc=2)
+    _train("sft_vdm.py", flags + ["--stop-at", "3"], tmp_path / "split", nproc=2)
     _train("sft_vdm.py", flags + ["--resume"], tmp_path / "split", nproc=2)
     _same_weights(tmp_path / "straight" / "last", tmp_path / "split" / "last")
     from safetensors.torch import load_file
@@ -1210,7 +1210,7 @@ def test_grpo_stage1_torchrun_with_renders_and_exact_resume(shapes_small, tmp_pa
     assert len(sure) == 2 and all(l["renders"] == 1 and l["frac_reward_zero_std"] == 1 for l in sure), sure
     no_clip = ["--rewards", "format=1,rouge_l=1"]
     _train("grpo_stage1.py", flags + no_clip, tmp_path / "straight")
-    _train("grpo_stage1.py", flags + no_clip + ["--stop-after", "2"], tmp_path / "split")
+    _train("grpo_stage1.py", flags + no_clip + ["--stop-at", "2"], tmp_path / "split")
     _train("grpo_stage1.py", flags + no_clip + ["--resume"], tmp_path / "split")
     _same_weights(tmp_path / "straight" / "last", tmp_path / "split" / "last")
 
@@ -1307,7 +1307,7 @@ def test_grpo_stage2_torchrun_lora_anchors_and_exact_resume(shapes_small, tmp_pa
     # full fine-tuning: N straight == N/2 + resume + N/2; the anchors are computed once
     no_clip = ["--rewards", "clip_t=1"]
     _train("grpo_stage2.py", flags + no_clip, tmp_path / "straight")
-    _train("grpo_stage2.py", flags + no_clip + ["--stop-after", "2"], tmp_path / "split")
+    _train("grpo_stage2.py", flags + no_clip + ["--stop-at", "2"], tmp_path / "split")
     lines = open(tmp_path / "split" / "anchors.rank0.jsonl").read()
     _train("grpo_stage2.py", flags + no_clip + ["--resume"], tmp_path / "split")
     assert open(tmp_path / "split" / "anchors.rank0.jsonl").read() == lines

@@ -20,7 +20,7 @@ video = dict(sft, height=64, width=112, val_render=1, val_steps=20, val_cfg=3.0)
 
 # 98% caption event accuracy on 100 val samples after 2500 steps (13 min on 2 cores); the
 # colours are read from the video only after a plateau on the text prior (14% at step 1000)
-sft_vlm = dict(sft, model="random:shapes", finetune="full", steps=2500, stop_after=1500, lr=2e-3, warmup=50,
+sft_vlm = dict(sft, model="random:shapes", finetune="full", steps=2500, stop_at=1500, lr=2e-3, warmup=50,
                batch_size=16, val_every=500, val_generate=100, max_new_tokens=160, save_every=500, log_every=50)
 
 # the VAE learns from single frames (model.keyframe_init)
