@@ -18,6 +18,7 @@ unpickler that admits only numpy arrays; jax is never imported).
 
 import argparse
 import collections
+import hashlib
 import json
 import math
 import os
@@ -282,13 +283,31 @@ def fvd(videos_a, videos_b, model=None):
     return frechet_distance(i3d_logits(model, videos_a), i3d_logits(model, videos_b))
 
 
+def cached_i3d_logits(model, videos, paths, cache_dir=None):
+    """i3d_logits of clips read from `paths`, kept in cache_dir (one .npy per file and clip shape)
+    and reused until the file is newer than its entry: the ground truth of a manifest is scored
+    once for every row and seed of a table."""
+    if cache_dir is None:
+        return i3d_logits(model, videos)
+    os.makedirs(cache_dir, exist_ok=True)
+    entries = [os.path.join(cache_dir, hashlib.sha1(os.path.abspath(p).encode()).hexdigest()[:16] +
+                            "-{}x{}x{}.npy".format(*v.shape[:3])) for v, p in zip(videos, paths)]
+    fresh = [os.path.isfile(e) and os.path.getmtime(e) >= os.path.getmtime(p) for e, p in zip(entries, paths)]
+    todo = [i for i, ok in enumerate(fresh) if not ok]
+    for i, row in zip(todo, i3d_logits(model, [videos[i] for i in todo]) if todo else []):
+        np.save(entries[i] + ".tmp.npy", row)
+        os.replace(entries[i] + ".tmp.npy", entries[i])
+    return np.stack([np.load(e) for e in entries])
+
+
 # -----------------------------------------------------------------------------
 # the evaluation run
 
-def score(samples, preds, clip, i3d, height, width):
+def score(samples, preds, clip, i3d, height, width, gt_cache=None):
     """samples: manifest rows; preds: matching dicts with caption and video (uint8 (T, H, W, 3)).
     -> (table dict, per-sample list). CLIP-T compares each generated frame with the ground-truth
-    caption; the ground-truth video is read at the generated frame count and size."""
+    caption; the ground-truth video is read at the generated frame count and size. gt_cache: a
+    directory that keeps the ground truth's I3D logits (cached_i3d_logits)."""
     caps, refs = [p["caption"] for p in preds], [s["caption"] for s in samples]
     videos = [p["video"] for p in preds]
     gts = [data.resize_crop(data.read_frames(s["target_video"], len(v)), height, width) for s, v in zip(samples, videos)]
@@ -299,7 +318,8 @@ def score(samples, preds, clip, i3d, height, width):
     row = {"n": len(samples), "bleu1": b[0], "bleu2": b[1], "bleu3": b[2], "bleu4": b[3],
            "rouge_l": float(np.mean(rl)), "clip_v": float(np.mean(cv)), "clip_t": float(np.mean(ct)),
            # FVD needs a covariance: at least 2 samples
-           "fvd": fvd(np.stack(videos), np.stack(gts), i3d) if len(samples) > 1 else None}
+           "fvd": frechet_distance(i3d_logits(i3d, videos), cached_i3d_logits(
+               i3d, gts, [s["target_video"] for s in samples], gt_cache)) if len(samples) > 1 else None}
     per = [{"id": s["id"], "kind": s["kind"], "question": s["question"], "caption": p["caption"],
             "think": p.get("think"), "gt_caption": s["caption"], "rouge_l": r, "clip_v": v, "clip_t": t}
            for s, p, r, v, t in zip(samples, preds, rl, cv, ct)]
@@ -445,6 +465,7 @@ if __name__ == "__main__":
     split.add_argument("--predictive", action="store_true", help="only samples with kind == predictive")
     parser.add_argument("--clip", default="openai", help="CLIP weights: openai | a local ViT-B/32 file | a tiny-CLIP dir | random (smoke tests only)")
     parser.add_argument("--i3d", default=I3D_PATH, help="I3D weights (written by --fetch-i3d)")
+    parser.add_argument("--gt-cache", default=None, help="keep the ground truth's I3D logits in this dir, for later runs on the same manifest")
     parser.add_argument("--fetch-i3d", action="store_true", help="download and convert the I3D weights, then exit")
     parser.add_argument("--table", nargs="+", metavar="RESULTS", help="print the table of these results.json files, then exit")
     infer.add_flags(parser)
@@ -520,7 +541,7 @@ if __name__ == "__main__":
             p = json.load(f)
         p["video"] = data.read_frames(os.path.join(out_dir, f"{s['file']}.mp4"))
         preds.append(p)
-    row, per = score(samples, preds, clip, i3d, args.height, args.width)
+    row, per = score(samples, preds, clip, i3d, args.height, args.width, args.gt_cache)
     results = {"model": name if args.predictions else args.model, "manifest": os.path.abspath(args.manifest), "split": kind or "all",
                "clip": args.clip, **row, "samples": per}
     with open(os.path.join(out_dir, "results.json"), "w") as f:

@@ -46,7 +46,7 @@ stage grpo_stage2_no_ct python grpo_stage2.py --config $C --vlm $OUT/grpo_stage1
 evaluate() {  # evaluate ROW --model ... : eval.py on the test split into OUT/eval/ROW
     local row=$1
     shift
-    stage "eval $row" python eval.py --manifest $DATA/test.jsonl --clip $OUT/clip \
+    stage "eval $row" python eval.py --manifest $DATA/test.jsonl --clip $OUT/clip --gt-cache $DATA/gt_i3d \
         --seed $SEED --out $OUT/eval/$row "$@"
 }
 evaluate untrained --model random:shapes

@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -748,10 +749,19 @@ def test_eval_run_resume_and_predictions(tmp_path):
     sub = json.loads((out / "results.json").read_text())
     assert sub["n"] == 2 and sub["split"] == "procedural" and sub["fvd"] is not None
     # --predictions scores a directory without loading any model; a missing output is an error
-    r3 = subprocess.run(cmd[:4] + ["--predictions", str(out), "--clip", "random", "--height", "48", "--width", "80"],
-                        capture_output=True, text=True, cwd=ROOT)
+    score = cmd[:4] + ["--predictions", str(out), "--clip", "random", "--height", "48", "--width", "80",
+                       "--gt-cache", str(tmp_path / "gt")]
+    r3 = subprocess.run(score, capture_output=True, text=True, cwd=ROOT)
     assert r3.returncode == 0, r3.stderr
     assert json.loads((out / "results.json").read_text())["rouge_l"] == pytest.approx(res["rouge_l"])
+    # --gt-cache keeps the ground truth's I3D logits: the same FVD from them, recomputed for a newer clip only
+    assert json.loads((out / "results.json").read_text())["fvd"] == pytest.approx(res["fvd"], rel=1e-6)
+    cache = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "gt").iterdir()}
+    assert len(cache) == 3 and all(n.endswith("-9x48x80.npy") for n in cache)
+    os.utime(tmp_path / "gt1.mp4", (time.time() + 60, time.time() + 60))
+    assert subprocess.run(score, capture_output=True, text=True, cwd=ROOT).returncode == 0
+    assert json.loads((out / "results.json").read_text())["fvd"] == pytest.approx(res["fvd"], rel=1e-6)
+    assert sum(p.stat().st_mtime_ns != cache[p.name] for p in (tmp_path / "gt").iterdir()) == 1
     (out / "s_1.json").unlink()
     r4 = subprocess.run(cmd[:4] + ["--predictions", str(out), "--clip", "random"], capture_output=True, text=True, cwd=ROOT)
     assert r4.returncode != 0 and r4.stderr.strip().splitlines()[-1].startswith("error: ") and "s_1" in r4.stderr
