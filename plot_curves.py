@@ -3,7 +3,8 @@ Joint-GRPO training curves from the runs' logs, laid out as the paper's Figure 2
 stage 1 (a) format reward r_f, (b) text fidelity r_t1, (c) video fidelity r_v1,
 (d) total reward, (e) thinking length; stage 2 (f) video fidelity r_v2,
 (g) semantic alignment r_c2, (h) total reward, plus (i) the motion statistic
-against the ground truth's (a DiT that buys reward with static frames shows there).
+against the ground truth's (a DiT that buys reward with static frames shows there), and,
+in the Shapes world, (j) the share of stage 1's completions that state the right event.
 
     python plot_curves.py out/shapes/grpo_stage1 out/shapes/grpo_stage2 --out curves.png
 
@@ -28,6 +29,7 @@ PANELS = [  # (stage, log key, title)
     (2, "rewards/clip_t/mean", "(g) stage 2: semantic alignment $r_{c2}$ (CLIP-T)"),
     (2, "reward", "(h) stage 2: total reward"),
     (2, "motion", "(i) stage 2: motion (mean |frame difference|)"),
+    (1, "event_accuracy", "(j) stage 1: caption event accuracy (Shapes)"),
 ]
 
 
@@ -59,7 +61,7 @@ def moving_average(y, n):
 
 
 def plot(stage1, stage2, smooth=10):
-    """-> a matplotlib Figure with the 9 panels; stage1 / stage2: read_log outputs (or None)."""
+    """-> a matplotlib Figure with the 10 panels; stage1 / stage2: read_log outputs (or None)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -79,7 +81,6 @@ def plot(stage1, stage2, smooth=10):
             ax.plot(*series["motion_gt"], color="tab:green", ls="--", lw=1.5, label="ground truth")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    axes[-1].axis("off")
     return fig
 
 

@@ -1380,7 +1380,7 @@ def test_training_curves_from_logs(tmp_path):
     runs = {1: tmp_path / "stage1", 2: tmp_path / "stage2"}
     rng = np.random.default_rng(0)
     logged = {1: {"rewards/format/mean": rng.random(30), "rewards/rouge_l/mean": rng.random(30), "reward": rng.random(30),
-                  "completions/think_length": rng.integers(0, 90, 30)},  # no clip_v: stage 1 without r_v1
+                  "completions/think_length": rng.integers(0, 90, 30), "event_accuracy": rng.random(30)},  # no clip_v
               2: {"rewards/clip_v/mean": rng.random(30), "rewards/clip_t/mean": rng.random(30), "reward": rng.random(30),
                   "motion": rng.random(30), "motion_gt": np.full(30, 0.5)}}
     for stage, run in runs.items():
@@ -1391,7 +1391,7 @@ def test_training_curves_from_logs(tmp_path):
                 f.write(json.dumps({"step": 5 * (i + 1), "samples": [{"completion": "x"}]}) + "\n")
     fig = plot_curves.plot(plot_curves.read_log(runs[1]), plot_curves.read_log(runs[2]), smooth=4)
     panels = {title: ax for (_, _, title), ax in zip(plot_curves.PANELS, fig.axes)}
-    assert len(panels) == 9
+    assert len(panels) == 10
     for stage, key, title in plot_curves.PANELS:
         ax = panels[title]
         if key not in logged[stage]:
@@ -1401,7 +1401,8 @@ def test_training_curves_from_logs(tmp_path):
         y = logged[stage][key]
         assert np.array_equal(raw.get_xdata(), 5 * np.arange(1, 31)) and np.allclose(raw.get_ydata(), y)
         assert np.allclose(avg.get_ydata(), [y[max(0, i - 3):i + 1].mean() for i in range(30)])  # mean of the last 4
-    assert np.allclose(panels[plot_curves.PANELS[-1][2]].lines[2].get_ydata(), 0.5)  # motion beside motion_gt
+    motion = next(title for _, key, title in plot_curves.PANELS if key == "motion")
+    assert np.allclose(panels[motion].lines[2].get_ydata(), 0.5)  # motion beside motion_gt
     r = subprocess.run([sys.executable, os.path.join(ROOT, "plot_curves.py"), str(runs[1]), str(runs[2]), "--out",
                         str(tmp_path / "curves.png")], capture_output=True, text=True)
     assert r.returncode == 0 and (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
