@@ -39,6 +39,9 @@ stage grpo_stage1 python grpo_stage1.py --config $C --init $OUT/sft_vlm/last \
     --vdm $OUT/sft_vdm/last --clip $OUT/clip --out $OUT/grpo_stage1 --seed $SEED --resume
 stage grpo_stage2 python grpo_stage2.py --config $C --vlm $OUT/grpo_stage1/last \
     --vdm $OUT/grpo_stage1/last --clip $OUT/clip --out $OUT/grpo_stage2 --seed $SEED --resume
+# the ablation differs in its reward only: it starts from stage 2's anchor captions (same VLM, same seed)
+mkdir -p $OUT/grpo_stage2_no_ct
+cp -n $OUT/grpo_stage2/anchors.rank*.jsonl $OUT/grpo_stage2_no_ct/
 stage grpo_stage2_no_ct python grpo_stage2.py --config $C --vlm $OUT/grpo_stage1/last \
     --vdm $OUT/grpo_stage1/last --clip $OUT/clip --rewards clip_v=1 --out $OUT/grpo_stage2_no_ct --seed $SEED --resume
 
