@@ -260,7 +260,9 @@ def train_clip(manifest, out, steps=1000, batch_size=64, lr=1e-3, frames_per_cli
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "clip.json"), "w") as f:
         json.dump(cfg, f)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(out, "clip.safetensors"))
+    path = os.path.join(out, "clip.safetensors")  # written last and atomically: its presence means done
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path + ".tmp")
+    os.replace(path + ".tmp", path)
     return losses
 
 

@@ -2,9 +2,9 @@
 # The whole of VANS trained from nothing on the Shapes world, on a CPU (or a GPU when there is one):
 #
 #   bash run_shapes.sh                        # seed 0 into out/shapes
-#   SEED=1 bash run_shapes.sh out/shapes-1    # another seed (the data stay the same)
+#   SEED=1 bash run_shapes.sh out/shapes-1    # another seed (the data and the CLIP stay the same)
 #
-# data -> VAE -> DiT + text encoder -> VLM -> a CLIP for this world -> Joint-GRPO stage 1
+# data -> a CLIP for this world -> VAE -> DiT + text encoder -> VLM -> Joint-GRPO stage 1
 # -> stage 2 (and stage 2 without r_c2) -> eval of every row on the test split -> curves.
 # Every stage's settings are in config/shapes.py; each prints its time and appends it to
 # OUT/times.txt, the record of finished stages: a rerun skips those and resumes an
@@ -31,25 +31,29 @@ stage() {  # stage NAME COMMAND...: run COMMAND unless OUT/times.txt records NAM
 if [ ! -e $DATA/test.jsonl ]; then
     stage data python data.py shapes --out $DATA --n-train 4000 --n-val 100 --n-test 200 --height 64 --width 112
 fi
+# so is the CLIP of this world, trained once (seed 0): the rewards and the metrics of every seed
+# use the same one, as the paper's use OpenAI's CLIP
+if [ ! -e $DATA/clip/clip.safetensors ]; then
+    stage clip python rewards.py train-clip --train $DATA/train.jsonl --out $DATA/clip --seed 0
+fi
 stage vae python sft_vdm.py --config $C:sft_vae --out $OUT/vae --seed $SEED --resume
 stage sft_vdm python sft_vdm.py --config $C --model $OUT/vae/last --out $OUT/sft_vdm --seed $SEED --resume
 stage sft_vlm python sft_vlm.py --config $C --out $OUT/sft_vlm --seed $SEED --resume
-stage clip python rewards.py train-clip --train $DATA/train.jsonl --out $OUT/clip --seed $SEED
 stage grpo_stage1 python grpo_stage1.py --config $C --init $OUT/sft_vlm/last \
-    --vdm $OUT/sft_vdm/last --clip $OUT/clip --out $OUT/grpo_stage1 --seed $SEED --resume
+    --vdm $OUT/sft_vdm/last --clip $DATA/clip --out $OUT/grpo_stage1 --seed $SEED --resume
 stage grpo_stage2 python grpo_stage2.py --config $C --vlm $OUT/grpo_stage1/last \
-    --vdm $OUT/grpo_stage1/last --clip $OUT/clip --out $OUT/grpo_stage2 --seed $SEED --resume
+    --vdm $OUT/grpo_stage1/last --clip $DATA/clip --out $OUT/grpo_stage2 --seed $SEED --resume
 # the ablation differs in its reward only: it starts from stage 2's anchor captions (same VLM, same seed)
 mkdir -p $OUT/grpo_stage2_no_ct
 cp -n $OUT/grpo_stage2/anchors.rank*.jsonl $OUT/grpo_stage2_no_ct/
 stage grpo_stage2_no_ct python grpo_stage2.py --config $C --vlm $OUT/grpo_stage1/last \
-    --vdm $OUT/grpo_stage1/last --clip $OUT/clip --rewards clip_v=1 --out $OUT/grpo_stage2_no_ct --seed $SEED --resume
+    --vdm $OUT/grpo_stage1/last --clip $DATA/clip --rewards clip_v=1 --out $OUT/grpo_stage2_no_ct --seed $SEED --resume
 
 # the table's rows: untrained, SFT, + stage 1, + stage 2 (Joint-GRPO), stage 2 without r_c2
 evaluate() {  # evaluate ROW --model ... : eval.py on the test split into OUT/eval/ROW
     local row=$1
     shift
-    stage "eval $row" python eval.py --manifest $DATA/test.jsonl --clip $OUT/clip --gt-cache $DATA/gt_i3d \
+    stage "eval $row" python eval.py --manifest $DATA/test.jsonl --clip $DATA/clip --gt-cache $DATA/gt_i3d \
         --seed $SEED --out $OUT/eval/$row "$@"
 }
 evaluate untrained --model random:shapes
