@@ -365,7 +365,7 @@ if __name__ == "__main__":
     sub = parser.add_subparsers(dest="cmd", required=True)
     tc = sub.add_parser("train-clip", help="contrastive training on a manifest's target frames and captions")
     tc.add_argument("--train", default="data/shapes/train.jsonl", help="training manifest")
-    tc.add_argument("--out", default="out/shapes/clip", help="output directory (clip.json + clip.safetensors)")
+    tc.add_argument("--out", default="data/shapes/clip", help="output directory (clip.json + clip.safetensors)")
     tc.add_argument("--steps", type=int, default=1000, help="optimizer steps")
     tc.add_argument("--batch-size", type=int, default=64, help="pairs per step")
     tc.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")

@@ -34,14 +34,14 @@ sft_vdm = dict(video, train_text_encoder=True, caption_dropout=0.1, cache_latent
 
 # Joint-GRPO. The VLM's SFT stops at step 1,500 of its 2,500-step schedule, so RL has room to act:
 # that step sits on the knee of the VLM's curve (70% caption event accuracy on val in one run, 20% in
-# run_shapes.sh's seed 0). CLIP-V/CLIP-T come from the tiny CLIP trained on this world
-grpo_stage1 = dict(data, init="out/shapes/sft_vlm/last", vdm="out/shapes/sft_vdm/last", clip="out/shapes/clip",
+# run_shapes.sh's seed 0). CLIP-V/CLIP-T come from the tiny CLIP of this world, trained once beside the data
+grpo_stage1 = dict(data, init="out/shapes/sft_vlm/last", vdm="out/shapes/sft_vdm/last", clip="data/shapes/clip",
                    rewards="format=1,rouge_l=1,clip_v=1", height=64, width=112, render_steps=20, render_cfg=3.0,
                    steps=150, lr=1e-3, group_size=8, prompts=2, max_new_tokens=160, micro_batch=16, save_every=25,
                    log_every=1)
 
 # on 2 cores, anchors took 2 min for 2,000 prompts from a 70% VLM and 9 min for 4,000 from a 20% one
 # (more tries), then a step takes 33-37 s
-grpo_stage2 = dict(data, vlm="out/shapes/grpo_stage1/last", vdm="out/shapes/grpo_stage1/last", clip="out/shapes/clip",
+grpo_stage2 = dict(data, vlm="out/shapes/grpo_stage1/last", vdm="out/shapes/grpo_stage1/last", clip="data/shapes/clip",
                    height=64, width=112, cfg=3.0, max_new_tokens=160, steps=30, lr=1e-4, group_size=8, prompts=1,
                    micro_batch=8, save_every=10, sample_every=10, log_every=1)
