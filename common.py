@@ -159,12 +159,18 @@ def lr_at(step, lr, warmup, steps):
 
 class Logger:
     """Metrics to <out>/log.jsonl and stdout, and to wandb when a project is given; rank 0 only.
-    The same calls whether wandb is on or off."""
+    The same calls whether wandb is on or off. A fresh run starts a new log; a run resumed at step
+    `start` keeps the rows of steps 1..start and drops the later ones, which it is about to redo."""
 
-    def __init__(self, out, args, rank):
+    def __init__(self, out, args, rank, start=0):
         self.on = rank == 0
         self.path = os.path.join(out, "log.jsonl")
         self.wandb = None
+        if self.on:
+            rows = open(self.path).read().splitlines() if start and os.path.isfile(self.path) else []
+            with open(self.path + ".tmp", "w") as f:
+                f.writelines(row + "\n" for row in rows if row and _step(row) <= start)
+            os.replace(self.path + ".tmp", self.path)
         if self.on and args.wandb:
             import wandb
             self.wandb = wandb.init(project=args.wandb, name=os.path.basename(os.path.abspath(out)), config=vars(args))
@@ -181,6 +187,14 @@ class Logger:
     def finish(self):
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _step(row):
+    """A log row's step; a row that is not JSON (cut short by a kill) counts as after any checkpoint."""
+    try:
+        return json.loads(row)["step"]
+    except json.JSONDecodeError:
+        return float("inf")
 
 
 # -----------------------------------------------------------------------------

@@ -219,7 +219,7 @@ if resume:
     common.print0(f"resumed from {last} at step {start}")
 else:
     torch.manual_seed(args.seed + rank)  # completions differ by rank
-logger = common.Logger(args.out, args, rank)
+logger = common.Logger(args.out, args, rank, start)
 
 
 def save(step):

@@ -297,7 +297,7 @@ if resume:
     common.print0(f"resumed from {last} at step {start}")
 else:
     torch.manual_seed(args.seed + rank)  # noise, timesteps and caption dropout differ by rank
-logger = common.Logger(args.out, args, rank)
+logger = common.Logger(args.out, args, rank, start)
 
 
 def save(step):

@@ -987,8 +987,12 @@ def test_sft_vlm_lora_exact_resume(shapes_small, tmp_path):
     flags = ["--model", "tiny", "--train", str(shapes_small / "train.jsonl"), "--steps", "8", "--batch-size", "2",
              "--lr", "1e-3", "--warmup", "2"]
     _train("sft_vlm.py", flags, tmp_path / "straight")
+    (tmp_path / "split").mkdir()
+    (tmp_path / "split" / "log.jsonl").write_text('{"step": 1, "loss": 9.0}\n')  # an earlier run's: a fresh run drops it
     _train("sft_vlm.py", flags + ["--stop-at", "4"], tmp_path / "split")
     assert json.load(open(tmp_path / "split" / "last" / "meta.json"))["step"] == 4
+    with open(tmp_path / "split" / "log.jsonl", "a") as f:  # a run killed after step 4's checkpoint left steps 5-6
+        f.write('{"step": 5, "loss": 9.0}\n{"step": 6, "lo')
     _train("sft_vlm.py", flags + ["--resume"], tmp_path / "split")
     _same_weights(tmp_path / "straight" / "last", tmp_path / "split" / "last")
     assert _log(tmp_path / "straight") == pytest.approx(_log(tmp_path / "split"), abs=0)
