@@ -4,6 +4,7 @@ setup, the learning-rate schedule, logging, and resumable training state.
 """
 
 import argparse
+import datetime
 import json
 import math
 import os
@@ -64,9 +65,8 @@ def add_run_flags(parser, out, steps):
     paper's number of steps, and out/<script> as the run directory."""
     parser.add_argument("--out", default=out, help="run directory: checkpoints and log.jsonl")
     parser.add_argument("--resume", action="store_true", help="continue from <out>/last if it exists")
-    parser.add_argument("--seed", type=int, default=0, help="seed for data order and noise (rank r uses seed + r)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for data order, noise and a fresh LoRA (rank r uses seed + r)")
     parser.add_argument("--steps", type=int, default=steps, help="optimizer steps")
-    parser.add_argument("--batch-size", type=int, default=1, help="samples per rank per step")
     parser.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (AdamW)")
     parser.add_argument("--warmup", type=int, default=0, help="linear warmup steps, then cosine decay to 0")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
@@ -93,7 +93,9 @@ def compute_init(device):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if "RANK" in os.environ:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # one-off phases (caching latents, sampling anchors) take unequal time on each rank before
+        # a barrier: an hour, not NCCL's default 10 minutes, before a rank is declared hung
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=1))
     return rank, world, device
 
 

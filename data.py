@@ -228,8 +228,8 @@ class ClipDataset(torch.utils.data.Dataset):
         target  uint8 (frames, height, width, 3)  the target, uniform over the target video
     Decoding is deterministic, so DataLoader workers need no seeding. A clip that fails to
     decode mid-run (read_manifest checked it opens) does not stop training: a one-line warning
-    names it and the next sample takes its place (item["skipped"] counts the replacements), so
-    a batch never shrinks and DDP ranks stay in step."""
+    names it and the next sample takes its place (item["skipped"] counts the replacements,
+    item["index"] is the sample's index), so a batch never shrinks and DDP ranks stay in step."""
 
     def __init__(self, samples, parts, frames=33, height=352, width=640, vlm_frames=6):
         self.samples, self.parts = samples, parts
@@ -251,7 +251,8 @@ class ClipDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         for skipped in range(len(self.samples)):
             try:
-                return {**self.load(self.samples[(i + skipped) % len(self.samples)]), "skipped": skipped}
+                j = (i + skipped) % len(self.samples)
+                return {**self.load(self.samples[j]), "index": j, "skipped": skipped}
             except VideoError as e:
                 print(f"warning: {e}; using the next sample", file=sys.stderr, flush=True)
         raise VideoError("every sample of the dataset failed to decode")

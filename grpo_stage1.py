@@ -105,7 +105,7 @@ amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else
 dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 os.makedirs(args.out, exist_ok=True)
 last = os.path.join(args.out, "last")
-resume = args.resume and os.path.isdir(last)
+resume = args.resume and model.checkpoint_exists(last)
 G = args.group_size
 
 
@@ -145,6 +145,7 @@ vlm, _ = model.load(last if resume else args.init, qwen=args.qwen, wan=args.wan,
 if not resume:
     if hasattr(vlm.model, "merge_and_unload"):  # the SFT adapter becomes part of the reference
         vlm.model = vlm.model.merge_and_unload()
+    torch.manual_seed(args.seed)  # a fresh LoRA's init follows --seed (the same on every rank)
     vlm.model = model.add_lora(vlm.model)
 for name, p in vlm.model.named_parameters():
     p.requires_grad_(".lora_" in name)
@@ -240,12 +241,13 @@ end = min(args.steps, args.stop_at) if args.stop_at else args.steps
 sampler = data.StepSampler(len(dataset), args.prompts, rank, world, args.seed, start, end)
 loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
                                      collate_fn=data.collate, generator=torch.Generator())  # leaves the global RNG alone
-t0 = time.time()
+skipped, t0 = 0, time.time()
 progress = tqdm(total=args.steps, initial=start, disable=not master, desc="grpo_stage1")
 for step, batch in zip(range(start, end), loader):
     lr = common.lr_at(step, args.lr, args.warmup, args.steps)
     for g in optimizer.param_groups:
         g["lr"] = lr
+    skipped += batch["skipped"]
     rep = lambda xs: [x for x in xs for _ in range(G)]
     videos, questions = rep(batch["vlm"]), rep(batch["question"])
     mb = args.micro_batch
@@ -301,7 +303,8 @@ for step, batch in zip(range(start, end), loader):
                    **({"renders": common.all_mean([renders])} if render else {}),
                    **({"event_accuracy": common.all_mean(rewards.caption_event(completions, rep([{"event": e} for e in batch["event"]])))}
                       if all(batch["event"]) else {}),
-                   "grad_norm": float(grad_norm), "lr": lr, "sec_per_step": (time.time() - t0) / (done - start)}
+                   "grad_norm": float(grad_norm), "lr": lr, "skipped": skipped,
+                   "sec_per_step": (time.time() - t0) / (done - start)}
         logger.log(metrics, done)
         logger.log({"samples": [{"question": q, "completion": c, "reward": round(float(r), 4)} for q, c, r in
                                 zip(questions, completions, weighted.flatten())][:args.log_samples]}, done)

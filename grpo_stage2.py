@@ -13,7 +13,8 @@ writes the anchor captions.
     # a 24 GB GPU: train a LoRA on the DiT instead of every weight
     python grpo_stage2.py --train data/train.jsonl --lora
 
-1. Anchors, once (cached in <out>/anchors.rank*.jsonl, so a restart does not redo them): the
+1. Anchors, once (cached in <out>/anchors.rank*.jsonl, so a restart does not redo them; a
+   cache made with another --vlm or other anchor flags is an error): the
    stage-1 VLM's caption of every training prompt. A caption with ROUGE-L below
    --anchor-min-rouge (0.6) against the ground truth is sampled again, up to --anchor-tries
    times; then the prompt is skipped and counted.
@@ -107,7 +108,7 @@ amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else
 frozen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 os.makedirs(args.out, exist_ok=True)
 last = os.path.join(args.out, "last")
-resume = args.resume and os.path.isdir(last)
+resume = args.resume and model.checkpoint_exists(last)
 G = args.group_size
 
 
@@ -134,7 +135,6 @@ weights = {k: w for k, (w, _) in reward_fns.items()}
 # data
 
 train, _ = common.read_manifests(args, min_frames=args.frames)
-clips = data.ClipDataset(train, ("vlm", "clip", "target"), args.frames, args.height, args.width, model.VLM_FRAMES)
 
 # -----------------------------------------------------------------------------
 # anchors: the stage-1 VLM's captions, kept when ROUGE-L >= --anchor-min-rouge
@@ -144,11 +144,24 @@ vlm, _ = model.load(args.vlm, qwen=args.qwen, wan=args.wan, vans=args.vans, dtyp
 vlm.model.to(device).eval().requires_grad_(False)
 vlm_frames = data.ClipDataset(train, ("vlm",), args.frames, vlm_frames=model.VLM_FRAMES)
 key = lambda i: f"{i}:{train[i]['id']}"  # a changed manifest does not reuse stale anchors
-anchors = {}
-for name in sorted(os.listdir(args.out)):
-    if name.startswith("anchors.rank") and name.endswith(".jsonl"):
-        with open(os.path.join(args.out, name)) as f:
-            anchors.update((r["key"], r) for r in map(json.loads, f))
+made_by = {"vlm": args.vlm, "min_rouge": args.anchor_min_rouge, "tries": args.anchor_tries,
+           "max_new_tokens": args.max_new_tokens}
+
+
+def read_anchors():
+    found = {}
+    for name in sorted(os.listdir(args.out)):
+        if name.startswith("anchors.rank") and name.endswith(".jsonl"):
+            with open(os.path.join(args.out, name)) as f:
+                for r in map(json.loads, f):
+                    if r.get("made_by") != made_by:
+                        raise SystemExit(f"error: {f.name} was made with {r.get('made_by')}, this run needs {made_by}; "
+                                         "delete it or change --out")
+                    found[r["key"]] = r
+    return found
+
+
+anchors = read_anchors()
 todo = [i for i in range(len(train))[rank::world] if key(i) not in anchors]
 with open(os.path.join(args.out, f"anchors.rank{rank}.jsonl"), "a") as f:
     for c in tqdm(range(0, len(todo), args.micro_batch), disable=not master or not todo, desc="anchors"):
@@ -165,24 +178,27 @@ with open(os.path.join(args.out, f"anchors.rank{rank}.jsonl"), "a") as f:
                 if score > best.get(i, (-1.0,))[0]:
                     best[i] = (score, caption, attempt + 1)
         for i in idx:
-            score, caption, tries = best[i]
+            score, caption, found_at = best[i]
             keep = score >= args.anchor_min_rouge
-            r = {"key": key(i), "caption": caption if keep else None, "rouge_l": round(score, 4), "tries": tries}
+            r = {"key": key(i), "caption": caption if keep else None, "rouge_l": round(score, 4), "found_at": found_at,
+                 "made_by": made_by}
             anchors[r["key"]] = r
             f.write(json.dumps(r) + "\n")
             f.flush()
 if world > 1:
     dist.barrier()
-    for name in os.listdir(args.out):  # every rank reads every rank's anchors
-        if name.startswith("anchors.rank") and name.endswith(".jsonl"):
-            with open(os.path.join(args.out, name)) as f:
-                anchors.update((r["key"], r) for r in map(json.loads, f))
+    anchors = read_anchors()  # every rank reads every rank's anchors
 usable = [i for i in range(len(train)) if anchors[key(i)]["caption"] is not None]
 common.print0(f"anchors: {len(usable)} of {len(train)} prompts kept, {len(train) - len(usable)} skipped "
               f"(ROUGE-L < {args.anchor_min_rouge} after {args.anchor_tries} tries)")
 if not usable:
     raise SystemExit("error: no prompt has an anchor caption; lower --anchor-min-rouge or train stage 1 further")
 vlm.model.to("cpu")  # kept only to go into the checkpoint
+# training data: the prompts with an anchor. A clip that fails to decode is replaced by the next
+# such prompt, and item["index"] fetches the caption of the prompt actually loaded.
+clips = data.ClipDataset([train[i] for i in usable], ("vlm", "clip", "target"), args.frames, args.height, args.width,
+                         model.VLM_FRAMES)
+anchor_captions = [anchors[key(i)]["caption"] for i in usable]
 
 # -----------------------------------------------------------------------------
 # models: the DiT (every weight, or a LoRA), its frozen reference, the frozen encoders and CLIP
@@ -292,19 +308,20 @@ def save(step):
 
 end = min(args.steps, args.stop_at) if args.stop_at else args.steps
 sampler = data.StepSampler(len(usable), args.prompts, rank, world, args.seed, start, end)
-loader = torch.utils.data.DataLoader(torch.utils.data.Subset(clips, usable), batch_sampler=sampler,
+loader = torch.utils.data.DataLoader(clips, batch_sampler=sampler,
                                      num_workers=args.workers, collate_fn=data.collate, generator=torch.Generator())
 sigmas = model.flow_sigmas(args.sample_steps).to(device)
 trained_steps = range(int(args.sample_steps * args.train_fraction))
 neg = vdm.encode_text([model.NEGATIVE_PROMPT]) if args.cfg != 1.0 else None  # (1, 512, D)
-t0 = time.time()
+skipped, t0 = 0, time.time()
 progress = tqdm(total=args.steps, initial=start, disable=not master, desc="grpo_stage2")
 for step, batch in zip(range(start, end), loader):
     lr = common.lr_at(step, args.lr, args.warmup, args.steps)
     for g in optimizer.param_groups:
         g["lr"] = lr
-    P, mb = len(batch["id"]), args.micro_batch
-    captions = [anchors[key(usable[i])]["caption"] for i in sampler.batch(step) for _ in range(G)]
+    skipped += batch["skipped"]
+    mb = args.micro_batch
+    captions = [anchor_captions[i] for i in batch["index"] for _ in range(G)]
     with torch.no_grad():
         text = vdm.encode_text(captions)  # (P * G, 512, D)
         refs = vdm.ref_latents(vdm.encode_video(data.to_tensor(batch["clip"]))) if vdm.n_refs else None
@@ -370,7 +387,8 @@ for step, batch in zip(range(start, end), loader):
                    **{k: common.all_mean([s[k] for s in stats]) for k in ("kl", "clip_ratio", "approx_kl")},
                    "motion": common.all_mean(motion(videos)),
                    "motion_gt": common.all_mean(motion(list(batch["target"].numpy()))),
-                   "grad_norm": float(grad_norm), "lr": lr, "sec_per_step": (time.time() - t0) / (done - start)}
+                   "grad_norm": float(grad_norm), "lr": lr, "skipped": skipped,
+                   "sec_per_step": (time.time() - t0) / (done - start)}
         logger.log(metrics, done)
         progress.set_postfix(reward=f"{metrics['reward']:.3f}", motion=f"{metrics['motion']:.4f}")
     if master and (done % args.sample_every == 0 or done == end):

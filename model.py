@@ -690,6 +690,17 @@ def save_checkpoint(path, vlm, vdm, meta, parts=("vlm", "vlm_lora", "dit", "vae"
         os.rename(tmp, path)
 
 
+def checkpoint_exists(path):
+    """Whether <path> holds a checkpoint. A save_checkpoint cut between its two renames left the
+    previous checkpoint at <path>.old and none at <path>: it is put back first."""
+    if not os.path.exists(path) and os.path.isdir(path + ".old"):
+        try:
+            os.rename(path + ".old", path)
+        except FileNotFoundError:  # another rank put it back
+            pass
+    return os.path.isdir(path)
+
+
 def load_checkpoint(path, qwen=None, wan=None, dtype=torch.bfloat16, need=("vlm", "vdm")):
     """Our checkpoint directory -> (vlm, vdm); a model not in `need` is None. The parts the
     checkpoint holds go onto the preset's base models. A needed model must have its weights

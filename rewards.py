@@ -282,8 +282,9 @@ def normalise(r, group_size, mode="group", eps=1e-4):
         and CLIP-V is noise. Within-group z-scores give each reward the same say in the ranking,
         which is what lambda = 1 ("equal importance") asks, and the group is exactly what GRPO
         compares. A reward equal across a group contributes 0.
-    batch: z-score over the whole batch. Keeps between-prompt differences, but a reward whose
-        spread lies mostly across prompts is then down-weighted inside every group.
+    batch: z-score over this rank's batch (P * G samples; the same as group when P = 1). The
+        group advantage removes between-prompt offsets afterwards anyway; what differs is the
+        scale: a reward whose spread lies mostly across prompts is down-weighted inside every group.
     none: raw values (the sum is dominated by the reward with the widest spread).
     """
     if mode == "none":

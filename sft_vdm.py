@@ -80,6 +80,7 @@ parser.add_argument("--train-text-encoder", action="store_true", help="train the
 parser.add_argument("--timestep-shift", type=float, default=5.0, help="u ~ U(0,1) -> s = shift u / (1 + (shift - 1) u)")
 parser.add_argument("--caption-dropout", type=float, default=0.0, help="probability a caption is replaced by the negative prompt")
 parser.add_argument("--ema", type=float, default=0.0, help="EMA decay of the DiT weights (0 = off)")
+parser.add_argument("--batch-size", type=int, default=1, help="samples per rank per step")
 # validation
 parser.add_argument("--val-every", type=int, default=1000, help="validate every N steps (0 = only at the end)")
 parser.add_argument("--val-loss-samples", type=int, default=32, help="validation samples for the loss (fixed noise and timesteps)")
@@ -97,7 +98,7 @@ master = rank == 0
 amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 os.makedirs(args.out, exist_ok=True)
 last = os.path.join(args.out, "last")
-resume = args.resume and os.path.isdir(last)
+resume = args.resume and model.checkpoint_exists(last)
 if args.train_vae and (args.train_text_encoder or args.cache_latents or args.ema):
     parser.error("--train-vae trains the VAE alone, from clips: no --train-text-encoder, --cache-latents or --ema")
 

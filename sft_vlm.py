@@ -54,6 +54,7 @@ parser.add_argument("--frames", type=int, default=33, help="an input video needs
 parser.add_argument("--model", default="base", help="base (Qwen2.5-VL-3B-Instruct) | tiny | a checkpoint directory")
 parser.add_argument("--qwen", default=None, help="local copy of Qwen/Qwen2.5-VL-3B-Instruct")
 parser.add_argument("--finetune", default="lora", choices=["lora", "full"], help="train a LoRA adapter or every weight")
+parser.add_argument("--batch-size", type=int, default=1, help="samples per rank per step")
 # validation
 parser.add_argument("--val-every", type=int, default=500, help="validate every N steps (0 = only at the end)")
 parser.add_argument("--val-loss-samples", type=int, default=64, help="validation samples for the loss")
@@ -70,7 +71,7 @@ master = rank == 0
 amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 os.makedirs(args.out, exist_ok=True)
 last = os.path.join(args.out, "last")
-resume = args.resume and os.path.isdir(last)
+resume = args.resume and model.checkpoint_exists(last)
 
 # -----------------------------------------------------------------------------
 # data
@@ -87,6 +88,7 @@ vlm, _ = model.load(last if resume else args.model, qwen=args.qwen, dtype=dtype,
 if args.finetune == "lora":
     from peft import PeftModel
     if not isinstance(vlm.model, PeftModel):
+        torch.manual_seed(args.seed)  # a fresh LoRA's init follows --seed (the same on every rank)
         vlm.model = model.add_lora(vlm.model)
     for name, p in vlm.model.named_parameters():
         p.requires_grad_(".lora_" in name)

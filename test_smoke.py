@@ -899,6 +899,7 @@ def test_clip_dataset_and_workers(shapes_small, files, capfd):
     ds = data.ClipDataset([samples[0], broken, samples[2]], ("target",), frames=9, height=32, width=48)
     batch = data.collate([ds[i] for i in range(3)])
     assert batch["skipped"] == 1 and batch["id"] == [samples[0]["id"], samples[2]["id"], samples[2]["id"]]
+    assert batch["index"] == [0, 2, 2]  # the sample actually loaded
     assert re.fullmatch(r"warning: .*truncated\.mp4: not a readable video.*; using the next sample\n",
                         capfd.readouterr().err)
 
@@ -924,7 +925,7 @@ def test_config_presets(tmp_path):
         common.add_run_flags(p, out="o", steps=100)
         return common.parse_flags(p, "a", argv)
     args = parse(["--out", "o", "--config", str(cfg)])
-    assert (args.steps, args.lr, args.batch_size) == (7, 0.5, 1)
+    assert (args.steps, args.lr, args.warmup) == (7, 0.5, 0)
     assert parse([]).steps == 100
     assert parse(["--out", "o", "--config", str(cfg), "--lr", "0.1"]).lr == 0.1  # the command line wins
     with pytest.raises(SystemExit):
@@ -993,6 +994,7 @@ def test_sft_vlm_lora_exact_resume(shapes_small, tmp_path):
     assert json.load(open(tmp_path / "split" / "last" / "meta.json"))["step"] == 4
     with open(tmp_path / "split" / "log.jsonl", "a") as f:  # a run killed after step 4's checkpoint left steps 5-6
         f.write('{"step": 5, "loss": 9.0}\n{"step": 6, "lo')
+    os.rename(tmp_path / "split" / "last", tmp_path / "split" / "last.old")  # and its next save, between the renames
     _train("sft_vlm.py", flags + ["--resume"], tmp_path / "split")
     _same_weights(tmp_path / "straight" / "last", tmp_path / "split" / "last")
     assert _log(tmp_path / "straight") == pytest.approx(_log(tmp_path / "split"), abs=0)
@@ -1326,9 +1328,14 @@ def test_grpo_stage2_torchrun_lora_anchors_and_exact_resume(shapes_small, tmp_pa
     _train("grpo_stage2.py", flags + no_clip + ["--resume"], tmp_path / "split")
     assert open(tmp_path / "split" / "anchors.rank0.jsonl").read() == lines
     _same_weights(tmp_path / "straight" / "last", tmp_path / "split" / "last")
+    # anchors cached under other flags are not reused: one error line
+    bar = ["--anchor-min-rouge", "0.6", "--anchor-tries", "2"]
+    r = _train("grpo_stage2.py", flags + bar, tmp_path / "split", check=False)
+    assert r.returncode != 0 and re.fullmatch(r"error: .*anchors\.rank0\.jsonl was made with \{.*\}, this run needs "
+                                              r"\{.*'min_rouge': 0\.6, 'tries': 2.*\}; delete it or change --out",
+                                              r.stderr.strip().splitlines()[-1])
     # a VLM whose captions never reach the bar: every prompt skipped and counted, one error line
-    r = _train("grpo_stage2.py", flags + ["--anchor-min-rouge", "0.6", "--anchor-tries", "2"], tmp_path / "none",
-               check=False)
+    r = _train("grpo_stage2.py", flags + bar, tmp_path / "none", check=False)
     assert r.returncode != 0 and "anchors: 0 of 16 prompts kept, 16 skipped (ROUGE-L < 0.6 after 2 tries)" in r.stdout
     assert r.stderr.strip().splitlines()[-1].startswith("error: no prompt has an anchor caption")
 
