@@ -134,14 +134,16 @@ def to_uint8(video):
 
 
 def write_video(path, frames, fps=11):
-    """Write uint8 (T, H, W, 3) as H.264 mp4 (yuv420p, so H and W must be even)."""
+    """Write uint8 (T, H, W, 3) as H.264 mp4 (yuv420p, so H and W must be even). The same frames
+    give the same file: x264's lookahead and macroblock tree are off, since with them the
+    bitstream varies from run to run."""
     import av
     T, H, W, _ = frames.shape
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with av.open(path, "w") as out:
         stream = out.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
-        stream.options = {"crf": "18"}
+        stream.options = {"crf": "18", "x264-params": "rc-lookahead=0:mbtree=0"}
         for f in frames:
             out.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")))
         out.mux(stream.encode())

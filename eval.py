@@ -500,6 +500,20 @@ if __name__ == "__main__":
     out_dir = args.predictions or args.out or os.path.join("eval", name + (f"-{kind}" if kind else ""))
     os.makedirs(out_dir, exist_ok=True)
     done = lambda s: all(os.path.isfile(os.path.join(out_dir, f"{s['file']}.{e}")) for e in ("mp4", "json"))
+    if not args.predictions:  # made_by.json records what made the outputs: other flags are an error
+        where = lambda x: os.path.abspath(x) if x and os.path.exists(x) else x
+        made_by = {"model": where(args.model), "vdm": where(args.vdm), "batch_size": args.batch_size,
+                   **{k: getattr(args, k) for k in ("seed", "greedy", "max_new_tokens", "steps", "cfg", "height", "width",
+                                                     "frames")}}
+        record = os.path.join(out_dir, "made_by.json")
+        if os.path.isfile(record):
+            with open(record) as f:
+                if (old := json.load(f)) != made_by:
+                    infer.fail(f"{out_dir} holds outputs made with {old}, this run needs {made_by}; delete it or change --out")
+        else:
+            with open(record + ".tmp", "w") as f:
+                json.dump(made_by, f)
+            os.replace(record + ".tmp", record)
 
     # --- scorers first: a missing weight file fails before any generation
     try:
@@ -510,7 +524,8 @@ if __name__ == "__main__":
     if args.clip == "random":
         print("warning: CLIP has random weights (--clip random): CLIP-V / CLIP-T are not meaningful", file=sys.stderr)
 
-    # --- generate what is not cached yet
+    # --- generate what is not cached yet. rng.pt holds the random streams after each batch: a cut
+    # run goes on exactly.
     todo = [s for s in samples if not done(s)]
     if args.predictions and todo:
         infer.fail(f"{out_dir}: no prediction for {len(todo)} samples (e.g. {todo[0]['file']}.mp4/.json)")
@@ -518,6 +533,18 @@ if __name__ == "__main__":
         vlm, vdm = infer.load_models(args)
         torch.manual_seed(args.seed)
         generator = torch.Generator("cpu").manual_seed(args.seed)
+        cuda = torch.device(args.device).type == "cuda"
+        streams, position = os.path.join(out_dir, "rng.pt"), {s["file"]: n for n, s in enumerate(samples)}
+        if os.path.isfile(streams):
+            saved = torch.load(streams, weights_only=True)
+            if position.get(saved["after"], -2) + 1 == position[todo[0]["file"]]:
+                torch.set_rng_state(saved["cpu"])
+                generator.set_state(saved["generator"])
+                if cuda:
+                    torch.cuda.set_rng_state(saved["cuda"])
+            else:
+                print(f"warning: {streams} does not continue at {todo[0]['file']}: the random streams start again "
+                      "from --seed", file=sys.stderr)
         from tqdm import tqdm
         for i in tqdm(range(0, len(todo), args.batch_size), desc="generate"):
             batch = todo[i:i + args.batch_size]
@@ -533,6 +560,10 @@ if __name__ == "__main__":
                 with open(path + ".json.tmp", "w") as f:
                     json.dump(o, f)
                 os.replace(path + ".json.tmp", path + ".json")
+            saved = {"after": batch[-1]["file"], "cpu": torch.get_rng_state(), "generator": generator.get_state(),
+                     **({"cuda": torch.cuda.get_rng_state()} if cuda else {})}
+            torch.save(saved, streams + ".tmp")
+            os.replace(streams + ".tmp", streams)
 
     # --- score
     preds = []

@@ -738,9 +738,24 @@ def test_eval_run_resume_and_predictions(tmp_path):
         assert -1 <= res[k] <= 1
     assert res["rouge_l"] == pytest.approx(np.mean([s["rouge_l"] for s in res["samples"]]))
     assert "| tiny |" in r.stdout and r.stdout.count("\n") >= 3
-    assert sorted(p.name for p in out.iterdir()) == ["report.html", "results.json", "s_0.json", "s_0.mp4",
-                                                     "s_1.json", "s_1.mp4", "s_2.json", "s_2.mp4"]
+    assert sorted(p.name for p in out.iterdir()) == ["made_by.json", "report.html", "results.json", "rng.pt", "s_0.json",
+                                                     "s_0.mp4", "s_1.json", "s_1.mp4", "s_2.json", "s_2.mp4"]
     assert data.read_frames(str(out / "s_0.mp4")).shape == (9, 48, 80, 3)
+    # a run cut after its first batch goes on with the same random streams: the same outputs
+    cut = cmd + ["--out", str(tmp_path / "cut"), "--batch-size", "2"]
+    for extra in (["--limit", "2"], []):
+        r = subprocess.run(cut + extra, capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 0 and "random streams" not in r.stderr, r.stderr
+    whole = tmp_path / "whole"
+    assert subprocess.run(cmd + ["--out", str(whole), "--batch-size", "2"], capture_output=True, cwd=ROOT).returncode == 0
+    for f in ("s_0", "s_2"):
+        assert (tmp_path / "cut" / f"{f}.json").read_text() == (whole / f"{f}.json").read_text()
+        assert np.array_equal(data.read_frames(str(tmp_path / "cut" / f"{f}.mp4")), data.read_frames(str(whole / f"{f}.mp4")))
+    # other generation flags on the same outputs: one error line
+    r = subprocess.run(cmd + ["--out", str(out), "--seed", "1"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode != 0 and re.fullmatch(r"error: .*out holds outputs made with \{.*'seed': 0.*\}, this run needs "
+                                              r"\{.*'seed': 1.*\}; delete it or change --out", r.stderr.strip())
+    assert "CLIP" not in r.stderr  # before anything is loaded
     # a restart generates nothing: the cached outputs are kept as they are
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("s_*")}
     r2 = subprocess.run(cmd + ["--out", str(out), "--procedural"], capture_output=True, text=True, cwd=ROOT)
