@@ -162,10 +162,11 @@ def encode(clip, target, captions):
 
 class LatentCache(torch.utils.data.Dataset):
     """The samples' reference latents, target latents and caption embeddings (trimmed of Wan's
-    zero padding), one safetensors file per sample, computed once by all ranks together."""
+    zero padding), one safetensors file per sample, computed once by all ranks together. A
+    sample whose clip fails to decode is left out, and counted."""
 
     def __init__(self, samples, root):
-        self.samples, self.root = samples, root
+        self.root = root
         key = dict(model=os.path.abspath(args.model), height=args.height, width=args.width, frames=args.frames,
                    n_refs=args.n_refs, text=not args.train_text_encoder)
         os.makedirs(root, exist_ok=True)
@@ -175,26 +176,32 @@ class LatentCache(torch.utils.data.Dataset):
                 old = json.load(f)
             if old != key:
                 raise SystemExit(f"error: {root} was made with {old}, this run needs {key}; delete it or change --out")
-        todo = [i for i in range(len(samples))[rank::world] if not os.path.isfile(self.path(i))]
+        elif master:  # before any latent, so that a run cut short cannot leave files of unrecorded settings
+            with open(info + ".tmp", "w") as f:
+                json.dump(key, f)
+            os.replace(info + ".tmp", info)
+        todo = [i for i in range(len(samples))[rank::world] if not os.path.isfile(self.path(samples[i]))]
         for j in tqdm(range(0, len(todo), args.batch_size), disable=not master, desc="cache latents"):
             idx = todo[j:j + args.batch_size]
             b = data.collate([clips[i] for i in idx])
             refs, x0, text = encode(b["clip"], b["target"], b["caption"])
             for k, i in enumerate(idx):
+                if b["index"][k] != i:  # sample i failed to decode (warned); another took its place in b
+                    continue
                 t = {"x0": x0[k]} | ({"refs": refs[k]} if refs is not None else {})
                 if text is not None:
                     keep = text[k].abs().sum(-1) > 0
                     t["text"] = text[k, :int(keep.nonzero().max()) + 1 if keep.any() else 1]
-                save_file({n: v.to(torch.bfloat16).contiguous().cpu() for n, v in t.items()}, self.path(i) + ".tmp")
-                os.replace(self.path(i) + ".tmp", self.path(i))
-        if master:
-            with open(info, "w") as f:
-                json.dump(key, f)
+                file = self.path(samples[i])
+                save_file({n: v.to(torch.bfloat16).contiguous().cpu() for n, v in t.items()}, file + ".tmp")
+                os.replace(file + ".tmp", file)
         if world > 1:
             dist.barrier()
+        self.samples = [s for s in samples if os.path.isfile(self.path(s))]
+        if len(self.samples) < len(samples):
+            common.print0(f"cache: {len(samples) - len(self.samples)} samples left out (their clips failed to decode)")
 
-    def path(self, i):
-        s = self.samples[i]
+    def path(self, s):
         h = hashlib.sha1("\0".join([s["input_video"], s["target_video"], s["caption"]]).encode()).hexdigest()[:16]
         return os.path.join(self.root, f"{h}.safetensors")
 
@@ -202,7 +209,8 @@ class LatentCache(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, i):
-        return {**load_file(self.path(i)), "caption": self.samples[i]["caption"], "skipped": 0}
+        s = self.samples[i]
+        return {**load_file(self.path(s)), "caption": s["caption"], "skipped": 0}
 
 
 def collate_latents(items):
@@ -375,7 +383,8 @@ for step, batch in zip(range(start, end), loader):
     loss.backward()
     if world > 1:
         for p in manual_sync:  # the parts outside DDP / FSDP (tiny text encoder or VAE)
-            dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+            if p.grad is not None:  # None on every rank alike (the VAE's time convolutions, on single frames)
+                dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
