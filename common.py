@@ -80,6 +80,15 @@ def add_run_flags(parser, out, steps):
     parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
 
 
+def load_model(name, **kw):
+    """(preset, model.load(name, ...)) for the training scripts: a bad checkpoint is one error line."""
+    import model
+    try:
+        return model.preset_of(name), model.load(name, **kw)
+    except model.CheckpointError as e:
+        sys.exit(f"error: {e}")
+
+
 # -----------------------------------------------------------------------------
 # distributed
 

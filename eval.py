@@ -303,14 +303,14 @@ def cached_i3d_logits(model, videos, paths, cache_dir=None):
 # -----------------------------------------------------------------------------
 # the evaluation run
 
-def score(samples, preds, clip, i3d, height, width, gt_cache=None):
+def score(samples, preds, clip, i3d, gt_cache=None):
     """samples: manifest rows; preds: matching dicts with caption and video (uint8 (T, H, W, 3)).
     -> (table dict, per-sample list). CLIP-T compares each generated frame with the ground-truth
     caption; the ground-truth video is read at the generated frame count and size. gt_cache: a
     directory that keeps the ground truth's I3D logits (cached_i3d_logits)."""
     caps, refs = [p["caption"] for p in preds], [s["caption"] for s in samples]
     videos = [p["video"] for p in preds]
-    gts = [data.resize_crop(data.read_frames(s["target_video"], len(v)), height, width) for s, v in zip(samples, videos)]
+    gts = [data.resize_crop(data.read_frames(s["target_video"], len(v)), *v.shape[1:3]) for s, v in zip(samples, videos)]
     rl = [rewards.rouge_l(c, r) for c, r in zip(caps, refs)]
     cv = clip.clip_v(videos, gts).tolist()
     ct = clip.clip_t(videos, refs).tolist()
@@ -572,7 +572,7 @@ if __name__ == "__main__":
             p = json.load(f)
         p["video"] = data.read_frames(os.path.join(out_dir, f"{s['file']}.mp4"))
         preds.append(p)
-    row, per = score(samples, preds, clip, i3d, args.height, args.width, args.gt_cache)
+    row, per = score(samples, preds, clip, i3d, args.gt_cache)
     results = {"model": name if args.predictions else args.model, "manifest": os.path.abspath(args.manifest), "split": kind or "all",
                "clip": args.clip, **row, "samples": per}
     with open(os.path.join(out_dir, "results.json"), "w") as f:

@@ -140,7 +140,7 @@ train, _ = common.read_manifests(args, min_frames=args.frames)
 # anchors: the stage-1 VLM's captions, kept when ROUGE-L >= --anchor-min-rouge
 
 torch.manual_seed(args.seed + rank)  # anchor captions are sampled
-vlm, _ = model.load(args.vlm, qwen=args.qwen, wan=args.wan, vans=args.vans, dtype=frozen_dtype, need=("vlm",))
+_, (vlm, _) = common.load_model(args.vlm, qwen=args.qwen, wan=args.wan, vans=args.vans, dtype=frozen_dtype, need=("vlm",))
 vlm.model.to(device).eval().requires_grad_(False)
 vlm_frames = data.ClipDataset(train, ("vlm",), args.frames, vlm_frames=model.VLM_FRAMES)
 key = lambda i: f"{i}:{train[i]['id']}"  # a changed manifest does not reuse stale anchors
@@ -203,8 +203,8 @@ anchor_captions = [anchors[key(i)]["caption"] for i in usable]
 # -----------------------------------------------------------------------------
 # models: the DiT (every weight, or a LoRA), its frozen reference, the frozen encoders and CLIP
 
-preset = model.preset_of(args.vdm)
-_, vdm = model.load(args.vdm, qwen=args.qwen, wan=args.wan, vans=args.vans, dtype=torch.float32, need=("vdm",))
+preset, (_, vdm) = common.load_model(args.vdm, qwen=args.qwen, wan=args.wan, vans=args.vans, dtype=torch.float32,
+                                     need=("vdm",))
 vdm.text_encoder.to(device, frozen_dtype).eval().requires_grad_(False)
 vdm.vae.to(device).eval().requires_grad_(False)
 dit = vdm.dit.to(device).requires_grad_(False)

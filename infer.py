@@ -59,7 +59,11 @@ add_flags(parser)
 
 def settle_flags(args):
     """Fill the generation flags left unset with the model's preset defaults, then check the size."""
-    for k, v in model.CONFIGS[model.preset_of(args.model)]["infer"].items():
+    try:
+        preset = model.preset_of(args.model)
+    except model.CheckpointError as e:
+        fail(e)
+    for k, v in model.CONFIGS[preset]["infer"].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.height % 16 or args.width % 16 or (args.frames - 1) % 4:

@@ -488,6 +488,15 @@ def _check_keys(own, sd, what):
         raise CheckpointError(f"{what}: keys do not match the model: " + "; ".join(parts))
 
 
+def _read(path):
+    """load_file, with an unreadable file (truncated, not safetensors) as a CheckpointError."""
+    from safetensors import SafetensorError
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
 def _load_strict(module, sd, what):
     _check_keys(module.state_dict(), sd, what)
     module.load_state_dict(sd, strict=True)
@@ -617,9 +626,9 @@ def load_official(vlm, vdm, vans_dir):
         if not os.path.isfile(p):
             raise CheckpointError(f"{vans_dir}: {n}.safetensors not found (expected the KlingTeam/VANS files)")
     dtype = vdm.dit.dtype
-    _load_strict(vdm.dit, {k: v.to(dtype) for k, v in wan_to_diffusers(load_file(paths["vdm"])).items()}, paths["vdm"])
+    _load_strict(vdm.dit, {k: v.to(dtype) for k, v in wan_to_diffusers(_read(paths["vdm"])).items()}, paths["vdm"])
     vlm.model = add_lora(vlm.model).eval()
-    load_vans_lora(vlm.model, {k: v.to(vlm.model.dtype) for k, v in load_file(paths["vlm"]).items()}, paths["vlm"])
+    load_vans_lora(vlm.model, {k: v.to(vlm.model.dtype) for k, v in _read(paths["vlm"]).items()}, paths["vlm"])
     vdm.n_refs = N_REFS
     return vlm, vdm
 
@@ -701,17 +710,27 @@ def checkpoint_exists(path):
     return os.path.isdir(path)
 
 
+def read_meta(path):
+    """A checkpoint directory's meta.json; CheckpointError if it is missing, not JSON, or names no preset."""
+    meta_path = os.path.join(path, "meta.json")
+    if not os.path.isfile(meta_path):
+        raise CheckpointError(f"{path}: not a VANS checkpoint directory (no meta.json)")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{meta_path}: not valid JSON ({e.msg})") from None
+    if not isinstance(meta, dict) or meta.get("preset") not in CONFIGS:
+        preset = meta.get("preset") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{meta_path}: 'preset' must be one of {sorted(CONFIGS)}, got {preset!r}")
+    return meta
+
+
 def load_checkpoint(path, qwen=None, wan=None, dtype=torch.bfloat16, need=("vlm", "vdm")):
     """Our checkpoint directory -> (vlm, vdm); a model not in `need` is None. The parts the
     checkpoint holds go onto the preset's base models. A needed model must have its weights
     there (a full-size VLM: the LoRA at least; a full-size VDM: the DiT at least)."""
-    meta_path = os.path.join(path, "meta.json")
-    if not os.path.isfile(meta_path):
-        raise CheckpointError(f"{path}: not a VANS checkpoint directory (no meta.json)")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    if meta.get("preset") not in CONFIGS:
-        raise CheckpointError(f"{meta_path}: 'preset' must be one of {sorted(CONFIGS)}, got {meta.get('preset')!r}")
+    meta = read_meta(path)
     have = set(meta.get("parts", []))
     tiny = meta["preset"] != "full"  # random bases: every part must be here
     required = {"vlm": [{"vlm", "vlm_tokenizer"}] if tiny else [{"vlm"}, {"vlm_lora"}],
@@ -731,17 +750,17 @@ def load_checkpoint(path, qwen=None, wan=None, dtype=torch.bfloat16, need=("vlm"
     f = lambda name: os.path.join(path, name)
     if vlm is not None:
         if "vlm" in have:
-            _load_strict(vlm.model, load_file(f("vlm.safetensors")), f("vlm.safetensors"))
+            _load_strict(vlm.model, _read(f("vlm.safetensors")), f("vlm.safetensors"))
         if "vlm_lora" in have:
             from peft import PeftModel
             vlm.model = PeftModel.from_pretrained(vlm.model, f("vlm_lora")).eval()
             # peft only warns about adapter keys that do not match: check them ourselves
-            saved = lora_to_peft(load_file(f("vlm_lora/adapter_model.safetensors")))
+            saved = lora_to_peft(_read(f("vlm_lora/adapter_model.safetensors")))
             _check_keys({k: v for k, v in vlm.model.state_dict().items() if ".lora_" in k}, saved, f("vlm_lora"))
     if vdm is not None:
         for name, module in [("dit", vdm.dit), ("vae", vdm.vae), ("text_encoder", vdm.text_encoder)]:
             if name in have:
-                sd = load_file(f(f"{name}.safetensors"))
+                sd = _read(f(f"{name}.safetensors"))
                 _load_strict(module, {k: v.to(next(module.parameters()).dtype) for k, v in sd.items()},
                              f(f"{name}.safetensors"))
         if "dit" in have:
@@ -759,8 +778,7 @@ def preset_of(name):
     """"full", "tiny" or "shapes": the architecture a --model name loads."""
     name = SHIPPED.get(name, name)
     if os.path.isfile(os.path.join(name, "meta.json")):
-        with open(os.path.join(name, "meta.json")) as f:
-            return json.load(f).get("preset")
+        return read_meta(name)["preset"]
     return RANDOM.get(name, "full")
 
 
@@ -787,13 +805,8 @@ def load(name, qwen=None, wan=None, vans=None, dtype=torch.bfloat16, need=("vlm"
 def pack(out, vlm_path, vdm_path, clip=None):
     """One checkpoint directory from the VLM of one checkpoint and the VDM of another, with no
     training state (what weights/shapes is); `clip`, a tiny-CLIP directory, is copied to out/clip."""
-    metas = {}
-    for part, path in (("vlm", vlm_path), ("vdm", vdm_path)):
-        if not os.path.isfile(os.path.join(path, "meta.json")):
-            raise CheckpointError(f"{path}: not a VANS checkpoint directory (no meta.json)")
-        with open(os.path.join(path, "meta.json")) as f:
-            metas[part] = json.load(f)
-    presets = {m.get("preset") for m in metas.values()}
+    metas = {part: read_meta(path) for part, path in (("vlm", vlm_path), ("vdm", vdm_path))}
+    presets = {m["preset"] for m in metas.values()}
     if len(presets) != 1 or "full" in presets:
         raise CheckpointError(f"pack: {vlm_path} and {vdm_path} must be of one small preset, got {sorted(map(str, presets))}")
     vlm, _ = load_checkpoint(vlm_path, dtype=torch.float32, need=("vlm",))

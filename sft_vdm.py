@@ -111,8 +111,7 @@ clips = data.ClipDataset(train, ("clip", "target"), args.frames, args.height, ar
 # -----------------------------------------------------------------------------
 # model: fp32 trained weights, bf16 frozen encoders on GPU
 
-preset = model.preset_of(last if resume else args.model)
-_, vdm = model.load(last if resume else args.model, wan=args.wan, dtype=torch.float32, need=("vdm",))
+preset, (_, vdm) = common.load_model(last if resume else args.model, wan=args.wan, dtype=torch.float32, need=("vdm",))
 vdm.n_refs = args.n_refs
 if args.train_vae and not resume and args.model in model.RANDOM:
     model.keyframe_init(vdm.vae)
@@ -126,11 +125,13 @@ for m in (vdm.dit, vdm.vae, vdm.text_encoder):
 trained = torch.nn.ModuleDict({"vae": vdm.vae} if args.train_vae else
                               {"dit": vdm.dit, **({"text_encoder": vdm.text_encoder} if args.train_text_encoder else {})})
 trained.requires_grad_(True).train()
-ema = None
+ema, raw = None, os.path.join(last, "dit_raw.safetensors")  # with --ema, dit.safetensors is the average
+if resume and os.path.isfile(raw) != bool(args.ema):
+    raise SystemExit(f"error: {last} was saved {'with' if os.path.isfile(raw) else 'without'} --ema; resume it the same way")
 if args.ema:
-    ema = copy.deepcopy(vdm.dit).requires_grad_(False)  # dit.safetensors of a resumed run is the average
+    ema = copy.deepcopy(vdm.dit).requires_grad_(False)
     if resume:
-        model._load_strict(vdm.dit, load_file(os.path.join(last, "dit_raw.safetensors")), "dit_raw.safetensors")
+        model._load_strict(vdm.dit, load_file(raw), raw)
 if args.grad_checkpointing:
     vdm.dit.enable_gradient_checkpointing()
 dit = vdm.dit

@@ -396,6 +396,16 @@ def test_our_checkpoint_round_trip(tmp_path):
     save_file(sd, str(tmp_path / "ckpt" / "dit.safetensors"))
     with pytest.raises(model.CheckpointError, match=r"dit\.safetensors: .*1 of wrong shape \(e\.g\. proj_out\.weight"):
         model.load(str(tmp_path / "ckpt"))
+    (tmp_path / "ckpt" / "dit.safetensors").write_bytes(b"\0" * 100)  # cut short
+    with pytest.raises(model.CheckpointError, match=r"dit\.safetensors: not a readable safetensors file"):
+        model.load(str(tmp_path / "ckpt"))
+    meta = (tmp_path / "ckpt" / "meta.json").read_text()
+    for bad, msg in (("{", r"meta\.json: not valid JSON"), ('{"preset": "big"}', r"meta\.json: 'preset' must be one of .*got 'big'")):
+        (tmp_path / "ckpt" / "meta.json").write_text(bad)
+        for load in (model.load, model.preset_of):
+            with pytest.raises(model.CheckpointError, match=msg):
+                load(str(tmp_path / "ckpt"))
+    (tmp_path / "ckpt" / "meta.json").write_text(meta)
     # a checkpoint holding one model is not silently completed with random or base weights
     model.save_checkpoint(str(tmp_path / "vlm_only"), vlm, None, {"preset": "tiny"}, ("vlm", "vlm_lora"))
     assert model.load(str(tmp_path / "vlm_only"), need=("vlm",))[1] is None
@@ -1028,6 +1038,15 @@ def test_sft_vlm_bad_manifest(shapes_small, tmp_path):
         f"error: {m}:2: input_video 'nope.mp4' does not exist"
     r = _train("sft_vlm.py", flags + ["--skip-bad"], tmp_path / "b")
     assert "train: 1 samples, 1 skipped" in r.stdout
+    # a broken checkpoint as --model: one error line, from a training script and from infer.py
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "meta.json").write_text('{"preset": "big"}')
+    r = _train("sft_vlm.py", ["--model", str(tmp_path / "ckpt"), "--train", str(m), "--skip-bad"], tmp_path / "c", check=False)
+    r2 = run_infer(shapes_small / good["input_video"], "q", "--model", str(tmp_path / "ckpt"))
+    for r in (r, r2):
+        assert r.returncode != 0 and re.fullmatch(r"error: .*ckpt/meta\.json: 'preset' must be one of .*, got 'big'",
+                                                  r.stderr.strip().splitlines()[-1])
+    assert len(r2.stderr.strip().splitlines()) == 1
 
 
 def test_sft_vae_phase_learns_and_normalises(shapes_small, tmp_path):
