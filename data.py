@@ -250,6 +250,14 @@ class ClipDataset(torch.utils.data.Dataset):
             item["target"] = load_clip(s["target_video"], self.frames, self.height, self.width)
         return item
 
+    def try_load(self, s):
+        """load(s), or None with a one-line warning if a clip fails to decode (for validation)."""
+        try:
+            return self.load(s)
+        except VideoError as e:
+            print(f"warning: {e}; left out", file=sys.stderr, flush=True)
+            return None
+
     def __getitem__(self, i):
         for skipped in range(len(self.samples)):
             try:

@@ -166,11 +166,12 @@ todo = [i for i in range(len(train))[rank::world] if key(i) not in anchors]
 with open(os.path.join(args.out, f"anchors.rank{rank}.jsonl"), "a") as f:
     for c in tqdm(range(0, len(todo), args.micro_batch), disable=not master or not todo, desc="anchors"):
         idx, best = todo[c:c + args.micro_batch], {}
+        frames = {i: it["vlm"] for i in idx if (it := vlm_frames.try_load(train[i])) is not None}  # else no anchor
         for attempt in range(args.anchor_tries):
-            need = [i for i in idx if best.get(i, (-1.0,))[0] < args.anchor_min_rouge]
+            need = [i for i in frames if best.get(i, (-1.0,))[0] < args.anchor_min_rouge]
             if not need:
                 break
-            outs = vlm.generate([vlm_frames.load(train[i])["vlm"] for i in need], [train[i]["question"] for i in need],
+            outs = vlm.generate([frames[i] for i in need], [train[i]["question"] for i in need],
                                 max_new_tokens=args.max_new_tokens)  # inference sampling: temperature 0.7, top_p 0.9
             for i, out in zip(need, outs):
                 caption = model.caption_of(out)
@@ -178,7 +179,7 @@ with open(os.path.join(args.out, f"anchors.rank{rank}.jsonl"), "a") as f:
                 if score > best.get(i, (-1.0,))[0]:
                     best[i] = (score, caption, attempt + 1)
         for i in idx:
-            score, caption, found_at = best[i]
+            score, caption, found_at = best.get(i, (-1.0, None, 0))
             keep = score >= args.anchor_min_rouge
             r = {"key": key(i), "caption": caption if keep else None, "rouge_l": round(score, 4), "found_at": found_at,
                  "made_by": made_by}

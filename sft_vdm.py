@@ -338,7 +338,9 @@ def validate(step):
     g = torch.Generator().manual_seed(1234 + rank)
     losses = []
     for s in mine(args.val_loss_samples):
-        b = data.collate([clips.load(s)])
+        if (item := clips.try_load(s)) is None:
+            continue
+        b = data.collate([item])
         if args.train_vae:
             losses.append(vae_loss(b["clip"], b["target"], g).item())
         else:
@@ -348,7 +350,9 @@ def validate(step):
     os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
     shows = []
     for s in mine(args.val_render):
-        b = data.collate([clips.load(s)])
+        if (item := clips.try_load(s)) is None:
+            continue
+        b = data.collate([item])
         if args.train_vae:  # the VAE's reconstruction
             video = vdm.vae.decode(vdm.vae.encode(data.to_tensor(b["target"]).to(device)).latent_dist.mode()).sample
         else:

@@ -143,15 +143,14 @@ def save(step):
 def validate():
     """Val loss and greedy-caption scores; every rank takes its share of the val set."""
     net.eval()
-    mine = lambda n: val[:n][rank::world]
-    chunks = [mine(args.val_loss_samples)[i:i + args.batch_size] for i in range(0, len(mine(args.val_loss_samples)), args.batch_size)]
-    losses = [batch_loss(data.collate([dataset.load(s) for s in c]), net).item() for c in chunks]
+    mine = lambda n: [(s, it) for s in val[:n][rank::world] if (it := dataset.try_load(s)) is not None]
+    chunks = lambda xs: [xs[i:i + args.batch_size] for i in range(0, len(xs), args.batch_size)]
+    losses = [batch_loss(data.collate([it for _, it in c]), net).item() for c in chunks(mine(args.val_loss_samples))]
     fmt, rouge, event = [], [], []
-    gen = mine(args.val_generate)
-    for c in [gen[i:i + args.batch_size] for i in range(0, len(gen), args.batch_size)]:
-        outs = vlm.generate([dataset.load(s)["vlm"] for s in c], [s["question"] for s in c], greedy=True,
+    for c in chunks(mine(args.val_generate)):
+        outs = vlm.generate([it["vlm"] for _, it in c], [s["question"] for s, _ in c], greedy=True,
                             max_new_tokens=args.max_new_tokens)
-        for s, out in zip(c, outs):
+        for (s, _), out in zip(c, outs):
             fmt.append(rewards.format_reward(out))
             rouge.append(rewards.rouge_l(model.caption_of(out), s["caption"]))
             if s["event"]:  # Shapes: does the caption state the generator's event?

@@ -927,6 +927,8 @@ def test_clip_dataset_and_workers(shapes_small, files, capfd):
     assert batch["index"] == [0, 2, 2]  # the sample actually loaded
     assert re.fullmatch(r"warning: .*truncated\.mp4: not a readable video.*; using the next sample\n",
                         capfd.readouterr().err)
+    assert ds.try_load(broken) is None and ds.try_load(samples[0])["id"] == samples[0]["id"]  # validation's way
+    assert re.fullmatch(r"warning: .*truncated\.mp4: not a readable video.*; left out\n", capfd.readouterr().err)
 
 
 def test_sft_labels_are_the_answer_tokens(tiny):
