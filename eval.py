@@ -485,8 +485,8 @@ if __name__ == "__main__":
 
     # --- data
     try:
-        samples, _ = data.read_manifest(args.manifest)
-    except data.ManifestError as e:
+        samples, _ = data.read_manifest(args.manifest, check_videos=True)  # a broken clip fails now, not after hours
+    except (data.ManifestError, data.VideoError) as e:
         infer.fail(e)
     kind = "procedural" if args.procedural else "predictive" if args.predictive else None
     samples = [s for s in samples if kind is None or s["kind"] == kind][:args.limit]
@@ -568,9 +568,17 @@ if __name__ == "__main__":
     # --- score
     preds = []
     for s in samples:
-        with open(os.path.join(out_dir, f"{s['file']}.json")) as f:
-            p = json.load(f)
-        p["video"] = data.read_frames(os.path.join(out_dir, f"{s['file']}.mp4"))
+        path = os.path.join(out_dir, s["file"])
+        try:
+            with open(path + ".json") as f:
+                p = json.load(f)
+            p["video"] = data.read_frames(path + ".mp4")
+        except json.JSONDecodeError as e:
+            infer.fail(f"{path}.json: not valid JSON ({e.msg})")
+        except data.VideoError as e:
+            infer.fail(e)
+        if not isinstance(p.get("caption"), str):
+            infer.fail(f"{path}.json: no 'caption' string")
         preds.append(p)
     row, per = score(samples, preds, clip, i3d, args.gt_cache)
     results = {"model": name if args.predictions else args.model, "manifest": os.path.abspath(args.manifest), "split": kind or "all",

@@ -84,7 +84,7 @@ parser.add_argument("--batch-size", type=int, default=1, help="samples per rank 
 # validation
 parser.add_argument("--val-every", type=int, default=1000, help="validate every N steps (0 = only at the end)")
 parser.add_argument("--val-loss-samples", type=int, default=32, help="validation samples for the loss (fixed noise and timesteps)")
-parser.add_argument("--val-render", type=int, default=2, help="validation samples rendered to <out>/samples per rank")
+parser.add_argument("--val-render", type=int, default=2, help="validation samples rendered to <out>/samples, shared out over the ranks (at least one each)")
 parser.add_argument("--val-steps", type=int, default=20, help="sampling steps of the rendered samples")
 parser.add_argument("--val-cfg", type=float, default=5.0, help="guidance scale of the rendered samples")
 common.add_run_flags(parser, out="out/sft_vdm", steps=20_000)  # the paper's steps

@@ -790,6 +790,9 @@ def test_eval_run_resume_and_predictions(tmp_path):
     (out / "s_1.json").unlink()
     r4 = subprocess.run(cmd[:4] + ["--predictions", str(out), "--clip", "random"], capture_output=True, text=True, cwd=ROOT)
     assert r4.returncode != 0 and r4.stderr.strip().splitlines()[-1].startswith("error: ") and "s_1" in r4.stderr
+    (out / "s_1.json").write_text("{")  # a broken output: one error line naming it
+    r5 = subprocess.run(cmd[:4] + ["--predictions", str(out), "--clip", "random"], capture_output=True, text=True, cwd=ROOT)
+    assert r5.returncode != 0 and re.fullmatch(r"error: .*s_1\.json: not valid JSON .*", r5.stderr.strip().splitlines()[-1])
     page = (out / "report.html").read_text()
     assert page.count('class="sample"') == 3 and page.count('type="radio"') == 3 * 3 * 5 and "Export CSV" in page
 
