@@ -11,7 +11,7 @@ writes the anchor captions.
     torchrun --nnodes=2 --node_rank=$NODE_RANK --nproc_per_node=8 --rdzv_backend=c10d \\
         --rdzv_endpoint=$MASTER_ADDR:29500 grpo_stage2.py --config config/paper.py
     # a 24 GB GPU: train a LoRA on the DiT instead of every weight
-    python grpo_stage2.py --train data/train.jsonl --lora
+    python grpo_stage2.py --train data/train.jsonl --lora 64
 
 1. Anchors, once (cached in <out>/anchors.rank*.jsonl, so a restart does not redo them; a
    cache made with another --vlm or other anchor flags is an error): the

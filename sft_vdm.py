@@ -23,8 +23,8 @@ VAE are frozen, their outputs computed on the fly or once into <out>/cache (--ca
 --caption-dropout replaces a caption by Wan's negative prompt, so classifier-free guidance
 has an unconditional branch to push against (the pretrained Wan has one; a tiny DiT trained
 from scratch needs this). --ema keeps an exponential moving average of the DiT: the
-checkpoint's dit.safetensors is then the average, and the raw weights ride in the
-training state.
+checkpoint's dit.safetensors is then the average, and dit_raw.safetensors holds the raw
+weights (for --resume).
 
 For the Shapes world the VAE and text encoder are tiny and random, so they are trained too:
 --train-vae trains the VAE alone (reconstruction MSE + --kl-weight KL, on single frames of the
