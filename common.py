@@ -89,6 +89,38 @@ def load_model(name, **kw):
         sys.exit(f"error: {e}")
 
 
+def read_weights(path, own):
+    """The safetensors file at `path`, whose keys and shapes must be those of `own` (name -> tensor,
+    e.g. a module's state_dict()): a missing, truncated or mismatched file is one error line."""
+    import model
+    try:
+        sd = model._read(path)
+        model._check_keys(own, sd, path)
+        return sd
+    except model.CheckpointError as e:
+        sys.exit(f"error: {e}")
+
+
+def same_settings(path, settings):
+    """Files made under one set of settings are never reused under another. The first run writes
+    `settings` to `path` (JSON, atomically, before the files it describes; every rank may call
+    this); a later run with other settings is a one-line error naming both."""
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except json.JSONDecodeError:
+            sys.exit(f"error: {path}: not JSON; delete its directory or change --out")
+        if old != json.loads(json.dumps(settings)):  # compared as JSON, where a tuple is a list
+            sys.exit(f"error: {os.path.dirname(path) or '.'} holds files made with {old}, this run needs {settings}; "
+                     "delete it or change --out")
+    else:
+        tmp = f"{path}.{os.getpid()}.tmp"  # ranks write the same settings, each through its own file
+        with open(tmp, "w") as f:
+            json.dump(settings, f)
+        os.replace(tmp, path)
+
+
 # -----------------------------------------------------------------------------
 # distributed
 
@@ -119,13 +151,19 @@ def print0(*a, **k):
         print(*a, **k, flush=True)
 
 
-def all_mean(xs):
-    """Mean of the floats xs held by every rank together (ranks may hold different numbers)."""
-    t = torch.tensor([float(sum(xs)), float(len(xs))], dtype=torch.float64)
+def all_sum(x):
+    """Sum over ranks of the number x (or element-wise, of the list x: every rank gives as many)."""
+    t = torch.tensor(x, dtype=torch.float64)
     if dist.is_initialized():
         t = t.cuda() if dist.get_backend() == "nccl" else t
         dist.all_reduce(t)
-    return (t[0] / t[1]).item() if t[1] > 0 else float("nan")
+    return t.tolist()
+
+
+def all_mean(xs):
+    """Mean of the floats xs held by every rank together (ranks may hold different numbers)."""
+    total, n = all_sum([float(sum(xs)), float(len(xs))])
+    return total / n if n > 0 else float("nan")
 
 
 def check_in_sync(params):
@@ -178,7 +216,10 @@ class Logger:
         self.path = os.path.join(out, "log.jsonl")
         self.wandb = None
         if self.on:
-            rows = open(self.path).read().splitlines() if start and os.path.isfile(self.path) else []
+            rows = []
+            if start and os.path.isfile(self.path):
+                with open(self.path) as f:
+                    rows = f.read().splitlines()
             with open(self.path + ".tmp", "w") as f:
                 f.writelines(row + "\n" for row in rows if row and _step(row) <= start)
             os.replace(self.path + ".tmp", self.path)

@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import common
 import data
 import rewards
 
@@ -505,15 +506,7 @@ if __name__ == "__main__":
         made_by = {"model": where(args.model), "vdm": where(args.vdm), "batch_size": args.batch_size,
                    **{k: getattr(args, k) for k in ("seed", "greedy", "max_new_tokens", "steps", "cfg", "height", "width",
                                                      "frames")}}
-        record = os.path.join(out_dir, "made_by.json")
-        if os.path.isfile(record):
-            with open(record) as f:
-                if (old := json.load(f)) != made_by:
-                    infer.fail(f"{out_dir} holds outputs made with {old}, this run needs {made_by}; delete it or change --out")
-        else:
-            with open(record + ".tmp", "w") as f:
-                json.dump(made_by, f)
-            os.replace(record + ".tmp", record)
+        common.same_settings(os.path.join(out_dir, "made_by.json"), made_by)
 
     # --- scorers first: a missing weight file fails before any generation
     try:

@@ -211,11 +211,12 @@ def score(completions, batch):
 # optimizer and state
 
 optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
-start = 0
+start, skipped = 0, 0  # skipped: clips that failed to decode; rank 0 carries the total of earlier runs
 if resume:
     state = common.load_train_state(last)
     optimizer.load_state_dict(state["optimizer"])
     start = state["step"]
+    skipped = state["skipped"] if master else 0
     common.print0(f"resumed from {last} at step {start}")
 else:
     torch.manual_seed(args.seed + rank)  # completions differ by rank
@@ -224,7 +225,7 @@ logger = common.Logger(args.out, args, rank, start)
 
 def save(step):
     """<out>/last: merged VLM + GRPO LoRA + the frozen VDM + meta + training state, atomically."""
-    state = common.train_state(step, optimizer.state_dict())
+    state = common.train_state(step, optimizer.state_dict(), {"skipped": int(common.all_sum(skipped))})
     if master:
         parts = ("vlm", "vlm_lora", "dit") + (("vae", "text_encoder") if preset != "full" else ())
         meta = {"preset": preset, "script": "grpo_stage1", "step": step, "flags": vars(args), "git": common.git_hash()}
@@ -240,7 +241,7 @@ end = min(args.steps, args.stop_at) if args.stop_at else args.steps
 sampler = data.StepSampler(len(dataset), args.prompts, rank, world, args.seed, start, end)
 loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
                                      collate_fn=data.collate, generator=torch.Generator())  # leaves the global RNG alone
-skipped, t0 = 0, time.time()
+t0 = time.time()
 progress = tqdm(total=args.steps, initial=start, disable=not master, desc="grpo_stage1")
 for step, batch in zip(range(start, end), loader):
     lr = common.lr_at(step, args.lr, args.warmup, args.steps)
@@ -302,7 +303,7 @@ for step, batch in zip(range(start, end), loader):
                    **({"renders": common.all_mean([renders])} if render else {}),
                    **({"event_accuracy": common.all_mean(rewards.caption_event(completions, rep([{"event": e} for e in batch["event"]])))}
                       if all(batch["event"]) else {}),
-                   "grad_norm": float(grad_norm), "lr": lr, "skipped": skipped,
+                   "grad_norm": float(grad_norm), "lr": lr, "skipped": int(common.all_sum(skipped)),
                    "sec_per_step": (time.time() - t0) / (done - start)}
         logger.log(metrics, done)
         logger.log({"samples": [{"question": q, "completion": c, "reward": round(float(r), 4)} for q, c, r in

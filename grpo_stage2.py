@@ -13,8 +13,8 @@ writes the anchor captions.
     # a 24 GB GPU: train a LoRA on the DiT instead of every weight
     python grpo_stage2.py --train data/train.jsonl --lora 64
 
-1. Anchors, once (cached in <out>/anchors.rank*.jsonl, so a restart does not redo them; a
-   cache made with another --vlm or other anchor flags is an error): the
+1. Anchors, once (cached in <out>/anchors.rank*.jsonl, so a restart does not redo them; their
+   settings are in <out>/anchors.json, and another --vlm or other anchor flags is an error): the
    stage-1 VLM's caption of every training prompt. A caption with ROUGE-L below
    --anchor-min-rouge (0.6) against the ground truth is sampled again, up to --anchor-tries
    times; then the prompt is skipped and counted.
@@ -48,7 +48,6 @@ import time
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -144,8 +143,8 @@ _, (vlm, _) = common.load_model(args.vlm, qwen=args.qwen, wan=args.wan, vans=arg
 vlm.model.to(device).eval().requires_grad_(False)
 vlm_frames = data.ClipDataset(train, ("vlm",), args.frames, vlm_frames=model.VLM_FRAMES)
 key = lambda i: f"{i}:{train[i]['id']}"  # a changed manifest does not reuse stale anchors
-made_by = {"vlm": args.vlm, "min_rouge": args.anchor_min_rouge, "tries": args.anchor_tries,
-           "max_new_tokens": args.max_new_tokens}
+common.same_settings(os.path.join(args.out, "anchors.json"), {"vlm": args.vlm, "min_rouge": args.anchor_min_rouge,
+                                                               "tries": args.anchor_tries, "max_new_tokens": args.max_new_tokens})
 
 
 def read_anchors():
@@ -153,11 +152,7 @@ def read_anchors():
     for name in sorted(os.listdir(args.out)):
         if name.startswith("anchors.rank") and name.endswith(".jsonl"):
             with open(os.path.join(args.out, name)) as f:
-                for r in map(json.loads, f):
-                    if r.get("made_by") != made_by:
-                        raise SystemExit(f"error: {f.name} was made with {r.get('made_by')}, this run needs {made_by}; "
-                                         "delete it or change --out")
-                    found[r["key"]] = r
+                found.update((r["key"], r) for r in map(json.loads, f))
     return found
 
 
@@ -181,8 +176,7 @@ with open(os.path.join(args.out, f"anchors.rank{rank}.jsonl"), "a") as f:
         for i in idx:
             score, caption, found_at = best.get(i, (-1.0, None, 0))
             keep = score >= args.anchor_min_rouge
-            r = {"key": key(i), "caption": caption if keep else None, "rouge_l": round(score, 4), "found_at": found_at,
-                 "made_by": made_by}
+            r = {"key": key(i), "caption": caption if keep else None, "rouge_l": round(score, 4), "found_at": found_at}
             anchors[r["key"]] = r
             f.write(json.dumps(r) + "\n")
             f.flush()
@@ -216,13 +210,14 @@ if args.lora:
     dit.add_adapter(LoraConfig(r=args.lora, lora_alpha=2 * args.lora, init_lora_weights=True,
                                target_modules=["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]))
     if resume:
-        set_peft_model_state_dict(dit, load_file(os.path.join(last, "dit_lora.safetensors")))
+        set_peft_model_state_dict(dit, common.read_weights(os.path.join(last, "dit_lora.safetensors"),
+                                                           get_peft_model_state_dict(dit)))
     for n, p in dit.named_parameters():
         p.requires_grad_(".lora_" in n)
 else:
     ref_dit = copy.deepcopy(dit).eval()  # the starting weights, frozen
     if resume:
-        model._load_strict(dit, load_file(os.path.join(last, "dit.safetensors")), "dit.safetensors")
+        dit.load_state_dict(common.read_weights(os.path.join(last, "dit.safetensors"), dit.state_dict()))
     dit.requires_grad_(True)
 if args.grad_checkpointing:
     dit.enable_gradient_checkpointing()
@@ -279,11 +274,12 @@ def motion(videos):
 # optimizer and state
 
 optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
-start = 0
+start, skipped = 0, 0  # skipped: clips that failed to decode; rank 0 carries the total of earlier runs
 if resume:
     state = common.load_train_state(last)
     optimizer.load_state_dict(state["optimizer"])
     start = state["step"]
+    skipped = state["skipped"] if master else 0
     common.print0(f"resumed from {last} at step {start}")
 else:
     torch.manual_seed(args.seed + rank)
@@ -293,7 +289,7 @@ logger = common.Logger(args.out, args, rank, start)
 def save(step):
     """<out>/last: the tuned DiT (+ the tiny VAE and text encoder), the frozen VLM, meta and
     training state, atomically."""
-    state = common.train_state(step, optimizer.state_dict())
+    state = common.train_state(step, optimizer.state_dict(), {"skipped": int(common.all_sum(skipped))})
     if master:
         parts = ("dit", "vlm", "vlm_lora") + (("vae", "text_encoder") if preset != "full" else ())
         weights = {"dit": merged_dit_state(), "dit_lora": get_peft_model_state_dict(dit)} if args.lora else {}
@@ -314,7 +310,7 @@ loader = torch.utils.data.DataLoader(clips, batch_sampler=sampler,
 sigmas = model.flow_sigmas(args.sample_steps).to(device)
 trained_steps = range(int(args.sample_steps * args.train_fraction))
 neg = vdm.encode_text([model.NEGATIVE_PROMPT]) if args.cfg != 1.0 else None  # (1, 512, D)
-skipped, t0 = 0, time.time()
+t0 = time.time()
 progress = tqdm(total=args.steps, initial=start, disable=not master, desc="grpo_stage2")
 for step, batch in zip(range(start, end), loader):
     lr = common.lr_at(step, args.lr, args.warmup, args.steps)
@@ -388,7 +384,7 @@ for step, batch in zip(range(start, end), loader):
                    **{k: common.all_mean([s[k] for s in stats]) for k in ("kl", "clip_ratio", "approx_kl")},
                    "motion": common.all_mean(motion(videos)),
                    "motion_gt": common.all_mean(motion(list(batch["target"].numpy()))),
-                   "grad_norm": float(grad_norm), "lr": lr, "skipped": skipped,
+                   "grad_norm": float(grad_norm), "lr": lr, "skipped": int(common.all_sum(skipped)),
                    "sec_per_step": (time.time() - t0) / (done - start)}
         logger.log(metrics, done)
         progress.set_postfix(reward=f"{metrics['reward']:.3f}", motion=f"{metrics['motion']:.4f}")

@@ -597,7 +597,7 @@ def load_base(qwen=None, wan=None, dtype=torch.bfloat16, need=("vlm", "vdm")):
     """Qwen2.5-VL-3B-Instruct and Wan2.1-T2V-1.3B-Diffusers from local snapshot directories;
     a model not in `need` is None."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
-    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, UMT5EncoderModel
+    from transformers import AutoTokenizer, UMT5EncoderModel
     vlm = vdm = None
     if "vlm" in need:
         vlm = _load_qwen(qwen, dtype)
@@ -620,16 +620,18 @@ def _load_qwen(qwen, dtype):
 
 def load_official(vlm, vdm, vans_dir):
     """Put the official release (vdm.safetensors: the DiT in Wan naming; vlm.safetensors:
-    LoRA weights) onto base models; turns reference conditioning on."""
-    paths = {n: os.path.join(vans_dir, f"{n}.safetensors") for n in ("vdm", "vlm")}
+    LoRA weights) onto base models (either may be None); turns reference conditioning on."""
+    paths = {n: os.path.join(vans_dir, f"{n}.safetensors") for n, m in (("vdm", vdm), ("vlm", vlm)) if m is not None}
     for n, p in paths.items():
         if not os.path.isfile(p):
             raise CheckpointError(f"{vans_dir}: {n}.safetensors not found (expected the KlingTeam/VANS files)")
-    dtype = vdm.dit.dtype
-    _load_strict(vdm.dit, {k: v.to(dtype) for k, v in wan_to_diffusers(_read(paths["vdm"])).items()}, paths["vdm"])
-    vlm.model = add_lora(vlm.model).eval()
-    load_vans_lora(vlm.model, {k: v.to(vlm.model.dtype) for k, v in _read(paths["vlm"]).items()}, paths["vlm"])
-    vdm.n_refs = N_REFS
+    if vdm is not None:
+        sd = wan_to_diffusers(_read(paths["vdm"]))
+        _load_strict(vdm.dit, {k: v.to(vdm.dit.dtype) for k, v in sd.items()}, paths["vdm"])
+        vdm.n_refs = N_REFS
+    if vlm is not None:
+        vlm.model = add_lora(vlm.model).eval()
+        load_vans_lora(vlm.model, {k: v.to(vlm.model.dtype) for k, v in _read(paths["vlm"]).items()}, paths["vlm"])
     return vlm, vdm
 
 
@@ -791,12 +793,11 @@ def load(name, qwen=None, wan=None, vans=None, dtype=torch.bfloat16, need=("vlm"
         return load_tiny(need=need, preset=preset_of(name))
     if name in SHIPPED:
         return load_checkpoint(SHIPPED[name], qwen, wan, dtype, need)
-    if name == "base":
+    if name in ("base", "vans"):  # only the repos of the needed models are looked up
         given = {k: v for k, v in (("qwen", qwen), ("wan", wan)) if ("vlm" if k == "qwen" else "vdm") in need}
-        return load_base(**hub_paths(**given), dtype=dtype, need=need)
-    if name == "vans":
-        p = hub_paths(qwen=qwen, wan=wan, vans=vans)
-        return load_official(*load_base(p["qwen"], p["wan"], dtype), p["vans"])
+        p = hub_paths(**given, **({"vans": vans} if name == "vans" else {}))
+        vlm, vdm = load_base(p.get("qwen"), p.get("wan"), dtype, need)
+        return load_official(vlm, vdm, p["vans"]) if name == "vans" else (vlm, vdm)
     if os.path.isdir(name):
         return load_checkpoint(name, qwen, wan, dtype, need)
     raise CheckpointError(f"--model {name!r}: expected vans, base, shapes, tiny, random:shapes, or a checkpoint directory")

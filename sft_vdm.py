@@ -37,7 +37,6 @@ import argparse
 import contextlib
 import copy
 import hashlib
-import json
 import math
 import os
 import time
@@ -131,7 +130,7 @@ if resume and os.path.isfile(raw) != bool(args.ema):
 if args.ema:
     ema = copy.deepcopy(vdm.dit).requires_grad_(False)
     if resume:
-        model._load_strict(vdm.dit, load_file(raw), raw)
+        vdm.dit.load_state_dict(common.read_weights(raw, vdm.dit.state_dict()))
 if args.grad_checkpointing:
     vdm.dit.enable_gradient_checkpointing()
 dit = vdm.dit
@@ -171,16 +170,7 @@ class LatentCache(torch.utils.data.Dataset):
         key = dict(model=os.path.abspath(args.model), height=args.height, width=args.width, frames=args.frames,
                    n_refs=args.n_refs, text=not args.train_text_encoder)
         os.makedirs(root, exist_ok=True)
-        info = os.path.join(root, "cache.json")
-        if os.path.isfile(info):
-            with open(info) as f:
-                old = json.load(f)
-            if old != key:
-                raise SystemExit(f"error: {root} was made with {old}, this run needs {key}; delete it or change --out")
-        elif master:  # before any latent, so that a run cut short cannot leave files of unrecorded settings
-            with open(info + ".tmp", "w") as f:
-                json.dump(key, f)
-            os.replace(info + ".tmp", info)
+        common.same_settings(os.path.join(root, "cache.json"), key)  # before any latent
         todo = [i for i in range(len(samples))[rank::world] if not os.path.isfile(self.path(samples[i]))]
         for j in tqdm(range(0, len(todo), args.batch_size), disable=not master, desc="cache latents"):
             idx = todo[j:j + args.batch_size]
@@ -299,11 +289,12 @@ def latent_stats(n=16):
 
 optimizer = torch.optim.AdamW(trained.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
 full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0 (plain modules too)
-start = 0
+start, skipped = 0, 0  # skipped: clips that failed to decode; rank 0 carries the total of earlier runs
 if resume:
     state = common.load_train_state(last)
     set_optimizer_state_dict(trained, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     start = state["step"]
+    skipped = state["skipped"] if master else 0
     common.print0(f"resumed from {last} at step {start}")
 else:
     torch.manual_seed(args.seed + rank)  # noise, timesteps and caption dropout differ by rank
@@ -319,7 +310,8 @@ def save(step):
         weights["dit_raw"], weights["dit"] = weights["dit"], get_model_state_dict(ema, options=full)
     if args.train_vae:
         vdm.set_latent_stats(*latent_stats())
-    state = common.train_state(step, get_optimizer_state_dict(trained, optimizer, options=full))
+    state = common.train_state(step, get_optimizer_state_dict(trained, optimizer, options=full),
+                               {"skipped": int(common.all_sum(skipped))})
     if master:
         parts = ("dit", "vae", "text_encoder") if preset != "full" else ("dit",)
         meta = {"preset": preset, "script": "sft_vdm", "step": step, "flags": vars(args), "git": common.git_hash()}
@@ -378,7 +370,7 @@ sampler = data.StepSampler(len(dataset), args.batch_size, rank, world, args.seed
 loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers, collate_fn=collate,
                                      generator=torch.Generator())  # leaves the global RNG alone
 params = list(trained.parameters())
-skipped, t0 = 0, time.time()
+t0 = time.time()
 progress = tqdm(total=args.steps, initial=start, disable=not master, desc="sft_vdm")
 for step, batch in zip(range(start, end), loader):
     lr = common.lr_at(step, args.lr, args.warmup, args.steps)
@@ -403,7 +395,7 @@ for step, batch in zip(range(start, end), loader):
     done = step + 1
     if done % args.log_every == 0 or done == end:
         metrics = {"loss": common.all_mean([loss.item()]), "grad_norm": float(grad_norm), "lr": lr,
-                   "skipped": skipped, "sec_per_step": (time.time() - t0) / (done - start)}
+                   "skipped": int(common.all_sum(skipped)), "sec_per_step": (time.time() - t0) / (done - start)}
         logger.log(metrics, done)
         progress.set_postfix(loss=f"{metrics['loss']:.4f}")
     if val and ((args.val_every and done % args.val_every == 0) or done == args.steps):

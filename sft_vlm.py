@@ -115,11 +115,12 @@ def batch_loss(batch, net):
 # optimizer and state
 
 optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
-start = 0
+start, skipped = 0, 0  # skipped: clips that failed to decode; rank 0 carries the total of earlier runs
 if resume:
     state = common.load_train_state(last)
     optimizer.load_state_dict(state["optimizer"])
     start = state["step"]
+    skipped = state["skipped"] if master else 0
     common.print0(f"resumed from {last} at step {start}")
 else:
     torch.manual_seed(args.seed + rank)  # dropout streams differ by rank
@@ -129,7 +130,7 @@ logger = common.Logger(args.out, args, rank, start)
 def save(step):
     """<out>/last: weights (LoRA in peft's format; the full VLM when it is trained or random-based)
     + meta + training state, atomically. Called on every rank (the RNG states are gathered)."""
-    state = common.train_state(step, optimizer.state_dict())
+    state = common.train_state(step, optimizer.state_dict(), {"skipped": int(common.all_sum(skipped))})
     if master:
         parts = ("vlm_lora",) if args.finetune == "lora" else ()
         parts += ("vlm",) if args.finetune == "full" or preset != "full" else ()
@@ -171,7 +172,7 @@ end = min(args.steps, args.stop_at) if args.stop_at else args.steps
 sampler = data.StepSampler(len(dataset), args.batch_size, rank, world, args.seed, start, end)
 loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
                                      collate_fn=data.collate, generator=torch.Generator())  # leaves the global RNG alone
-skipped, t0 = 0, time.time()
+t0 = time.time()
 progress = tqdm(total=args.steps, initial=start, disable=not master, desc="sft_vlm")
 for step, batch in zip(range(start, end), loader):
     lr = common.lr_at(step, args.lr, args.warmup, args.steps)
@@ -188,7 +189,7 @@ for step, batch in zip(range(start, end), loader):
     done = step + 1
     if done % args.log_every == 0 or done == args.steps:
         metrics = {"loss": common.all_mean([loss.item()]), "grad_norm": grad_norm.item(), "lr": lr,
-                   "skipped": skipped, "sec_per_step": (time.time() - t0) / (done - start)}
+                   "skipped": int(common.all_sum(skipped)), "sec_per_step": (time.time() - t0) / (done - start)}
         logger.log(metrics, done)
         progress.set_postfix(loss=f"{metrics['loss']:.4f}")
     if val and ((args.val_every and done % args.val_every == 0) or done == args.steps):

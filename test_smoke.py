@@ -348,6 +348,10 @@ def test_official_checkpoint_round_trip(tmp_path, prefix, old_layout):
     assert vdm.n_refs == 6
     assert torch.equal(_dit_out(vdm.dit), _dit_out(src_dit))
     assert torch.equal(_vlm_logits(vlm), _vlm_logits(src_vlm))
+    # the VDM alone needs only its own file
+    os.remove(tmp_path / "vlm.safetensors")
+    _, vdm = model.load_official(None, model.load_tiny(seed=0, need=("vdm",))[1], str(tmp_path))
+    assert torch.equal(_dit_out(vdm.dit), _dit_out(src_dit))
 
 
 def test_official_checkpoint_mismatch_is_an_error():
@@ -422,6 +426,32 @@ def test_our_checkpoint_round_trip(tmp_path):
     assert "train_state.pt" not in os.listdir(tmp_path / "packed")
     with pytest.raises(model.CheckpointError, match=r"nowhere: not a VANS checkpoint directory"):
         model.pack(str(tmp_path / "p2"), str(tmp_path / "nowhere"), str(tmp_path / "vdm_only"))
+
+
+def test_settings_record_and_resumed_weights(tmp_path):
+    import common
+    from safetensors.torch import save_file
+    record = str(tmp_path / "made_by.json")
+    common.same_settings(record, {"model": "a", "size": (32, 64)})  # the first run writes it
+    common.same_settings(record, {"model": "a", "size": [32, 64]})  # the same settings, as JSON
+    with pytest.raises(SystemExit, match=r"^error: .* holds files made with \{'model': 'a', 'size': \[32, 64\]\}, this run "
+                                         r"needs \{'model': 'b', 'size': \(32, 64\)\}; delete it or change --out$"):
+        common.same_settings(record, {"model": "b", "size": (32, 64)})
+    (tmp_path / "made_by.json").write_text("{")
+    with pytest.raises(SystemExit, match=r"made_by\.json: not JSON"):
+        common.same_settings(record, {"model": "a", "size": (32, 64)})
+    assert sorted(os.listdir(tmp_path)) == ["made_by.json"]  # no temporary file left
+    # weights read back on --resume must be the model's own, key for key and shape for shape
+    lin, path = torch.nn.Linear(2, 3), str(tmp_path / "w.safetensors")
+    save_file(lin.state_dict(), path)
+    sd = common.read_weights(path, lin.state_dict())
+    assert sd.keys() == lin.state_dict().keys() and all(torch.equal(sd[k], v) for k, v in lin.state_dict().items())
+    with pytest.raises(SystemExit, match=r"^error: .*w\.safetensors: keys do not match the model: 2 of wrong shape"):
+        common.read_weights(path, torch.nn.Linear(2, 4).state_dict())
+    with pytest.raises(SystemExit, match=r"^error: .*w\.safetensors: keys do not match the model: 1 missing \(e\.g\. b2\)$"):
+        common.read_weights(path, lin.state_dict() | {"b2": torch.zeros(1)})
+    with pytest.raises(SystemExit, match=r"^error: .*gone\.safetensors: not a readable safetensors file"):
+        common.read_weights(str(tmp_path / "gone.safetensors"), lin.state_dict())
 
 
 # -----------------------------------------------------------------------------
@@ -763,7 +793,7 @@ def test_eval_run_resume_and_predictions(tmp_path):
         assert np.array_equal(data.read_frames(str(tmp_path / "cut" / f"{f}.mp4")), data.read_frames(str(whole / f"{f}.mp4")))
     # other generation flags on the same outputs: one error line
     r = subprocess.run(cmd + ["--out", str(out), "--seed", "1"], capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode != 0 and re.fullmatch(r"error: .*out holds outputs made with \{.*'seed': 0.*\}, this run needs "
+    assert r.returncode != 0 and re.fullmatch(r"error: .*out holds files made with \{.*'seed': 0.*\}, this run needs "
                                               r"\{.*'seed': 1.*\}; delete it or change --out", r.stderr.strip())
     assert "CLIP" not in r.stderr  # before anything is loaded
     # a restart generates nothing: the cached outputs are kept as they are
@@ -839,25 +869,25 @@ def test_shapes_captions_match_target_clips():
         if i % 4 == 3 and len(answers) == 2:  # multi-future: one input clip, two questions, two futures
             (q1, _, c1, _, e1), (q2, _, c2, _, e2) = answers
             assert q1 != q2 and c1 != c2 and e1 != e2
-        for q, think, caption, y, ev in answers:
-            assert y.shape == (data.N_OUT, H, W, 3) and ev["color"] in caption
-            seen[(ev["world"], ev.get("action") or ev["outcome"])] += 1
-            last = _centroid(y[-1], ev["color"])
-            if ev["world"] == "stack":  # the block ends where the caption says
-                want_y = floor_y - u - 2 * u * ev["height"] if ev["action"] == "place" else floor_y - u
+        for q, think, caption, y, event in answers:
+            assert y.shape == (data.N_OUT, H, W, 3) and event["color"] in caption
+            seen[(event["world"], event.get("action") or event["outcome"])] += 1
+            last = _centroid(y[-1], event["color"])
+            if event["world"] == "stack":  # the block ends where the caption says
+                want_y = floor_y - u - 2 * u * event["height"] if event["action"] == "place" else floor_y - u
                 assert last is not None and abs(last[1] - want_y) <= 1
-                assert (abs(last[0] - W * 0.22) <= 1) == (ev["action"] == "place")
-                assert ev["color"] in think or ev["action"] == "remove"
+                assert (abs(last[0] - W * 0.22) <= 1) == (event["action"] == "place")
+                assert event["color"] in think or event["action"] == "remove"
                 continue
-            d = 1 if ev["side"] == "right" else -1
-            first = _centroid(y[0], ev["color"])
-            if ev["outcome"] == "leave":
+            d = 1 if event["side"] == "right" else -1
+            first = _centroid(y[0], event["color"])
+            if event["outcome"] == "leave":
                 assert last is None  # out of the frame
-            elif ev["outcome"] == "bounce":  # came back: further from the wall than at its closest
-                xs = [_centroid(f, ev["color"])[0] for f in y]
+            elif event["outcome"] == "bounce":  # came back: further from the wall than at its closest
+                xs = [_centroid(f, event["color"])[0] for f in y]
                 assert d * (max(xs, key=lambda v: d * v) - xs[-1]) > u
             else:  # stopped: the last frames are identical, and it never reached the side
-                assert _centroid(y[-5], ev["color"]) == last and first is not None
+                assert _centroid(y[-5], event["color"]) == last and first is not None
                 assert (W - last[0] if d > 0 else last[0]) > u
     assert set(seen) == {("stack", "place"), ("stack", "remove"), ("ball", "bounce"), ("ball", "leave"),
                          ("ball", "stop")}
@@ -1022,12 +1052,17 @@ def test_sft_vlm_lora_exact_resume(shapes_small, tmp_path):
     (tmp_path / "split" / "log.jsonl").write_text('{"step": 1, "loss": 9.0}\n')  # an earlier run's: a fresh run drops it
     _train("sft_vlm.py", flags + ["--stop-at", "4"], tmp_path / "split")
     assert json.load(open(tmp_path / "split" / "last" / "meta.json"))["step"] == 4
+    state = torch.load(tmp_path / "split" / "last" / "train_state.pt", weights_only=True)
+    assert state["skipped"] == 0
+    state["skipped"] = 3  # as if 3 clips had failed to decode before the cut
+    torch.save(state, tmp_path / "split" / "last" / "train_state.pt")
     with open(tmp_path / "split" / "log.jsonl", "a") as f:  # a run killed after step 4's checkpoint left steps 5-6
         f.write('{"step": 5, "loss": 9.0}\n{"step": 6, "lo')
     os.rename(tmp_path / "split" / "last", tmp_path / "split" / "last.old")  # and its next save, between the renames
     _train("sft_vlm.py", flags + ["--resume"], tmp_path / "split")
     _same_weights(tmp_path / "straight" / "last", tmp_path / "split" / "last")
     assert _log(tmp_path / "straight") == pytest.approx(_log(tmp_path / "split"), abs=0)
+    assert _log(tmp_path / "straight", "skipped") == [0] and _log(tmp_path / "split", "skipped") == [3]  # carried on
     vlm, _ = model.load(str(tmp_path / "split" / "last"), need=("vlm",))  # peft's own adapter format
     assert "vlm_lora" in json.load(open(tmp_path / "split" / "last" / "meta.json"))["parts"]
     assert type(vlm.model).__name__ == "PeftModel"
@@ -1371,7 +1406,7 @@ def test_grpo_stage2_torchrun_lora_anchors_and_exact_resume(shapes_small, tmp_pa
     # anchors cached under other flags are not reused: one error line
     bar = ["--anchor-min-rouge", "0.6", "--anchor-tries", "2"]
     r = _train("grpo_stage2.py", flags + bar, tmp_path / "split", check=False)
-    assert r.returncode != 0 and re.fullmatch(r"error: .*anchors\.rank0\.jsonl was made with \{.*\}, this run needs "
+    assert r.returncode != 0 and re.fullmatch(r"error: .*split holds files made with \{.*\}, this run needs "
                                               r"\{.*'min_rouge': 0\.6, 'tries': 2.*\}; delete it or change --out",
                                               r.stderr.strip().splitlines()[-1])
     # a VLM whose captions never reach the bar: every prompt skipped and counted, one error line
@@ -1386,21 +1421,21 @@ def test_shapes_event_accuracy_checks():
     for H, W, scenes in ((64, 112, 40), (96, 176, 12)):
         for i in range(scenes):
             x, answers = data.shapes_scene(0, "val", i, H, W)
-            for _, _, caption, y, ev in answers:
+            for _, _, caption, y, event in answers:
                 n += 1
-                key = "action" if ev["world"] == "stack" else "outcome"
-                other = {**ev, key: wrong[ev[key]]}
-                assert data.caption_correct(caption, ev) and not data.caption_correct(caption, other)
-                assert data.video_shows(y, ev), (H, i, ev)
+                key = "action" if event["world"] == "stack" else "outcome"
+                other = {**event, key: wrong[event[key]]}
+                assert data.caption_correct(caption, event) and not data.caption_correct(caption, other)
+                assert data.video_shows(y, event), (H, i, event)
                 assert not data.video_shows(y, other), (H, i, other)
                 recolored = caption.replace(ev["color"], "red" if ev["color"] != "red" else "blue", 1)
-                assert not data.caption_correct(recolored, ev)
-                if ev["world"] == "ball":
-                    flipped = caption.replace(ev["side"], "left" if ev["side"] == "right" else "right")
-                    assert not data.caption_correct(flipped, ev)
+                assert not data.caption_correct(recolored, event)
+                if event["world"] == "ball":
+                    flipped = caption.replace(event["side"], "left" if event["side"] == "right" else "right")
+                    assert not data.caption_correct(flipped, event)
                 # the input clip's last frame held still does not show a placed, removed, bounced or left event
-                if ev.get("action") or ev["outcome"] != "stop":
-                    assert not data.video_shows(np.repeat(x[-1:], len(y), 0), ev), (H, i, ev)
+                if event.get("action") or event["outcome"] != "stop":
+                    assert not data.video_shows(np.repeat(x[-1:], len(y), 0), event), (H, i, event)
     assert n > 60
     assert data.caption_event("Nothing happens.") is None
     # the same checks as the Shapes-only rewards, on whole completions and videos (the last scene)
