@@ -1428,7 +1428,7 @@ def test_shapes_event_accuracy_checks():
                 assert data.caption_correct(caption, event) and not data.caption_correct(caption, other)
                 assert data.video_shows(y, event), (H, i, event)
                 assert not data.video_shows(y, other), (H, i, other)
-                recolored = caption.replace(ev["color"], "red" if ev["color"] != "red" else "blue", 1)
+                recolored = caption.replace(event["color"], "red" if event["color"] != "red" else "blue", 1)
                 assert not data.caption_correct(recolored, event)
                 if event["world"] == "ball":
                     flipped = caption.replace(event["side"], "left" if event["side"] == "right" else "right")
@@ -1440,8 +1440,8 @@ def test_shapes_event_accuracy_checks():
     assert data.caption_event("Nothing happens.") is None
     # the same checks as the Shapes-only rewards, on whole completions and videos (the last scene)
     completions = [f"[Think]t[/Think][Ans]{c}[/Ans]" for c in (caption, recolored)]
-    assert rewards.caption_event(completions, [{"event": ev}] * 2) == [1.0, 0.0]
-    assert rewards.video_event([y, y], [{"event": ev}, {"event": other}]) == [1.0, 0.0]
+    assert rewards.caption_event(completions, [{"event": event}] * 2) == [1.0, 0.0]
+    assert rewards.video_event([y, y], [{"event": event}, {"event": other}]) == [1.0, 0.0]
 
 
 def test_tiny_clip_trains_and_loads(shapes_small, tmp_path):
