@@ -4,8 +4,9 @@
 #   bash run_shapes.sh                        # seed 0 into out/shapes
 #   SEED=1 bash run_shapes.sh out/shapes-1    # another seed (the data and the CLIP stay the same)
 #
-# data -> a CLIP for this world -> VAE -> DiT + text encoder -> VLM -> Joint-GRPO stage 1
-# -> stage 2 (and stage 2 without r_c2) -> eval of every row on the test split -> curves.
+# data -> a CLIP for this world -> VLM -> VAE -> DiT + text encoder -> Joint-GRPO stage 1 -> stage 2
+# (and stage 2 without r_c2), each row of the table evaluated on the test split once its models
+# exist -> curves.
 # Every stage's settings are in config/shapes.py; each prints its time and appends it to
 # OUT/times.txt, the record of finished stages: a rerun skips those and resumes an
 # interrupted training stage from its last checkpoint (--resume).
@@ -36,31 +37,31 @@ fi
 if [ ! -e $DATA/clip/clip.safetensors ]; then
     stage clip python rewards.py train-clip --train $DATA/train.jsonl --out $DATA/clip --seed 0
 fi
-stage vae python sft_vdm.py --config $C:sft_vae --out $OUT/vae --seed $SEED --resume
-stage sft_vdm python sft_vdm.py --config $C --model $OUT/vae/last --out $OUT/sft_vdm --seed $SEED --resume
-stage sft_vlm python sft_vlm.py --config $C --out $OUT/sft_vlm --seed $SEED --resume
-stage grpo_stage1 python grpo_stage1.py --config $C --init $OUT/sft_vlm/last \
-    --vdm $OUT/sft_vdm/last --clip $DATA/clip --out $OUT/grpo_stage1 --seed $SEED --resume
-stage grpo_stage2 python grpo_stage2.py --config $C --vlm $OUT/grpo_stage1/last \
-    --vdm $OUT/grpo_stage1/last --clip $DATA/clip --out $OUT/grpo_stage2 --seed $SEED --resume
-# the ablation differs in its reward only: it starts from stage 2's anchor captions (same VLM, same seed)
-mkdir -p $OUT/grpo_stage2_no_ct
-cp -n $OUT/grpo_stage2/anchors.rank*.jsonl $OUT/grpo_stage2_no_ct/
-stage grpo_stage2_no_ct python grpo_stage2.py --config $C --vlm $OUT/grpo_stage1/last \
-    --vdm $OUT/grpo_stage1/last --clip $DATA/clip --rewards clip_v=1 --out $OUT/grpo_stage2_no_ct --seed $SEED --resume
-
-# the table's rows: untrained, SFT, + stage 1, + stage 2 (Joint-GRPO), stage 2 without r_c2
+# each row of the table (untrained, SFT, + stage 1, + stage 2 = Joint-GRPO, stage 2 without r_c2)
+# is evaluated on the test split as soon as its models exist
 evaluate() {  # evaluate ROW --model ... : eval.py on the test split into OUT/eval/ROW
     local row=$1
     shift
     stage "eval $row" python eval.py --manifest $DATA/test.jsonl --clip $DATA/clip --gt-cache $DATA/gt_i3d \
         --seed $SEED --out $OUT/eval/$row "$@"
 }
-evaluate untrained --model random:shapes
+stage sft_vlm python sft_vlm.py --config $C --out $OUT/sft_vlm --seed $SEED --resume
+stage vae python sft_vdm.py --config $C:sft_vae --out $OUT/vae --seed $SEED --resume
+stage sft_vdm python sft_vdm.py --config $C --model $OUT/vae/last --out $OUT/sft_vdm --seed $SEED --resume
+stage grpo_stage1 python grpo_stage1.py --config $C --init $OUT/sft_vlm/last \
+    --vdm $OUT/sft_vdm/last --clip $DATA/clip --out $OUT/grpo_stage1 --seed $SEED --resume
 evaluate sft --model $OUT/sft_vlm/last --vdm $OUT/sft_vdm/last
 evaluate stage1 --model $OUT/grpo_stage1/last
+stage grpo_stage2 python grpo_stage2.py --config $C --vlm $OUT/grpo_stage1/last \
+    --vdm $OUT/grpo_stage1/last --clip $DATA/clip --out $OUT/grpo_stage2 --seed $SEED --resume
 evaluate joint_grpo --model $OUT/grpo_stage2/last
+# the ablation differs in its reward only: it starts from stage 2's anchor captions (same VLM, same seed)
+mkdir -p $OUT/grpo_stage2_no_ct
+cp -n $OUT/grpo_stage2/anchors.* $OUT/grpo_stage2_no_ct/
+stage grpo_stage2_no_ct python grpo_stage2.py --config $C --vlm $OUT/grpo_stage1/last \
+    --vdm $OUT/grpo_stage1/last --clip $DATA/clip --rewards clip_v=1 --out $OUT/grpo_stage2_no_ct --seed $SEED --resume
 evaluate stage2_no_ct --model $OUT/grpo_stage2_no_ct/last
+evaluate untrained --model random:shapes
 
 python plot_curves.py $OUT/grpo_stage1 $OUT/grpo_stage2 --out $OUT/curves.png
 python eval.py --table $OUT/eval/{untrained,sft,stage1,joint_grpo,stage2_no_ct}/results.json

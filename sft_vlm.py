@@ -22,6 +22,9 @@ each rank, averaged over ranks by DDP. AdamW, linear warmup + cosine decay, grad
 clipping, bf16 autocast on GPU. Every --val-every steps: loss on the validation set and
 greedy captions for --val-generate samples, scored with the format reward and ROUGE-L
 (and, on Shapes, event accuracy: does the caption state the generator's event).
+--stop-at-accuracy A saves and stops at the first validation whose event accuracy
+reaches A: an SFT that stops on its learning curve's knee, not at a fixed step, to
+leave Joint-GRPO room (config/shapes.py).
 Writes <out>/last (a checkpoint loadable as --model, with its training state) and
 <out>/log.jsonl. The paper does not give a batch size: --batch-size is per rank.
 """
@@ -60,6 +63,9 @@ parser.add_argument("--val-every", type=int, default=500, help="validate every N
 parser.add_argument("--val-loss-samples", type=int, default=64, help="validation samples for the loss")
 parser.add_argument("--val-generate", type=int, default=8, help="validation samples to caption greedily")
 parser.add_argument("--max-new-tokens", type=int, default=512, help="generation budget at validation")
+parser.add_argument("--stop-at-accuracy", type=float, default=0.0,
+                    help="save and stop at the first validation whose caption event accuracy (Shapes) reaches this "
+                         "(0 = off); --resume from such a stop trains no further unless the bar is raised")
 common.add_run_flags(parser, out="out/sft_vlm", steps=10_000)  # the paper's steps
 args = common.parse_flags(parser, "sft_vlm")
 
@@ -116,11 +122,13 @@ def batch_loss(batch, net):
 
 optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
 start, skipped = 0, 0  # skipped: clips that failed to decode; rank 0 carries the total of earlier runs
+accuracy = float("nan")  # the last validation's caption event accuracy, kept for --stop-at-accuracy
 if resume:
     state = common.load_train_state(last)
     optimizer.load_state_dict(state["optimizer"])
     start = state["step"]
     skipped = state["skipped"] if master else 0
+    accuracy = state["accuracy"]
     common.print0(f"resumed from {last} at step {start}")
 else:
     torch.manual_seed(args.seed + rank)  # dropout streams differ by rank
@@ -130,7 +138,7 @@ logger = common.Logger(args.out, args, rank, start)
 def save(step):
     """<out>/last: weights (LoRA in peft's format; the full VLM when it is trained or random-based)
     + meta + training state, atomically. Called on every rank (the RNG states are gathered)."""
-    state = common.train_state(step, optimizer.state_dict(), {"skipped": int(common.all_sum(skipped))})
+    state = common.train_state(step, optimizer.state_dict(), {"skipped": int(common.all_sum(skipped)), "accuracy": accuracy})
     if master:
         parts = ("vlm_lora",) if args.finetune == "lora" else ()
         parts += ("vlm",) if args.finetune == "full" or preset != "full" else ()
@@ -169,6 +177,10 @@ def validate():
 # training loop
 
 end = min(args.steps, args.stop_at) if args.stop_at else args.steps
+reached = lambda: args.stop_at_accuracy > 0 and accuracy >= args.stop_at_accuracy  # False while nan
+if reached():
+    end = start
+    common.print0(f"{last}: its last val event accuracy, {accuracy:.4f}, reaches --stop-at-accuracy: nothing to do")
 sampler = data.StepSampler(len(dataset), args.batch_size, rank, world, args.seed, start, end)
 loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
                                      collate_fn=data.collate, generator=torch.Generator())  # leaves the global RNG alone
@@ -196,8 +208,13 @@ for step, batch in zip(range(start, end), loader):
         metrics = validate()
         logger.log(metrics, done)
         common.print0(f"step {done}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        accuracy = metrics.get("val/event_accuracy", float("nan"))
+        if reached():
+            end = done
     if done % args.save_every == 0 or done == end:
         save(done)
+    if done == end:
+        break
 progress.close()
 
 # -----------------------------------------------------------------------------
