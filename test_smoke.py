@@ -1068,6 +1068,29 @@ def test_sft_vlm_lora_exact_resume(shapes_small, tmp_path):
     assert type(vlm.model).__name__ == "PeftModel"
 
 
+def test_sft_vlm_stops_at_an_accuracy_and_resume_honours_it(tmp_path):
+    """--stop-at-accuracy: the shipped Shapes VLM states the event from the start, so the run stops at its
+    first validation (not a save step); --resume under the same bar trains no further, without it goes on."""
+    data.make_shapes(str(tmp_path / "data"), 4, 4, 0, height=64, width=112, seed=1, workers=2)
+    flags = ["--model", "shapes", "--finetune", "full", "--train", str(tmp_path / "data" / "train.jsonl"),
+             "--val", str(tmp_path / "data" / "val.jsonl"), "--steps", "6", "--batch-size", "2", "--lr", "1e-6",
+             "--val-every", "2", "--val-generate", "4", "--val-loss-samples", "2", "--max-new-tokens", "160",
+             "--save-every", "100", "--log-every", "1"]
+    out = tmp_path / "run"
+    step = lambda: json.load(open(out / "last" / "meta.json"))["step"]
+    r = _train("sft_vlm.py", flags + ["--stop-at-accuracy", "0.5"], out)
+    assert "stopped: step 2 of 6" in r.stdout and step() == 2
+    assert _log(out, "step") == [1, 2, 2] and _log(out, "val/event_accuracy")[0] >= 0.5
+    state = torch.load(out / "last" / "train_state.pt", weights_only=True)
+    assert state["accuracy"] == _log(out, "val/event_accuracy")[0]
+    log = (out / "log.jsonl").read_text()
+    r = _train("sft_vlm.py", flags + ["--stop-at-accuracy", "0.5", "--resume"], out)
+    assert "reaches --stop-at-accuracy: nothing to do" in r.stdout and step() == 2
+    assert (out / "log.jsonl").read_text() == log
+    _train("sft_vlm.py", flags + ["--resume"], out)  # no bar: on to --steps, validating at 4 and 6
+    assert step() == 6 and len(_log(out, "val/event_accuracy")) == 3
+
+
 def test_sft_vlm_bad_manifest(shapes_small, tmp_path):
     good = json.loads(open(shapes_small / "train.jsonl").readline())
     m = shapes_small / "bad.jsonl"
