@@ -83,6 +83,8 @@ resume = args.resume and model.checkpoint_exists(last)
 # data
 
 train, val = common.read_manifests(args, min_frames=args.frames)
+if args.stop_at_accuracy and not (val and args.val_generate):
+    raise SystemExit("error: --stop-at-accuracy needs --val and --val-generate > 0: it reads the validation's event accuracy")
 dataset = data.ClipDataset(train, parts=("vlm",), frames=args.frames, vlm_frames=model.VLM_FRAMES)
 
 # -----------------------------------------------------------------------------

@@ -1089,6 +1089,9 @@ def test_sft_vlm_stops_at_an_accuracy_and_resume_honours_it(tmp_path):
     assert (out / "log.jsonl").read_text() == log
     _train("sft_vlm.py", flags + ["--resume"], out)  # no bar: on to --steps, validating at 4 and 6
     assert step() == 6 and len(_log(out, "val/event_accuracy")) == 3
+    r = _train("sft_vlm.py", flags[:6] + ["--stop-at-accuracy", "0.5"], tmp_path / "no_val", check=False)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1] == \
+        "error: --stop-at-accuracy needs --val and --val-generate > 0: it reads the validation's event accuracy"
 
 
 def test_sft_vlm_bad_manifest(shapes_small, tmp_path):
