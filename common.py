@@ -141,9 +141,17 @@ def compute_init(device):
 
 
 def compute_cleanup():
+    """The last call of a training script. Under torchrun it leaves the process group and ends the
+    process at once, without interpreter shutdown: DDP keeps the gloo group, and its worker
+    threads, alive past destroy_process_group, and those threads running into interpreter
+    shutdown now and then abort a finished run (SIGABRT, "terminate called without an active
+    exception")."""
     if dist.is_initialized():
         dist.barrier()  # no rank tears its connections down while another still talks to it
         dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def print0(*a, **k):
