@@ -184,7 +184,7 @@ def render_videos(captions, clips):
         z = vdm.sample(vdm.encode_text([c for _, c in chunk]), None if neg is None else neg.expand(len(g), -1, -1),
                        None if refs is None else refs[g], args.frames, args.height, args.width,
                        steps=args.render_steps, cfg=args.render_cfg, latents=noise[g])
-        videos.update((job, data.to_uint8(vdm.decode(z[k:k + 1])[0])) for k, job in enumerate(chunk))
+        videos.update(zip(chunk, map(data.to_uint8, vdm.decode(z))))
     return [videos[(k // G, c)] for k, c in enumerate(captions)], len(jobs)
 
 

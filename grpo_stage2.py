@@ -336,7 +336,7 @@ for step, batch in zip(range(start, end), loader):
                                            args.width, args.sample_steps, args.cfg, noise_level=args.noise_level,
                                            generator=gen))
     with torch.no_grad():
-        videos = [data.to_uint8(vdm.decode(xs[k:k + 1, -1])[0]) for xs, _ in rollouts for k in range(len(xs))]
+        videos = [data.to_uint8(v) for xs, _ in rollouts for v in vdm.decode(xs[:, -1])]
 
     # 2-3. rewards, their normalised sum, the group advantage
     raw = score(videos, captions, batch)

@@ -112,12 +112,12 @@ def answer(vlm, vdm, video_paths, questions, args, generator, progress=False):
     neg = vdm.encode_text([model.NEGATIVE_PROMPT] * len(captions)) if args.cfg != 1.0 else None
     refs = None
     if vdm.n_refs:
-        refs = vdm.ref_latents(torch.cat([vdm.encode_video(data.to_tensor(c)[None]) for c in clips]))
+        refs = vdm.ref_latents(vdm.encode_video(torch.stack([data.to_tensor(c) for c in clips])))
     tick("encode")
     latents = vdm.sample(text, neg, refs, frames=args.frames, height=args.height, width=args.width,
                          steps=args.steps, cfg=args.cfg, generator=generator, progress=progress)
     tick("dit")
-    videos = [data.to_uint8(vdm.decode(z[None])[0]) for z in latents]  # one at a time: VAE memory
+    videos = [data.to_uint8(v) for v in vdm.decode(latents)]
     tick("vae")
     timings["total"] = round(sum(timings.values()), 3)
     return [dict(think=model.extract(c, "Think"), caption=cap, completion=c, video=v)
