@@ -271,6 +271,25 @@ def test_reference_frames(tiny):
     assert not torch.allclose(out, other, atol=1e-4) and not torch.allclose(out, plain, atol=1e-4)
 
 
+def test_vae_batches_match_one_video_at_a_time(tiny, monkeypatch):
+    """The VAE takes at most one 352x640 video's latent pixels at once (model.vae_chunk); a batch,
+    whole or in chunks, encodes and decodes as its videos do one at a time, to float rounding."""
+    _, vdm = tiny
+    assert (model.vae_chunk(44, 80), model.vae_chunk(88, 160), model.vae_chunk(8, 14)) == (1, 1, 31)
+    clips = torch.stack([data.to_tensor(moving_clip(seed=s, color=c)) for s, c in
+                         ((0, (255, 60, 30)), (1, (30, 200, 60)), (2, (40, 60, 255)))])
+    one = torch.cat([vdm.encode_video(c[None]) for c in clips])
+    whole = vdm.encode_video(clips)
+    assert one.shape == (3, 16, 9, H // 8, W // 8)
+    torch.testing.assert_close(whole, one, rtol=1e-4, atol=1e-5)
+    decoded = torch.cat([vdm.decode(z[None]) for z in one])
+    torch.testing.assert_close(vdm.decode(one), decoded, rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(model, "vae_chunk", lambda h, w: 2)  # chunks of 2, 1
+    torch.testing.assert_close(vdm.encode_video(clips), one, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(vdm.decode(one), decoded, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(one[0], one[1], atol=1e-3)  # the videos differ, so the order is checked too
+
+
 # -----------------------------------------------------------------------------
 # loading the official release and our own checkpoints
 
