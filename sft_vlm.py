@@ -130,7 +130,7 @@ if resume:
     optimizer.load_state_dict(state["optimizer"])
     start = state["step"]
     skipped = state["skipped"] if master else 0
-    accuracy = state["accuracy"]
+    accuracy = state.get("accuracy", float("nan"))  # absent in checkpoints older than --stop-at-accuracy
     common.print0(f"resumed from {last} at step {start}")
 else:
     torch.manual_seed(args.seed + rank)  # dropout streams differ by rank

@@ -1089,7 +1089,8 @@ def test_sft_vlm_lora_exact_resume(shapes_small, tmp_path):
 
 def test_sft_vlm_stops_at_an_accuracy_and_resume_honours_it(tmp_path):
     """--stop-at-accuracy: the shipped Shapes VLM states the event from the start, so the run stops at its
-    first validation (not a save step); --resume under the same bar trains no further, without it goes on."""
+    first validation (not a save step); --resume under the same bar trains no further, or on to the next
+    validation if the checkpoint has no accuracy; without the bar it goes on."""
     data.make_shapes(str(tmp_path / "data"), 4, 4, 0, height=64, width=112, seed=1, workers=2)
     flags = ["--model", "shapes", "--finetune", "full", "--train", str(tmp_path / "data" / "train.jsonl"),
              "--val", str(tmp_path / "data" / "val.jsonl"), "--steps", "6", "--batch-size", "2", "--lr", "1e-6",
@@ -1106,7 +1107,11 @@ def test_sft_vlm_stops_at_an_accuracy_and_resume_honours_it(tmp_path):
     r = _train("sft_vlm.py", flags + ["--stop-at-accuracy", "0.5", "--resume"], out)
     assert "reaches --stop-at-accuracy: nothing to do" in r.stdout and step() == 2
     assert (out / "log.jsonl").read_text() == log
-    _train("sft_vlm.py", flags + ["--resume"], out)  # no bar: on to --steps, validating at 4 and 6
+    del state["accuracy"]  # a checkpoint older than --stop-at-accuracy: unknown, so on to the next validation
+    torch.save(state, out / "last" / "train_state.pt")
+    r = _train("sft_vlm.py", flags + ["--stop-at-accuracy", "0.5", "--resume"], out)
+    assert "stopped: step 4 of 6" in r.stdout and step() == 4
+    _train("sft_vlm.py", flags + ["--resume"], out)  # no bar: on to --steps, validating at 6
     assert step() == 6 and len(_log(out, "val/event_accuracy")) == 3
     r = _train("sft_vlm.py", flags[:6] + ["--stop-at-accuracy", "0.5"], tmp_path / "no_val", check=False)
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1] == \
