@@ -101,6 +101,39 @@ def read_frames(path, n=None, min_frames=1):
     return read([0] * n) if is_image else read(uniform_indices(total, n))
 
 
+def vlm_frame_indices(total, n=6):
+    """The frames the VLM sees, as the release's qwen-vl-utils picks them (fps 1, min = max = 6
+    frames, an even count): n spread uniformly, or for a clip of fewer than n frames its largest even
+    number of frames (2 of 2 or 3, 4 of 4 or 5); a single frame (an image) is repeated n times."""
+    k = n if total >= n else total - total % 2
+    return uniform_indices(total, k) if k >= 2 else [0] * n
+
+
+def read_vlm_frames(path, n=6):
+    """The VLM's frames of a video or image: uint8 (k, H, W, 3) at the file's size (vlm_frame_indices)."""
+    read, total = _open(path)
+    return read(vlm_frame_indices(1 if path.lower().endswith(IMAGE_EXTS) else total, n))
+
+
+REF_CLIPS = ("first", "last", "uniform")
+
+
+def clip_indices(total, n, mode):
+    """Which n frames of a total-frame input make the reference clip:
+        first    frames 0..n-1 at the clip's own rate (DiffSynth's video reader, from the start)
+        last     the last n frames, the ones just before what is to be predicted
+        uniform  n frames spread over the whole input, first and last included
+    A clip shorter than n is held: first repeats its last frame at the end, last its first frame
+    in front, uniform repeats frames throughout (a slower clip)."""
+    if mode == "uniform":
+        return uniform_indices(total, n)
+    if mode == "first":
+        return [min(i, total - 1) for i in range(n)]
+    if mode == "last":
+        return [max(total - n + i, 0) for i in range(n)]
+    raise ValueError(f"reference clip {mode!r}: expected one of {', '.join(REF_CLIPS)}")
+
+
 def resize_crop(frames, height, width):
     """uint8 (T, H, W, 3) -> uint8 (T, height, width, 3): scale so the clip
     covers height x width (bilinear, antialiased), then center-crop."""
@@ -115,22 +148,25 @@ def resize_crop(frames, height, width):
     return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def load_clip(path, n_frames, height, width):
-    """The reference clip of a sample: n_frames spread uniformly over the whole
-    input, resized/cropped to height x width. uint8 (n_frames, height, width, 3).
-    A video needs at least n_frames frames so no reference frame is repeated."""
-    return resize_crop(read_frames(path, n_frames, min_frames=n_frames), height, width)
+def load_clip(path, n_frames, height, width, mode="uniform"):
+    """A clip of n_frames (clip_indices' mode) resized/cropped to height x width: uint8
+    (n_frames, height, width, 3). An image is a static clip."""
+    read, total = _open(path)
+    idx = [0] * n_frames if path.lower().endswith(IMAGE_EXTS) else clip_indices(total, n_frames, mode)
+    return resize_crop(read(idx), height, width)
 
 
-def to_tensor(frames):
-    """uint8 (T, H, W, 3) -> float (3, T, H, W) in [-1, 1], the VAE's input; a batch
-    (B, T, H, W, 3) -> (B, 3, T, H, W). numpy or torch."""
-    return torch.as_tensor(np.ascontiguousarray(frames)).movedim(-1, -4).float() / 127.5 - 1.0
+def to_tensor(frames, dtype=torch.float32):
+    """uint8 (T, H, W, 3) -> (3, T, H, W) in [-1, 1], the VAE's input, computed in dtype (in bf16
+    as the release does); a batch (B, T, H, W, 3) -> (B, 3, T, H, W). numpy or torch."""
+    return torch.as_tensor(np.ascontiguousarray(frames)).movedim(-1, -4).to(dtype) / 127.5 - 1.0
 
 
-def to_uint8(video):
-    """float (3, T, H, W) in [-1, 1] -> uint8 (T, H, W, 3) numpy."""
-    return ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
+def to_uint8(video, truncate=False):
+    """(3, T, H, W) in [-1, 1] -> uint8 (T, H, W, 3) numpy: rounded in float32, or with truncate in
+    the video's own dtype and truncated (the release's conversion)."""
+    x = (video + 1) * 127.5 if truncate else ((video.float().clamp(-1, 1) + 1) * 127.5).round()
+    return x.clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
 
 
 def write_video(path, frames, fps=11):
@@ -173,9 +209,10 @@ def read_manifest(path, check_files=True, check_videos=False, min_frames=1, skip
     if not os.path.isfile(path):
         raise ManifestError(f"{path}: no such manifest")
     root = os.path.dirname(os.path.abspath(path))
-    if path.endswith(".csv"):
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = [(i + 2, {CSV_FIELDS.get(k, k): v for k, v in row.items()}) for i, row in enumerate(csv.DictReader(f))]
+    if path.endswith(".csv"):  # the release writes its CSVs with a byte-order mark (utf-8-sig)
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = [(i + 2, {CSV_FIELDS.get(k.lstrip("\ufeff"), k): v for k, v in row.items()})
+                    for i, row in enumerate(csv.DictReader(f))]
     else:
         with open(path, encoding="utf-8") as f:
             rows = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
@@ -225,16 +262,16 @@ def _sample(row, line, root, check_files, check_videos, min_frames):
 
 class ClipDataset(torch.utils.data.Dataset):
     """Decoded manifest samples for training. Item i: the text fields, plus what `parts` asks for
-        vlm     uint8 (vlm_frames, H0, W0, 3)     the VLM's frames, uniform over the input, native size
-        clip    uint8 (frames, height, width, 3)  the reference clip, read as infer.py reads it
+        vlm     uint8 (k, H0, W0, 3)              the VLM's frames (read_vlm_frames), native size
+        clip    uint8 (frames, height, width, 3)  the reference clip, read as infer.py reads it (ref_clip)
         target  uint8 (frames, height, width, 3)  the target, uniform over the target video
     Decoding is deterministic, so DataLoader workers need no seeding. A clip that fails to
     decode mid-run (read_manifest checked it opens) does not stop training: a one-line warning
     names it and the next sample takes its place (item["skipped"] counts the replacements,
     item["index"] is the sample's index), so a batch never shrinks and DDP ranks stay in step."""
 
-    def __init__(self, samples, parts, frames=33, height=352, width=640, vlm_frames=6):
-        self.samples, self.parts = samples, parts
+    def __init__(self, samples, parts, frames=33, height=352, width=640, vlm_frames=6, ref_clip="uniform"):
+        self.samples, self.parts, self.ref_clip = samples, parts, ref_clip
         self.frames, self.height, self.width, self.vlm_frames = frames, height, width, vlm_frames
 
     def __len__(self):
@@ -243,9 +280,9 @@ class ClipDataset(torch.utils.data.Dataset):
     def load(self, s):
         item = {k: s[k] for k in ("id", "question", "think", "caption", "event")}
         if "vlm" in self.parts:
-            item["vlm"] = read_frames(s["input_video"], self.vlm_frames, min_frames=self.frames)
+            item["vlm"] = read_vlm_frames(s["input_video"], self.vlm_frames)
         if "clip" in self.parts:
-            item["clip"] = load_clip(s["input_video"], self.frames, self.height, self.width)
+            item["clip"] = load_clip(s["input_video"], self.frames, self.height, self.width, self.ref_clip)
         if "target" in self.parts:
             item["target"] = load_clip(s["target_video"], self.frames, self.height, self.width)
         return item

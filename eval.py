@@ -512,8 +512,8 @@ if __name__ == "__main__":
     if not args.predictions:  # made_by.json records what made the outputs: other flags are an error
         where = lambda x: os.path.abspath(x) if x and os.path.exists(x) else x
         made_by = {"model": where(args.model), "vdm": where(args.vdm), "batch_size": args.batch_size,
-                   **{k: getattr(args, k) for k in ("seed", "greedy", "max_new_tokens", "steps", "cfg", "height", "width",
-                                                     "frames")}}
+                   **{k: getattr(args, k) for k in ("seed", "decoding", "max_new_tokens", "steps", "cfg", "height", "width",
+                                                     "frames", "ref_clip", "precision")}}
         common.same_settings(os.path.join(out_dir, "made_by.json"), made_by)
 
     # --- scorers first: a missing weight file fails before any generation

@@ -34,7 +34,9 @@ Choices the paper leaves open, made here:
 - Dropout is off (LoRA dropout is an SFT regulariser): the recomputed old log-probs equal the
   policy's, so the ratio is exactly 1 at the first update of a rollout.
 - Log-probs are taken at the sampling temperature (logits / T); top_p defaults to 1 so the
-  distribution sampled is the distribution scored.
+  distribution sampled is the distribution scored. Top-k and the repetition penalty are off
+  (model.sampling): the release's generate call, on Qwen's generation_config.json (top_k 1),
+  would give a group G identical completions.
 - A group's renders share one noise (common random numbers): r_v1 then ranks the captions
   of a group by what they render, not by the luck of their noise, and identical captions,
   common once the VLM is sure, cost one render.
@@ -79,6 +81,7 @@ parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (
 parser.add_argument("--max-new-tokens", type=int, default=512, help="completion budget")
 parser.add_argument("--micro-batch", type=int, default=8, help="sequences per generation / log-prob forward")
 parser.add_argument("--frames", type=int, default=33, help="rendered frames (4k + 1)")
+parser.add_argument("--ref-clip", default="first", choices=data.REF_CLIPS, help="which input frames make the reference clip (data.clip_indices)")
 parser.add_argument("--height", type=int, default=352, help="rendered height (multiple of 16)")
 parser.add_argument("--width", type=int, default=640, help="rendered width (multiple of 16)")
 parser.add_argument("--render-steps", type=int, default=20, help="Euler steps of the renders (inference uses 50)")
@@ -134,7 +137,7 @@ render = "clip_v" in reward_fns
 
 train, _ = common.read_manifests(args, min_frames=args.frames)
 dataset = data.ClipDataset(train, ("vlm", "clip", "target") if render else ("vlm",), args.frames, args.height,
-                           args.width, model.VLM_FRAMES)
+                           args.width, model.VLM_FRAMES, args.ref_clip)
 
 # -----------------------------------------------------------------------------
 # models: a fresh LoRA on the (merged) SFT VLM; the VDM and CLIP frozen
@@ -172,7 +175,7 @@ def render_videos(captions, clips):
     (from seed, step, rank and group), so r_v1 differs within a group only as the captions
     do, and a caption repeated in its group is rendered once. -> (videos, renders made)"""
     refs = vdm.ref_latents(vdm.encode_video(data.to_tensor(clips))) if vdm.n_refs else None  # (P, 16, n, h, w)
-    neg = vdm.encode_text([model.NEGATIVE_PROMPT]) if args.render_cfg != 1.0 else None
+    neg = vdm.encode_text([vdm.negative_prompt]) if args.render_cfg != 1.0 else None
     gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1009 + rank)
     noise = torch.randn(len(clips), vdm.dit.config.in_channels, (args.frames - 1) // 4 + 1, args.height // 8,
                         args.width // 8, generator=gen)
@@ -254,8 +257,8 @@ for step, batch in zip(range(start, end), loader):
 
     # 1. rollouts, in micro-batches: [(inputs of prompt + completion, completions)]
     net.eval()
-    chunks = [vlm.rollout(videos[i:i + mb], questions[i:i + mb], temperature=args.temperature, top_p=args.top_p,
-                          max_new_tokens=args.max_new_tokens) for i in range(0, len(videos), mb)]
+    chunks = [vlm.rollout(videos[i:i + mb], questions[i:i + mb], args.max_new_tokens,
+                          **model.sampling(args.temperature, args.top_p)) for i in range(0, len(videos), mb)]
     completions = [c for _, cs in chunks for c in cs]
 
     # 2-4. rewards, their normalised lambda-weighted sum, and the group advantage

@@ -80,6 +80,7 @@ parser.add_argument("--prompts", type=int, default=1, help="prompts per rank per
 parser.add_argument("--group-size", type=int, default=8, help="G: videos per prompt")
 parser.add_argument("--micro-batch", type=int, default=8, help="videos per DiT forward (rollouts and updates alike)")
 parser.add_argument("--frames", type=int, default=33, help="frames (4k + 1)")
+parser.add_argument("--ref-clip", default="first", choices=data.REF_CLIPS, help="which input frames make the reference clip (data.clip_indices)")
 parser.add_argument("--height", type=int, default=352, help="height (multiple of 16)")
 parser.add_argument("--width", type=int, default=640, help="width (multiple of 16)")
 parser.add_argument("--sample-steps", type=int, default=20, help="SDE sampling steps")
@@ -167,7 +168,7 @@ with open(os.path.join(args.out, f"anchors.rank{rank}.jsonl"), "a") as f:
             if not need:
                 break
             outs = vlm.generate([frames[i] for i in need], [train[i]["question"] for i in need],
-                                max_new_tokens=args.max_new_tokens)  # inference sampling: temperature 0.7, top_p 0.9
+                                decoding="sample", max_new_tokens=args.max_new_tokens)  # a retry needs a new draw
             for i, out in zip(need, outs):
                 caption = model.caption_of(out)
                 score = rewards.rouge_l(caption, train[i]["caption"])
@@ -192,7 +193,7 @@ vlm.model.to("cpu")  # kept only to go into the checkpoint
 # training data: the prompts with an anchor. A clip that fails to decode is replaced by the next
 # such prompt, and item["index"] fetches the caption of the prompt actually loaded.
 clips = data.ClipDataset([train[i] for i in usable], ("vlm", "clip", "target"), args.frames, args.height, args.width,
-                         model.VLM_FRAMES)
+                         model.VLM_FRAMES, args.ref_clip)
 anchor_captions = [anchors[key(i)]["caption"] for i in usable]
 
 # -----------------------------------------------------------------------------
@@ -309,7 +310,7 @@ loader = torch.utils.data.DataLoader(clips, batch_sampler=sampler,
                                      num_workers=args.workers, collate_fn=data.collate, generator=torch.Generator())
 sigmas = model.flow_sigmas(args.sample_steps).to(device)
 trained_steps = range(int(args.sample_steps * args.train_fraction))
-neg = vdm.encode_text([model.NEGATIVE_PROMPT]) if args.cfg != 1.0 else None  # (1, 512, D)
+neg = vdm.encode_text([vdm.negative_prompt]) if args.cfg != 1.0 else None  # (1, 512, D)
 t0 = time.time()
 progress = tqdm(total=args.steps, initial=start, disable=not master, desc="grpo_stage2")
 for step, batch in zip(range(start, end), loader):

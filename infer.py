@@ -7,7 +7,7 @@ what happens next and writes a caption, the VDM renders it as the answer video.
     python infer.py examples/ball.mp4 "What happens next?" --model shapes   # the shipped Shapes models, offline
     python infer.py in.mp4 "What happens next?" --model tiny        # random tiny models, offline (noise)
     python infer.py photo.png "Leave it for a week." --json         # an image is a static clip
-    python infer.py in.mp4 "..." --model out/grpo_stage2            # a checkpoint of our training scripts
+    python infer.py in.mp4 "..." --model out/grpo_stage2/last       # a checkpoint of our training scripts
 
 Weights come from the Hugging Face cache (downloaded on first use); --qwen, --wan
 and --vans point at local copies instead.
@@ -19,6 +19,7 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 
 import data
@@ -33,7 +34,9 @@ def add_flags(parser):
     parser.add_argument("--vdm", default=None, help="take the VDM from this --model instead (e.g. an SFT VLM with an SFT VDM)")
     parser.add_argument("--seed", type=int, default=0, help="seed for caption sampling and video noise")
     # VLM; defaults of None come from the model's preset (model.CONFIGS[...]["infer"])
-    parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling (temperature 0.7, top_p 0.9)")
+    parser.add_argument("--decoding", default=None, choices=model.DECODING,
+                        help="release: greedy with repetition penalty 1.05, what the release computes; sample: the "
+                             "paper's temperature 0.7 / top_p 0.9; greedy (default: release; shapes: sample)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="VLM generation budget (1024; shapes 160)")
     # VDM
     parser.add_argument("--steps", type=int, default=None, help="Euler flow-matching steps (50; shapes 20)")
@@ -42,6 +45,12 @@ def add_flags(parser):
     parser.add_argument("--width", type=int, default=None, help="output width, a multiple of 16 (640; shapes 112)")
     parser.add_argument("--frames", type=int, default=33, help="output frames (4k + 1)")
     parser.add_argument("--fps", type=int, default=11, help="fps of the written video")
+    parser.add_argument("--ref-clip", default=None, choices=data.REF_CLIPS,
+                        help="which input frames make the reference clip (data.clip_indices; default: first, as "
+                             "DiffSynth's reader; shapes and our checkpoints: what the VDM was trained with)")
+    parser.add_argument("--precision", default=None, choices=("release", "fp32"),
+                        help="release: bf16 latents, timesteps and tiled VAE, as the release on a GPU; fp32: float32 "
+                             "sampler state and VAE (default: release on cuda, fp32 on cpu)")
     # weights and compute
     parser.add_argument("--qwen", default=None, help="local copy of Qwen/Qwen2.5-VL-3B-Instruct")
     parser.add_argument("--wan", default=None, help="local copy of Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
@@ -58,23 +67,29 @@ add_flags(parser)
 
 
 def settle_flags(args):
-    """Fill the generation flags left unset with the model's preset defaults, then check the size."""
+    """Fill the generation flags left unset with the model's preset defaults (the reference clip: the
+    one the VDM's training run used, where its checkpoint records it), then check the size."""
     try:
         preset = model.preset_of(args.model)
+        trained = model.meta_of(args.vdm or args.model).get("flags", {})
     except model.CheckpointError as e:
         fail(e)
+    if args.ref_clip is None and trained.get("ref_clip"):
+        args.ref_clip = trained["ref_clip"]
     for k, v in model.CONFIGS[preset]["infer"].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.precision is None:
+        args.precision = "release" if torch.device(args.device).type == "cuda" else "fp32"
     if args.height % 16 or args.width % 16 or (args.frames - 1) % 4:
         fail(f"--height/--width must be multiples of 16 and --frames of the form 4k + 1, "
              f"got {args.height}x{args.width}x{args.frames}")
 
 
 def load_models(args):
-    """-> (vlm, vdm) on args.device (bf16 on GPU); a loading problem is one error line."""
+    """-> (vlm, vdm) on args.device (bf16 on GPU or with --precision release); a loading problem is one error line."""
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = torch.bfloat16 if device.type == "cuda" or args.precision == "release" else torch.float32
     try:
         if args.vdm:
             vlm, _ = model.load(args.model, qwen=args.qwen, wan=args.wan, vans=args.vans, dtype=dtype, need=("vlm",))
@@ -86,6 +101,9 @@ def load_models(args):
     vlm.model.to(device)
     for m in (vdm.dit, vdm.vae, vdm.text_encoder):
         m.to(device)
+    if args.precision == "release":  # the release runs its VAE in bf16 too
+        vdm.release = True
+        torch.nn.Module.to(vdm.vae, dtype)  # (diffusers' own .to warns about float32 modules this VAE does not have)
     return vlm, vdm
 
 
@@ -101,23 +119,21 @@ def answer(vlm, vdm, video_paths, questions, args, generator, progress=False):
         timings[name] = round(time.perf_counter() - t0, 3)
         t0 = time.perf_counter()
 
-    # the VLM sees 6 frames spread over each input; the VDM's reference clip is `frames` frames
-    vlm_frames = [data.read_frames(p, model.VLM_FRAMES, min_frames=args.frames) for p in video_paths]
-    clips = [data.load_clip(p, args.frames, args.height, args.width) for p in video_paths]  # (T, H, W, 3) uint8
+    # the VLM sees up to 6 frames spread over each input; the VDM's reference clip is `frames` frames
+    vlm_frames = [data.read_vlm_frames(p, model.VLM_FRAMES) for p in video_paths]
+    clips = np.stack([data.load_clip(p, args.frames, args.height, args.width, args.ref_clip) for p in video_paths])
     tick("read")
-    completions = vlm.generate(vlm_frames, questions, greedy=args.greedy, max_new_tokens=args.max_new_tokens)
+    completions = vlm.generate(vlm_frames, questions, args.decoding, args.max_new_tokens)
     captions = [model.caption_of(c) for c in completions]
     tick("vlm")
     text = vdm.encode_text(captions)
-    neg = vdm.encode_text([model.NEGATIVE_PROMPT] * len(captions)) if args.cfg != 1.0 else None
-    refs = None
-    if vdm.n_refs:
-        refs = vdm.ref_latents(vdm.encode_video(torch.stack([data.to_tensor(c) for c in clips])))
+    neg = vdm.encode_text([vdm.negative_prompt] * len(captions)) if args.cfg != 1.0 else None
+    refs = vdm.ref_latents(vdm.encode_video(data.to_tensor(clips, vdm.vae.dtype))) if vdm.n_refs else None
     tick("encode")
     latents = vdm.sample(text, neg, refs, frames=args.frames, height=args.height, width=args.width,
                          steps=args.steps, cfg=args.cfg, generator=generator, progress=progress)
     tick("dit")
-    videos = [data.to_uint8(v) for v in vdm.decode(latents)]
+    videos = [data.to_uint8(v, truncate=vdm.release) for v in vdm.decode(latents)]
     tick("vae")
     timings["total"] = round(sum(timings.values()), 3)
     return [dict(think=model.extract(c, "Think"), caption=cap, completion=c, video=v)
@@ -134,7 +150,7 @@ if __name__ == "__main__":
     settle_flags(args)
     # check the input before loading any model, so bad input fails in seconds
     try:
-        data.read_frames(args.video, 1, min_frames=args.frames)
+        data.read_frames(args.video, 1)
     except data.VideoError as e:
         fail(e)
 

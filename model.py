@@ -35,19 +35,21 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+# The release's strings (its agent_mllm.py and inference.py): what the official checkpoint was
+# trained and run with. The paper's wording of the system prompt differs ("[Think]/[/Think]", "detailed").
 SYSTEM_PROMPT = (
     "You will be given a video. Your task is to predict the next event based on the input video and the "
-    "user's instructions. Please begin by providing your detailed reasoning between the [Think]/[/Think] "
-    "tags, followed by your detailed description of the next event within the [Ans]/[/Ans] tags."
+    "user's instructions. Please begin by providing your detailed reasoning between the [Think][/Think] "
+    "tags, followed by your description of the next event within the [Ans][/Ans] tags."
 )
-# Wan's default negative prompt (English), as in diffusers' WanPipeline example
 NEGATIVE_PROMPT = (
-    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
-    "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly "
-    "drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy "
-    "background, three legs, many people in the background, walking backwards"
+    "vivid colors, overexposed, static, blurry details, subtitles, style, artwork, painting, frame, stationary, "
+    "overall grayish, worst quality, low quality, JPEG compression artifacts, ugly, incomplete, extra fingers, "
+    "poorly drawn hands, poorly drawn face, deformed, disfigured, malformed limbs, fused fingers, stationary frame, "
+    "cluttered background, three legs, crowded background people, walking backwards"
 )
-VLM_FRAMES = 6        # frames the VLM sees, sampled uniformly (official: min = max = 6 frames at fps 1)
+VLM_FRAMES = 6        # frames the VLM sees, spread uniformly (the release's qwen-vl-utils: min = max = 6)
+VLM_FPS = 2.0         # the frame rate the release's processor assumed (its default): second_per_grid_ts = 2 / 2 = 1 s
 N_REFS = 6            # reference latent frames given to the DiT
 TEXT_LEN = 512        # umT5 max text length
 LORA = dict(r=8, lora_alpha=32, lora_dropout=0.05,
@@ -78,7 +80,8 @@ CONFIGS = {
                   relative_attention_num_buckets=32, relative_attention_max_distance=128,
                   feed_forward_proj="gated-gelu", tie_word_embeddings=False),
         vlm_pixels=(128 * 28 * 28, 768 * 28 * 28),  # qwen-vl-utils' video min/max pixels per frame
-        infer=dict(max_new_tokens=1024, steps=50, cfg=5.0, height=352, width=640),  # infer.py's defaults
+        # infer.py's defaults: the release's decoding and reference clip (see the README's "Release and paper")
+        infer=dict(max_new_tokens=1024, steps=50, cfg=5.0, height=352, width=640, decoding="release", ref_clip="first"),
     ),
     "tiny": dict(
         vlm=dict(text_config=dict(vocab_size=256 + len(QWEN_SPECIAL), hidden_size=64, intermediate_size=128,
@@ -98,7 +101,7 @@ CONFIGS = {
                   relative_attention_num_buckets=32, relative_attention_max_distance=128,
                   feed_forward_proj="gated-gelu", tie_word_embeddings=False),
         vlm_pixels=(4 * 28 * 28, 16 * 28 * 28),
-        infer=dict(max_new_tokens=1024, steps=50, cfg=5.0, height=352, width=640),
+        infer=dict(max_new_tokens=1024, steps=50, cfg=5.0, height=352, width=640, decoding="release", ref_clip="first"),
     ),
 }
 # Shapes: an object is ~1% of a 64x112 frame. A 128-wide VLM trained from scratch only finds it
@@ -116,7 +119,16 @@ CONFIGS["shapes"] = dict(
     vlm_norm=(235 / 255, 0.1),  # pixel mean and std of the VLM's processor
     system_prompt="Predict the next event.",
     bpe_vocab=600,  # at most: the Shapes text runs out of merges at 530 (538 with the specials)
-    infer=dict(max_new_tokens=160, steps=20, cfg=3.0, height=64, width=112),  # the size the Shapes data has
+    # what the shipped Shapes models were trained with: the VLM's video read as 1 fps, the DiT's unconditional
+    # branch on diffusers' Wan example negative prompt, 33 reference frames spread over the input clip, and
+    # captions sampled at the paper's temperature 0.7 / top_p 0.9 in their evaluations
+    vlm_fps=1.0,
+    negative_prompt=(
+        "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
+        "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly "
+        "drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy "
+        "background, three legs, many people in the background, walking backwards"),
+    infer=dict(max_new_tokens=160, steps=20, cfg=3.0, height=64, width=112, decoding="sample", ref_clip="uniform"),
 )
 
 
@@ -217,8 +229,9 @@ def keyframe_init(vae):
 # the VLM
 
 def chat_prompt(question, answer=None, system=SYSTEM_PROMPT):
-    """Qwen2.5-VL's chat format with the (paper's) system prompt and the video in
-    front of the question; with an answer, the full SFT sequence."""
+    """Qwen2.5-VL's chat format with the system prompt and the video in front of the
+    question (what the release's apply_chat_template writes); with an answer, the full
+    SFT sequence."""
     p = (f"<|im_start|>system\n{system}<|im_end|>\n"
          f"<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>{question}<|im_end|>\n"
          f"<|im_start|>assistant\n")
@@ -241,26 +254,44 @@ def caption_of(text):
     return ans if ans is not None else text.strip()
 
 
-class VLM:
-    """Qwen2.5-VL (optionally a peft LoRA model around it) + its processor."""
+# How the VLM decodes (generate's settings; generation stops at <|im_end|> or <|endoftext|>):
+#   release  what the release's call computes: it passes temperature 0.7 / top_p 0.9 only, so the hub's
+#            generation_config.json still sets top_k 1 and repetition_penalty 1.05: greedy on the penalised logits
+#   sample   the paper's nominal sampling: temperature 0.7, top_p 0.9, no top-k, no penalty (GRPO's rollouts)
+#   greedy   greedy on the raw logits
+def sampling(temperature=0.7, top_p=0.9):
+    """generate() settings that sample from softmax(logits / temperature) cut to top_p, with top-k and the
+    repetition penalty explicitly off, so a hub generation_config.json (top_k 1) does not make them greedy."""
+    return dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, repetition_penalty=1.0)
 
-    def __init__(self, model, processor, system_prompt=SYSTEM_PROMPT):
-        self.model, self.processor, self.system_prompt = model, processor, system_prompt
+
+DECODING = {"release": dict(do_sample=False, repetition_penalty=1.05), "sample": sampling(),
+            "greedy": dict(do_sample=False, repetition_penalty=1.0)}
+
+
+class VLM:
+    """Qwen2.5-VL (optionally a peft LoRA model around it) + its processor. fps: the frame rate the
+    video is presented at (3-D RoPE spaces its temporal patches by 2 / fps seconds)."""
+
+    def __init__(self, model, processor, system_prompt=SYSTEM_PROMPT, fps=VLM_FPS):
+        self.model, self.processor, self.system_prompt, self.fps = model, processor, system_prompt, fps
         self.processor.tokenizer.padding_side = "left"  # generation appends on the right
 
     @property
     def device(self):
         return next(self.model.parameters()).device
 
+    def stop_ids(self):
+        return self.processor.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+
     def inputs(self, videos, questions, answers=None):
-        """Processor inputs for a batch. videos: uint8 (VLM_FRAMES, H, W, 3) each,
-        treated as sampled at 1 fps (as the official release). With answers, the full
-        sequences and their SFT labels: the answer tokens and the closing <|im_end|>;
-        -100 on the prompt, the video and the (left) padding."""
+        """Processor inputs for a batch. videos: uint8 (n, H, W, 3) each (data.read_vlm_frames),
+        presented at self.fps. With answers, the full sequences and their SFT labels: the answer
+        tokens and the closing <|im_end|>; -100 on the prompt, the video and the (left) padding."""
         texts = [chat_prompt(q, a, self.system_prompt) for q, a in zip(questions, answers or [None] * len(questions))]
         videos = [np.ascontiguousarray(v) for v in videos]
-        inp = self.processor(text=texts, videos=videos, video_metadata=[{"fps": 1.0, "total_num_frames": len(v)} for v in videos],
-                             padding=True, return_tensors="pt").to(self.device)
+        meta = [{"fps": self.fps, "total_num_frames": len(v)} for v in videos]
+        inp = self.processor(text=texts, videos=videos, video_metadata=meta, padding=True, return_tensors="pt").to(self.device)
         if answers is not None:
             inp["labels"] = torch.where(self.answer_mask(inp["input_ids"]), inp["input_ids"], -100)
         return inp
@@ -274,27 +305,27 @@ class VLM:
         return last_turn & (last_turn.int().cumsum(1) > tag)
 
     @torch.no_grad()
-    def generate(self, videos, questions, greedy=False, temperature=0.7, top_p=0.9, max_new_tokens=1024):
-        """-> list of completions (text after the assistant tag, special tokens removed)."""
-        return self.rollout(videos, questions, greedy, temperature, top_p, max_new_tokens)[1]
+    def generate(self, videos, questions, decoding="release", max_new_tokens=1024):
+        """-> list of completions (text after the assistant tag, special tokens removed). decoding: a DECODING name."""
+        return self.rollout(videos, questions, max_new_tokens, **DECODING[decoding])[1]
 
     @torch.no_grad()
-    def rollout(self, videos, questions, greedy=False, temperature=0.7, top_p=0.9, max_new_tokens=1024):
-        """Generate, and keep what GRPO needs -> (inputs of the whole sequences, completions).
-        The inputs hold prompt + completion tokens (the prompt left-padded, the completion
-        right-padded) and "completion_mask" (B, n): the completion's tokens up to and
-        including its <|im_end|>; n = the longest completion."""
+    def rollout(self, videos, questions, max_new_tokens=1024, **settings):
+        """Generate with generate() settings (e.g. DECODING["sample"] or a temperature and top_p of
+        GRPO's), and keep what GRPO needs -> (inputs of the whole sequences, completions). The inputs
+        hold prompt + completion tokens (the prompt left-padded, the completion right-padded) and
+        "completion_mask" (B, n): the completion's tokens up to and including its stop token;
+        n = the longest completion."""
         tok = self.processor.tokenizer
-        eos = tok.convert_tokens_to_ids("<|im_end|>")
+        stops = self.stop_ids()
         inp = self.inputs(videos, questions)
-        # explicit sampling settings, so the hub's generation_config.json (top_k=1, repetition_penalty 1.05) does not apply
-        sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
         vision = tok.convert_tokens_to_ids(QWEN_SPECIAL[3:])  # never generated: they would be read as vision slots
-        out = self.model.generate(**inp, max_new_tokens=max_new_tokens, repetition_penalty=1.0, **sampling,
-                                  eos_token_id=eos, pad_token_id=tok.pad_token_id, suppress_tokens=vision)
+        out = self.model.generate(**inp, max_new_tokens=max_new_tokens, **settings, eos_token_id=stops,
+                                  pad_token_id=tok.pad_token_id, suppress_tokens=vision)
         completion = out[:, inp["input_ids"].shape[1]:]  # (B, n)
-        ended = (completion == eos).int().cumsum(1)
-        mask = (ended == 0) | ((ended == 1) & (completion == eos))  # up to and including the first <|im_end|>
+        is_stop = torch.isin(completion, torch.tensor(stops, device=completion.device))
+        ended = is_stop.int().cumsum(1)
+        mask = (ended == 0) | ((ended == 1) & is_stop)  # up to and including the first stop token
         inp["input_ids"] = out
         inp["attention_mask"] = torch.cat([inp["attention_mask"], mask.to(inp["attention_mask"].dtype)], 1)
         inp["mm_token_type_ids"] = torch.cat([inp["mm_token_type_ids"], torch.zeros_like(completion)], 1)
@@ -320,14 +351,26 @@ def flow_sigmas(steps, shift=5.0):
     """The Euler flow-matching schedule of the official release (DiffSynth's Wan
     scheduler): s = linspace(1, 0, steps + 1)[:-1], shifted s' = shift s / (1 + (shift - 1) s),
     then a final 0. (steps + 1,) float32; the DiT is given timestep 1000 s."""
-    s = torch.from_numpy(np.linspace(1, 0, steps + 1)[:-1].astype(np.float32))
+    s = torch.linspace(1, 0, steps + 1)[:-1]  # float32, as DiffSynth's FlowMatchScheduler
     s = shift * s / (1 + (shift - 1) * s)
     return torch.cat([s, s.new_zeros(1)])
 
 
+def training_schedule(shift=5.0, n=1000):
+    """DiffSynth's flow-matching training table (FlowMatchScheduler.set_timesteps(n, training=True)),
+    which the release's VDM was trained with -> (sigmas (n,), loss weights (n,)): the sampler's
+    schedule at n steps, and at each t = 1000 sigma the weight exp(-2 ((t - n/2) / n)^2), minus its
+    minimum, scaled to mean 1."""
+    sigmas = flow_sigmas(n, shift)[:-1]
+    w = torch.exp(-2 * ((sigmas * 1000 - n / 2) / n) ** 2)
+    w = w - w.min()
+    return sigmas, w * (n / w.sum())
+
+
 def euler_step(v, x, sigma, sigma_next):
-    """Deterministic ODE step x' = x + (s' - s) v."""
-    return x + (sigma_next - sigma) * v
+    """Deterministic ODE step x' = x + v (s' - s), in x's dtype. As DiffSynth writes it, with the sigmas
+    0-dim CPU tensors: in bf16 the product is then rounded once (s' - s first cast to bf16 is not)."""
+    return x + v * (sigma_next - sigma)
 
 
 def sde_step_with_logprob(v, x, sigma, sigma_next, noise_level=0.7, prev_sample=None, generator=None):
@@ -365,12 +408,62 @@ def vae_chunk(h, w):
     return max(1, 44 * 80 // (h * w))
 
 
+def _tile_spans(n, size, stride):
+    """DiffSynth's tiles along one axis: a start every `stride` until a tile has reached the end."""
+    spans = []
+    for a in range(0, n, stride):
+        if a >= stride and a - stride + size >= n:
+            break
+        spans.append((a, min(a + size, n)))
+    return spans
+
+
+def _tile_ramp(n, first, last, border):
+    """Blend weights along one axis of a tile: 1, and (1..border) / border rising into (falling out of)
+    a side shared with another tile; first / last: the side is the frame's edge."""
+    w = torch.ones(n)
+    if not first:
+        w[:border] = (torch.arange(border) + 1) / border
+    if not last:
+        w[-border:] = ((torch.arange(border) + 1) / border).flip(0)
+    return w
+
+
+def tiled(fn, x, size, stride, scale):
+    """fn (a VAE encoder or decoder: (B, C, T, H, W) -> (B, C', T', H * scale, W * scale)) run on
+    overlapping spatial tiles of x and blended as the release's VAE does (DiffSynth's WanVideoVAE,
+    tiled=True): tiles of `size` every `stride` (x's units), each weighted by a ramp over the
+    overlap, the weighted sum and the weights accumulated in the output's dtype, then divided."""
+    H, W = x.shape[-2:]
+    border = [round((sz - st) * scale) for sz, st in zip(size, stride)]
+    out = weight = None
+    for h0, h1 in _tile_spans(H, size[0], stride[0]):
+        for w0, w1 in _tile_spans(W, size[1], stride[1]):
+            y = fn(x[..., h0:h1, w0:w1])
+            if out is None:
+                out = y.new_zeros(*y.shape[:3], round(H * scale), round(W * scale))
+                weight = y.new_zeros(out.shape[-2:])
+            mask = torch.minimum(_tile_ramp(y.shape[-2], h0 == 0, h1 >= H, border[0])[:, None],
+                                 _tile_ramp(y.shape[-1], w0 == 0, w1 >= W, border[1])[None]).to(y)
+            top, left = round(h0 * scale), round(w0 * scale)
+            out[..., top:top + y.shape[-2], left:left + y.shape[-1]] += y * mask
+            weight[top:top + y.shape[-2], left:left + y.shape[-1]] += mask
+    return out / weight
+
+
 class VDM:
     """Wan2.1: umT5 text encoder + VAE + DiT, with reference-frame conditioning.
-    n_refs = 0 is plain text-to-video (the Qwen-Wan baseline)."""
+    n_refs = 0 is plain text-to-video (the Qwen-Wan baseline).
 
-    def __init__(self, dit, vae, text_encoder, tokenizer, n_refs=N_REFS):
+    release = True computes as the release does on a GPU (DiffSynth's pipeline in bf16): noise cast to
+    the DiT's dtype and the latents, the CFG combination and the Euler step kept in it, the timestep
+    rounded to it (by up to 2 of 1000), and the VAE run in tiles (self.tile: size and stride in latent
+    pixels) in its own dtype. Otherwise the sampler state and the VAE are float32."""
+
+    def __init__(self, dit, vae, text_encoder, tokenizer, n_refs=N_REFS, negative_prompt=NEGATIVE_PROMPT):
         self.dit, self.vae, self.text_encoder, self.tokenizer, self.n_refs = dit, vae, text_encoder, tokenizer, n_refs
+        self.negative_prompt = negative_prompt
+        self.release, self.tile = False, ((30, 52), (15, 26))  # the release's tile_size and tile_stride
         self.set_latent_stats(vae.config.latents_mean, vae.config.latents_std)
 
     def set_latent_stats(self, mean, std):
@@ -401,17 +494,29 @@ class VDM:
         """float (B, 3, T, H, W) in [-1, 1] -> normalised latents (B, 16, 1 + (T - 1) / 4, H / 8, W / 8),
         the posterior mean (as DiffSynth encodes). In chunks of vae_chunk videos."""
         dev = next(self.vae.parameters()).device
-        z = torch.cat([self.vae.encode(c.to(dev, self.vae.dtype)).latent_dist.mode().float()
-                       for c in video.split(vae_chunk(video.shape[-2] // 8, video.shape[-1] // 8))])
-        return (z - self.latents_mean.to(dev)) / self.latents_std.to(dev)
+        mean, std = self.latents_mean.to(dev), self.latents_std.to(dev)
+        chunks = video.split(vae_chunk(video.shape[-2] // 8, video.shape[-1] // 8))
+        if self.release:  # normalised per tile, in the VAE's dtype, as DiffSynth does
+            dt = self.vae.dtype
+            enc = lambda v: (self.vae.encode(v).latent_dist.mode() - mean.to(dt)) * (1 / std).to(dt)
+            (th, tw), (sh, sw) = self.tile
+            return torch.cat([tiled(enc, c.to(dev, dt), (th * 8, tw * 8), (sh * 8, sw * 8), 1 / 8) for c in chunks])
+        z = torch.cat([self.vae.encode(c.to(dev, self.vae.dtype)).latent_dist.mode().float() for c in chunks])
+        return (z - mean) / std
 
     @torch.no_grad()
     def decode(self, latents):
-        """normalised latents -> float (B, 3, T, H, W) in [-1, 1]. In chunks of vae_chunk videos."""
+        """normalised latents -> (B, 3, T, H, W) in [-1, 1], float32 (release: the VAE's dtype).
+        In chunks of vae_chunk videos."""
         dev = next(self.vae.parameters()).device
-        z = latents.to(dev).float() * self.latents_std.to(dev) + self.latents_mean.to(dev)
-        return torch.cat([self.vae.decode(c.to(self.vae.dtype)).sample.float().clamp(-1, 1)
-                          for c in z.split(vae_chunk(*z.shape[-2:]))])
+        mean, std = self.latents_mean.to(dev), self.latents_std.to(dev)
+        chunks = latents.to(dev).split(vae_chunk(*latents.shape[-2:]))
+        if self.release:
+            dt = self.vae.dtype
+            dec = lambda z: self.vae.decode(z / (1 / std).to(dt) + mean.to(dt)).sample
+            return torch.cat([tiled(dec, c.to(dt), *self.tile, 8).clamp(-1, 1) for c in chunks])
+        return torch.cat([self.vae.decode((c.float() * std + mean).to(self.vae.dtype)).sample.float().clamp(-1, 1)
+                          for c in chunks])
 
     def ref_latents(self, clip_latents):
         """The N_REFS reference frames of the input clip's latents, linspace(0, T - 1, n).long():
@@ -422,15 +527,16 @@ class VDM:
         return clip_latents[:, :, idx]
 
     def velocity(self, x, sigma, text, refs=None, dit=None):
-        """DiT velocity on the target frames. x: (B, C, T, h, w) noisy targets; refs: (B, C, n, h, w)
-        clean references placed in front on the time axis; sigma: float or (B,). dit: the network
-        to call instead of self.dit (its DDP / FSDP wrapper when training)."""
+        """DiT velocity on the target frames, in x's dtype. x: (B, C, T, h, w) noisy targets; refs:
+        (B, C, n, h, w) clean references placed in front on the time axis; sigma: float or (B,); the
+        timestep 1000 sigma is given in x's dtype. dit: the network to call instead of self.dit (its
+        DDP / FSDP wrapper when training)."""
         B, T = x.shape[0], x.shape[2]
         inp = x if refs is None else torch.cat([refs.to(x), x], dim=2)  # (B, C, n + T, h, w)
-        t = (torch.as_tensor(sigma, dtype=torch.float32, device=x.device) * 1000).expand(B)
+        t = (torch.as_tensor(sigma, dtype=torch.float32, device=x.device) * 1000).to(x.dtype).expand(B)
         out = (dit or self.dit)(hidden_states=inp.to(self.dit.dtype), timestep=t, encoder_hidden_states=text,
                        return_dict=False)[0]
-        return out[:, :, -T:].float()
+        return out[:, :, -T:].to(x.dtype)
 
     def guided_velocity(self, x, sigma, text, neg, refs=None, cfg=5.0, dit=None):
         """Classifier-free guidance, both branches in one batched forward."""
@@ -444,16 +550,17 @@ class VDM:
     def sample(self, text, neg=None, refs=None, frames=33, height=352, width=640, steps=50, cfg=5.0,
                shift=5.0, generator=None, latents=None, progress=False):
         """Euler flow-matching ODE from noise to normalised latents (B, 16, 1 + (frames - 1) / 4, h, w).
-        Noise is drawn in float32 on the generator's device, as diffusers does."""
+        Noise is drawn in float32 on the generator's device, as diffusers and DiffSynth do; the state is
+        float32, or the DiT's dtype with self.release."""
         B = text.shape[0]
         shape = (B, self.dit.config.in_channels, (frames - 1) // 4 + 1, height // 8, width // 8)
         if latents is None:
             gen_dev = generator.device if generator is not None else torch.device("cpu")
             latents = torch.randn(shape, generator=generator, device=gen_dev, dtype=torch.float32)
-        x = latents.to(self.device, torch.float32)
+        x = latents.to(self.device, self.dit.dtype if self.release else torch.float32)
         if neg is None and cfg != 1.0:
-            neg = self.encode_text([NEGATIVE_PROMPT] * B)
-        sigmas = flow_sigmas(steps, shift).to(x.device)  # float32, as the scheduler computes them
+            neg = self.encode_text([self.negative_prompt] * B)
+        sigmas = flow_sigmas(steps, shift)  # float32 on the CPU, as the release's scheduler keeps them
         for i in tqdm(range(steps), disable=not progress, desc="denoise"):
             v = self.guided_velocity(x, sigmas[i], text, neg, refs, cfg)
             x = euler_step(v, x, sigmas[i], sigmas[i + 1])
@@ -471,7 +578,7 @@ class VDM:
         gen_dev = generator.device if generator is not None else torch.device("cpu")
         x = torch.randn(shape, generator=generator, device=gen_dev, dtype=torch.float32).to(self.device)
         if neg is None and cfg != 1.0:
-            neg = self.encode_text([NEGATIVE_PROMPT] * B)
+            neg = self.encode_text([self.negative_prompt] * B)
         sigmas = flow_sigmas(steps, shift).to(x.device)
         xs, log_probs = [x], []
         for i in range(steps):
@@ -595,10 +702,11 @@ def load_tiny(seed=0, need=("vlm", "vdm"), preset="tiny", tokenizer=None):
     from transformers import ByT5Tokenizer
     torch.manual_seed(seed)
     tok = tokenizer or (shapes_tokenizer() if preset == "shapes" else byte_tokenizer())
+    c = CONFIGS[preset]
     vlm = VLM(build_vlm_net(preset, tok).eval(), vlm_processor(tok, preset),  # built either way: same RNG stream
-              CONFIGS[preset].get("system_prompt", SYSTEM_PROMPT))
+              c.get("system_prompt", SYSTEM_PROMPT), c.get("vlm_fps", VLM_FPS))
     dit, vae, te = build_vdm_nets(preset)
-    vdm = VDM(dit.eval(), vae.eval(), te.eval(), ByT5Tokenizer())
+    vdm = VDM(dit.eval(), vae.eval(), te.eval(), ByT5Tokenizer(), negative_prompt=c.get("negative_prompt", NEGATIVE_PROMPT))
     return (vlm if "vlm" in need else None), (vdm if "vdm" in need else None)
 
 
@@ -785,12 +893,15 @@ RANDOM = {"tiny": "tiny", "random:shapes": "shapes"}  # --model names of random 
 SHIPPED = {"shapes": os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "shapes")}  # in the repo
 
 
+def meta_of(name):
+    """The meta.json of a --model name's checkpoint directory; {} for a name that is not one."""
+    name = SHIPPED.get(name, name)
+    return read_meta(name) if os.path.isfile(os.path.join(name, "meta.json")) else {}
+
+
 def preset_of(name):
     """"full", "tiny" or "shapes": the architecture a --model name loads."""
-    name = SHIPPED.get(name, name)
-    if os.path.isfile(os.path.join(name, "meta.json")):
-        return read_meta(name)["preset"]
-    return RANDOM.get(name, "full")
+    return meta_of(name).get("preset") or RANDOM.get(name, "full")
 
 
 def load(name, qwen=None, wan=None, vans=None, dtype=torch.bfloat16, need=("vlm", "vdm")):

@@ -13,14 +13,17 @@ caption as the target clip, given the reference latents of the input clip.
     python sft_vdm.py --config config/shapes.py:sft_vae --out out/shapes/vae
     python sft_vdm.py --config config/shapes.py --out out/shapes/sft_vdm --model out/shapes/vae/last
 
-The loss (flow matching, as model.py samples): target latents x0 (B, 16, 9, h, w) of the
-33-frame target clip, noise eps, u ~ U(0, 1) mapped through the sampling schedule's shift
-(s = 5u / (1 + 4u); --timestep-shift 1 is plain uniform), x_s = (1 - s) x0 + s eps,
-    loss = mean (DiT([refs, x_s], s, caption) - (eps - x0))^2   over the 9 target frames,
-with the 6 clean reference latents of the input clip in front (model.VDM.velocity).
+The loss (flow matching, as model.py samples, and as DiffSynth's Wan training computes it, which
+the release's VDM came from): target latents x0 (B, 16, 9, h, w) of the 33-frame target clip,
+noise eps, a sigma s drawn uniformly from the 1000 sigmas of the shifted schedule
+(model.flow_sigmas(1000, 5); --timestep-shift 1 is plain uniform), x_s = (1 - s) x0 + s eps,
+    loss = mean_b w(s_b) mean (DiT([refs, x_s], s, caption) - (eps - x0))^2   over the 9 target frames,
+with the 6 clean reference latents of the input clip in front (model.VDM.velocity) and
+DiffSynth's weight w(t) = exp(-2 ((t - 500) / 1000)^2) at t = 1000 s, shifted to 0 at its
+minimum and scaled to mean 1 over the table (model.training_schedule; --loss-weight none: w = 1).
 The DiT is fully fine-tuned (fp32 weights, bf16 autocast on GPU); the text encoder and
 VAE are frozen, their outputs computed on the fly or once into <out>/cache (--cache-latents).
---caption-dropout replaces a caption by Wan's negative prompt, so classifier-free guidance
+--caption-dropout replaces a caption by the model's negative prompt, so classifier-free guidance
 has an unconditional branch to push against (the pretrained Wan has one; a tiny DiT trained
 from scratch needs this). --ema keeps an exponential moving average of the DiT: the
 checkpoint's dit.safetensors is then the average, and dit_raw.safetensors holds the raw
@@ -63,6 +66,7 @@ parser.add_argument("--train", default="data/train.jsonl", help="training manife
 parser.add_argument("--val", default=None, help="validation manifest")
 parser.add_argument("--skip-bad", action="store_true", help="skip and count bad manifest lines / clips instead of stopping")
 parser.add_argument("--frames", type=int, default=33, help="frames of the reference and target clips (4k + 1)")
+parser.add_argument("--ref-clip", default="first", choices=data.REF_CLIPS, help="which input frames make the reference clip (data.clip_indices)")
 parser.add_argument("--height", type=int, default=352, help="training height (multiple of 16)")
 parser.add_argument("--width", type=int, default=640, help="training width (multiple of 16)")
 parser.add_argument("--cache-latents", action="store_true", help="encode every sample once into <out>/cache and train from it")
@@ -76,7 +80,8 @@ parser.add_argument("--train-vae", action="store_true", help="train the VAE alon
 parser.add_argument("--kl-weight", type=float, default=1e-6, help="--train-vae: weight of the KL term")
 parser.add_argument("--fg-weight", type=float, default=0.0, help="--train-vae: extra weight of pixels off the frame's median colour")
 parser.add_argument("--train-text-encoder", action="store_true", help="train the text encoder with the DiT (tiny models)")
-parser.add_argument("--timestep-shift", type=float, default=5.0, help="u ~ U(0,1) -> s = shift u / (1 + (shift - 1) u)")
+parser.add_argument("--timestep-shift", type=float, default=5.0, help="shift of the training sigmas: u -> shift u / (1 + (shift - 1) u)")
+parser.add_argument("--loss-weight", default="diffsynth", choices=("diffsynth", "none"), help="weight of each timestep's loss (see the docstring)")
 parser.add_argument("--caption-dropout", type=float, default=0.0, help="probability a caption is replaced by the negative prompt")
 parser.add_argument("--ema", type=float, default=0.0, help="EMA decay of the DiT weights (0 = off)")
 parser.add_argument("--batch-size", type=int, default=1, help="samples per rank per step")
@@ -105,7 +110,7 @@ if args.train_vae and (args.train_text_encoder or args.cache_latents or args.ema
 # data
 
 train, val = common.read_manifests(args, min_frames=args.frames)
-clips = data.ClipDataset(train, ("clip", "target"), args.frames, args.height, args.width)
+clips = data.ClipDataset(train, ("clip", "target"), args.frames, args.height, args.width, ref_clip=args.ref_clip)
 
 # -----------------------------------------------------------------------------
 # model: fp32 trained weights, bf16 frozen encoders on GPU
@@ -168,7 +173,7 @@ class LatentCache(torch.utils.data.Dataset):
     def __init__(self, samples, root):
         self.root = root
         key = dict(model=os.path.abspath(args.model), height=args.height, width=args.width, frames=args.frames,
-                   n_refs=args.n_refs, text=not args.train_text_encoder)
+                   n_refs=args.n_refs, ref_clip=args.ref_clip, text=not args.train_text_encoder)
         os.makedirs(root, exist_ok=True)
         common.same_settings(os.path.join(root, "cache.json"), key)  # before any latent
         todo = [i for i in range(len(samples))[rank::world] if not os.path.isfile(self.path(samples[i]))]
@@ -216,32 +221,40 @@ def collate_latents(items):
 
 dataset, collate = (LatentCache(train, os.path.join(args.out, "cache")), collate_latents) if args.cache_latents \
     else (clips, data.collate)
-neg_text = vdm.encode_text([model.NEGATIVE_PROMPT]) if not args.train_text_encoder else None  # (1, 512, D)
+neg_text = vdm.encode_text([vdm.negative_prompt]) if not args.train_text_encoder else None  # (1, 512, D)
 
 # -----------------------------------------------------------------------------
 # the losses
 
 
+SIGMAS, WEIGHTS = model.training_schedule(args.timestep_shift)
+if args.loss_weight == "none":
+    WEIGHTS = torch.ones_like(WEIGHTS)
+
+
 def flow_matching_loss(refs, x0, text, captions, generator=None, sigma=None, dropout=args.caption_dropout):
-    """Flow-matching MSE on the target latents (see the docstring). captions are encoded here
-    when the text encoder is trained."""
+    """Flow-matching MSE on the target latents (see the docstring), each sample's weighted by its
+    timestep's; a given sigma (validation) is unweighted. captions are encoded here when the text
+    encoder is trained."""
     B = x0.shape[0]
     drop = torch.rand(B, generator=generator) < dropout  # drawn always: same RNG stream either way
-    captions = [model.NEGATIVE_PROMPT if d else c for c, d in zip(captions, drop.tolist())]
+    captions = [vdm.negative_prompt if d else c for c, d in zip(captions, drop.tolist())]
     if args.train_text_encoder:
         text = vdm.encode_text(captions, grad=torch.is_grad_enabled())
     else:
         text = text.to(device)
         text = torch.where(drop.to(device)[:, None, None], neg_text.to(text), text)
+    weight = torch.ones(B)
     if sigma is None:
-        u = torch.rand(B, generator=generator)
-        sigma = args.timestep_shift * u / (1 + (args.timestep_shift - 1) * u)
+        i = torch.randint(len(SIGMAS), (B,), generator=generator)
+        sigma, weight = SIGMAS[i], WEIGHTS[i]
     eps = torch.randn(x0.shape, generator=generator).to(device)
     x0, sigma = x0.to(device), sigma.to(device)
     s = sigma.view(-1, 1, 1, 1, 1)
     with amp:
         v = vdm.velocity((1 - s) * x0 + s * eps, sigma, text.to(device, torch.float32), refs, dit=dit)
-    return F.mse_loss(v.float(), eps - x0)
+    per_sample = ((v.float() - (eps - x0)) ** 2).flatten(1).mean(1)  # (B,)
+    return (weight.to(device) * per_sample).mean()
 
 
 def vae_loss(clip, target, generator=None):

@@ -159,7 +159,7 @@ def validate():
     losses = [batch_loss(data.collate([it for _, it in c]), net).item() for c in chunks(mine(args.val_loss_samples))]
     fmt, rouge, event = [], [], []
     for c in chunks(mine(args.val_generate)):
-        outs = vlm.generate([it["vlm"] for _, it in c], [s["question"] for s, _ in c], greedy=True,
+        outs = vlm.generate([it["vlm"] for _, it in c], [s["question"] for s, _ in c], decoding="greedy",
                             max_new_tokens=args.max_new_tokens)
         for (s, _), out in zip(c, outs):
             fmt.append(rewards.format_reward(out))

@@ -49,6 +49,7 @@ def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("inputs")
     data.write_video(str(d / "clip.mp4"), moving_clip(40, 96, 160))
     data.write_video(str(d / "short.mp4"), moving_clip(10, 96, 160))
+    data.write_video(str(d / "two.mp4"), moving_clip(2, 96, 160))
     from PIL import Image
     Image.fromarray(moving_clip(1, 90, 120)[0]).save(d / "image.png")
     raw = (d / "clip.mp4").read_bytes()
@@ -86,6 +87,7 @@ def test_shapes_preset_tokens_pixels_and_checkpoint(tmp_path):
     frames = x[data.uniform_indices(len(x), model.VLM_FRAMES)]
     inp = vlm.inputs([frames], [q], [answer])
     pix = inp["pixel_values_videos"]  # (patches, 3 * 2 * 14 * 14)
+    assert inp["second_per_grid_ts"].tolist() == [2.0]  # the shipped Shapes VLM was trained on video read as 1 fps
     empty = (pix == 0).all(1)
     assert 0.7 < empty.float().mean() < 1 and pix[~empty].abs().max() > 5
     prompt = tok.decode(inp["input_ids"][0])
@@ -109,28 +111,87 @@ def test_shapes_preset_tokens_pixels_and_checkpoint(tmp_path):
 # -----------------------------------------------------------------------------
 # the VLM
 
+# the release's system prompt (its agent_mllm.py), which the official checkpoint was trained with
+RELEASE_SYSTEM_PROMPT = (
+    "You will be given a video. Your task is to predict the next event based on the input video and the user's "
+    "instructions. Please begin by providing your detailed reasoning between the [Think][/Think] tags, followed by "
+    "your description of the next event within the [Ans][/Ans] tags.")
+
+
 def test_vlm_inputs_and_greedy_generation(tiny):
+    """Catches: the paper's system prompt instead of the release's; the video presented at another
+    frame rate than the release's processor assumed (2 fps: 1 s per temporal patch); the token types
+    dropped (1-D RoPE); padding changing a batched answer."""
     vlm, _ = tiny
     frames = moving_clip(model.VLM_FRAMES)
     inp = vlm.inputs([frames], ["What happens next?"])
-    # 3-D RoPE needs the token types and the time per temporal patch (2 frames at 1 fps = 2 s)
-    assert "mm_token_type_ids" in inp and inp["second_per_grid_ts"].tolist() == [2.0]
+    # 3-D RoPE needs the token types and the time per temporal patch: 2 frames at the release's 2 fps = 1 s
+    assert "mm_token_type_ids" in inp and inp["second_per_grid_ts"].tolist() == [1.0]
     t, h, w = inp["video_grid_thw"][0].tolist()
     assert t == model.VLM_FRAMES // 2
     n_video = (inp["input_ids"] == vlm.model.config.video_token_id).sum().item()
     assert n_video == t * h * w // 4  # 2x2 spatial merge
-    # and the model uses them: without the token types it falls back to 1-D positions
+    # and the model uses them: without the token types it falls back to 1-D positions, and 1 fps
+    # (2 s per patch) moves the video's temporal positions
     with torch.no_grad():
         logits = vlm.model(**inp).logits
         flat = vlm.model(**{k: v for k, v in inp.items() if k != "mm_token_type_ids"}).logits
-    assert not torch.allclose(logits, flat, atol=1e-4)
+        slow = vlm.model(**{**inp, "second_per_grid_ts": torch.tensor([2.0])}).logits
+    assert not torch.allclose(logits, flat, atol=1e-4) and not torch.allclose(logits, slow, atol=1e-4)
     text = vlm.processor.tokenizer.decode(inp["input_ids"][0])
-    assert model.SYSTEM_PROMPT in text and text.endswith("What happens next?<|im_end|>\n<|im_start|>assistant\n")
-    a = vlm.generate([frames, frames[::-1]], ["q1", "a longer question"], greedy=True, max_new_tokens=12)
-    b = vlm.generate([frames, frames[::-1]], ["q1", "a longer question"], greedy=True, max_new_tokens=12)
+    assert text == (f"<|im_start|>system\n{RELEASE_SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n<|vision_start|>"
+                    + "<|video_pad|>" * n_video + "<|vision_end|>What happens next?<|im_end|>\n<|im_start|>assistant\n")
+    a = vlm.generate([frames, frames[::-1]], ["q1", "a longer question"], "greedy", max_new_tokens=12)
+    b = vlm.generate([frames, frames[::-1]], ["q1", "a longer question"], "greedy", max_new_tokens=12)
     assert a == b and len(a) == 2
     # batched (left-padded) generation equals one-at-a-time generation
-    assert vlm.generate([frames[::-1]], ["a longer question"], greedy=True, max_new_tokens=12)[0] == a[1]
+    assert vlm.generate([frames[::-1]], ["a longer question"], "greedy", max_new_tokens=12)[0] == a[1]
+
+
+def test_vlm_frames_as_the_release_picks_them(files):
+    """The release's qwen-vl-utils (fps 1, min = max = 6 frames): smart_nframes written out here,
+    then linspace(0, total - 1, n).round(). Catches: a short clip refused, or given 6 frames with
+    repeats where the release gives it 2 or 4."""
+    def release_nframes(total, video_fps=30.0):
+        floor2 = lambda x: math.floor(x / 2) * 2
+        n = min(min(max(total / video_fps * 1.0, 6), floor2(min(6, total))), total)
+        return floor2(n)
+
+    for total in range(2, 60):
+        n = release_nframes(total)
+        assert data.vlm_frame_indices(total) == torch.linspace(0, total - 1, n).round().long().tolist(), total
+    assert data.vlm_frame_indices(1) == [0] * 6  # a still (the release has no image input): 6 copies
+    assert [len(data.read_vlm_frames(str(files / f))) for f in ("two.mp4", "short.mp4", "clip.mp4", "image.png")] == [2, 6, 6, 6]
+
+
+def test_release_decoding_is_what_the_release_call_computes():
+    """The release calls generate(do_sample=True, temperature=0.7, top_p=0.9) on Qwen2.5-VL, whose hub
+    generation_config.json sets top_k 1, repetition_penalty 1.05 and two stop tokens. --decoding
+    release must give the same tokens with no generation_config at all. Catches: the penalty
+    dropped (plain greedy), top_k overridden (real sampling), a stop token missing."""
+    from transformers import GenerationConfig
+    vlm, _ = model.load_tiny(seed=0, need=("vlm",))
+    with torch.no_grad():  # random signs on the final norm: a random tiny LM otherwise repeats its last input token
+        vlm.model.model.language_model.norm.weight.mul_(torch.randn(64, generator=gen(1)))
+    tok = vlm.processor.tokenizer
+    videos = [moving_clip(model.VLM_FRAMES, seed=s) for s in range(3)]
+    questions = ["What happens next?", "q", "Which block goes on top?"]
+    ours = vlm.generate(videos, questions, "release", max_new_tokens=24)
+    saved = vlm.model.generation_config
+    vlm.model.generation_config = GenerationConfig(  # Qwen/Qwen2.5-VL-3B-Instruct's generation_config.json
+        do_sample=True, temperature=0.1, top_p=0.001, top_k=1, repetition_penalty=1.05,
+        eos_token_id=tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]), pad_token_id=tok.pad_token_id)
+    try:
+        inp = vlm.inputs(videos, questions)
+        torch.manual_seed(123)  # the release does not seed its VLM: top_k 1 makes the draw irrelevant
+        out = vlm.model.generate(**inp, max_new_tokens=24, do_sample=True, temperature=0.7, top_p=0.9)
+    finally:
+        vlm.model.generation_config = saved
+    completion = out[:, inp["input_ids"].shape[1]:]
+    assert not torch.isin(completion, torch.tensor(tok.convert_tokens_to_ids(model.QWEN_SPECIAL[3:]))).any()
+    assert tok.batch_decode(completion, skip_special_tokens=True) == ours
+    # the penalty matters for this model: plain greedy answers differently
+    assert vlm.generate(videos, questions, "greedy", max_new_tokens=24) != ours
 
 
 def test_caption_extraction():
@@ -147,22 +208,46 @@ def test_caption_extraction():
 def _pipeline(vdm):
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
-    class Schedule(FlowMatchEulerDiscreteScheduler):  # the official schedule: shifted linspace(1, 0, n + 1)[:-1]
+    class Schedule(FlowMatchEulerDiscreteScheduler):  # the release's schedule: shifted linspace(1, 0, n + 1)[:-1]
         def set_timesteps(self, num_inference_steps, device=None, **kw):
-            super().set_timesteps(sigmas=np.linspace(1, 0, num_inference_steps + 1)[:-1], device=device)
+            super().set_timesteps(sigmas=torch.linspace(1, 0, num_inference_steps + 1)[:-1].numpy(), device=device)
 
     return WanPipeline(tokenizer=vdm.tokenizer, text_encoder=vdm.text_encoder, vae=vdm.vae, transformer=vdm.dit,
                        scheduler=Schedule(shift=5.0))
 
 
-def test_flow_sigmas_are_diffusers_shifted_schedule():
+def _release_sigmas(n, shift=5.0):
+    """DiffSynth's FlowMatchScheduler(shift=5, sigma_min=0, extra_one_step=True).set_timesteps(n), written
+    out: float32 linspace(1, 0, n + 1)[:-1], shifted; its step goes to 0 after the last."""
+    s = torch.linspace(1.0, 0.0, n + 1, dtype=torch.float32)[:-1]
+    return shift * s / (1 + (shift - 1) * s)
+
+
+def test_flow_sigmas_are_the_release_schedule():
+    """Catches: a schedule off by even one float32 ulp from the release's (numpy's linspace is, at 9
+    of 50 sigmas), or diffusers' default schedule, which ends at 0.024 instead of 0."""
     from diffusers import FlowMatchEulerDiscreteScheduler
     s = FlowMatchEulerDiscreteScheduler(shift=5.0)
-    for n in (4, 20, 50):
-        s.set_timesteps(sigmas=np.linspace(1, 0, n + 1)[:-1])
+    for n in (4, 20, 50, 1000):
+        assert torch.equal(model.flow_sigmas(n, 5.0), torch.cat([_release_sigmas(n), torch.zeros(1)]))
+        s.set_timesteps(sigmas=torch.linspace(1, 0, n + 1)[:-1].numpy())
         assert torch.equal(model.flow_sigmas(n, 5.0), s.sigmas)
-    u = torch.linspace(1, 0, 51)[:-1]
-    assert torch.allclose(model.flow_sigmas(50)[:-1], 5 * u / (1 + 4 * u))
+    np_sigmas = torch.from_numpy(np.linspace(1, 0, 51)[:-1].astype(np.float32))
+    assert not torch.equal(model.flow_sigmas(50)[:-1], 5 * np_sigmas / (1 + 4 * np_sigmas))
+
+
+def test_training_schedule_is_diffsynths():
+    """DiffSynth's training table (set_timesteps(1000, training=True)): timesteps 1000 sigma of the
+    1000-step schedule, weights y - min(y) scaled to sum 1000 with y = exp(-2 ((t - 500) / 1000)^2),
+    computed here in float64. Catches: unweighted or mis-centred weights, another table."""
+    sigmas, w = model.training_schedule(5.0)
+    assert torch.equal(sigmas, _release_sigmas(1000))
+    t = sigmas.double().numpy() * 1000
+    y = np.exp(-2 * ((t - 500) / 1000) ** 2)
+    ref = (y - y.min()) * (1000 / (y - y.min()).sum())
+    np.testing.assert_allclose(w.numpy(), ref, rtol=1e-5, atol=1e-6)
+    assert w[0] == 0 and abs(w.mean().item() - 1) < 1e-5  # t = 1000 is the farthest from 500
+    assert 0.49 < sigmas[w.argmax()] < 0.51 and w.max() > 1.4
 
 
 def test_ode_sampler_reproduces_wan_pipeline_exactly(tiny):
@@ -178,16 +263,130 @@ def test_ode_sampler_reproduces_wan_pipeline_exactly(tiny):
     torch.testing.assert_close(vdm.encode_text(prompts, grad=True), vdm.encode_text(prompts), atol=1e-6, rtol=1e-5)
 
 
+# the release's negative prompt (its inference.py and app.py)
+RELEASE_NEGATIVE_PROMPT = (
+    "vivid colors, overexposed, static, blurry details, subtitles, style, artwork, painting, frame, stationary, overall "
+    "grayish, worst quality, low quality, JPEG compression artifacts, ugly, incomplete, extra fingers, poorly drawn "
+    "hands, poorly drawn face, deformed, disfigured, malformed limbs, fused fingers, stationary frame, cluttered "
+    "background, three legs, crowded background people, walking backwards")
+
+
 def test_cfg_matches_wan_pipeline(tiny):
+    """CFG against diffusers' WanPipeline given the release's negative prompt. Catches: another
+    negative prompt for the unconditional branch (e.g. diffusers' example text), a wrong guidance sum."""
     _, vdm = tiny
     prompt = "a blue square slides to the right"
-    ref = _pipeline(vdm)(prompt=prompt, negative_prompt=model.NEGATIVE_PROMPT, num_frames=T, height=H, width=W,
+    ref = _pipeline(vdm)(prompt=prompt, negative_prompt=RELEASE_NEGATIVE_PROMPT, num_frames=T, height=H, width=W,
                          num_inference_steps=5, guidance_scale=5.0, output_type="latent", generator=gen(1)).frames
     ours = vdm.sample(vdm.encode_text([prompt]), frames=T, height=H, width=W, steps=5, cfg=5.0, generator=gen(1))
     # our two branches run as one batch: equal up to float32 rounding
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(ours, vdm.sample(vdm.encode_text([prompt]), frames=T, height=H, width=W, steps=5,
                                                cfg=1.0, generator=gen(1)), atol=1e-3)
+
+
+def _bf16_vdm(vdm):
+    """A copy of a VDM with the DiT, text encoder and VAE in bf16 and the release's numerics on."""
+    import copy
+    dit, te, vae = (torch.nn.Module.to(copy.deepcopy(m), torch.bfloat16) for m in (vdm.dit, vdm.text_encoder, vdm.vae))
+    out = model.VDM(dit, vae, te, vdm.tokenizer)
+    out.release = True
+    return out
+
+
+def test_release_numerics_are_the_release_loop(tiny):
+    """vdm.release against DiffSynth's WanVideoPipeline loop written out here as the release runs it in
+    bf16: noise drawn in float32 on the CPU and cast, timestep 1000 sigma cast to bf16, the two CFG
+    branches run apart and combined in bf16, the step x + v (s' - s) kept in bf16, the clean refs in
+    front. (The DiT is diffusers' class, standing in for DiffSynth's.) Catches: a float32 state, a
+    timestep not rounded as the release rounds it, CFG or the step in float32."""
+    vdm = _bf16_vdm(tiny[1])
+    text, neg = vdm.encode_text(["a red ball rolls left"]), vdm.encode_text([RELEASE_NEGATIVE_PROMPT])
+    refs = torch.randn(1, 16, 6, H // 8, W // 8, generator=gen(7)).to(torch.bfloat16)
+    steps, cfg = 6, 5.0
+    sig = _release_sigmas(steps)
+    lat = torch.randn(1, 16, 9, H // 8, W // 8, generator=gen(3), dtype=torch.float32).to(torch.bfloat16)
+    for i in range(steps):
+        t = (sig[i] * 1000).unsqueeze(0).to(torch.bfloat16)
+        x = torch.cat([refs, lat], dim=2)
+        with torch.no_grad():
+            posi = vdm.dit(hidden_states=x, timestep=t, encoder_hidden_states=text).sample[:, :, 6:]
+            nega = vdm.dit(hidden_states=x, timestep=t, encoder_hidden_states=neg).sample[:, :, 6:]
+        pred = nega + cfg * (posi - nega)
+        lat = lat + pred * ((sig[i + 1] if i + 1 < steps else 0) - sig[i])
+    ours = vdm.sample(text, None, refs, frames=T, height=H, width=W, steps=steps, cfg=cfg, generator=gen(3))
+    assert ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours, lat, rtol=0, atol=0)
+    assert any((sig[i] * 1000).to(torch.bfloat16).float() != sig[i] * 1000 for i in range(steps))  # rounding happens
+    vdm.release = False  # a float32 state gives other latents
+    assert not torch.allclose(vdm.sample(text, None, refs, frames=T, height=H, width=W, steps=steps, cfg=cfg,
+                                         generator=gen(3)), lat.float(), atol=1e-3)
+
+
+def _diffsynth_tiled(fn, x, size, stride, up):
+    """DiffSynth's WanVideoVAE.tiled_encode (up = 1/8) / tiled_decode (up = 8), written out: tiles every
+    stride until one reaches the edge, a linear ramp over (size - stride) output pixels on shared
+    sides, min of the two axes' masks, sums and weights in x's dtype, then divided."""
+    _, _, _, Hx, Wx = x.shape
+    tasks = []
+    for h in range(0, Hx, stride[0]):
+        if h - stride[0] >= 0 and h - stride[0] + size[0] >= Hx:
+            continue
+        for w in range(0, Wx, stride[1]):
+            if w - stride[1] >= 0 and w - stride[1] + size[1] >= Wx:
+                continue
+            tasks.append((h, h + size[0], w, w + size[1]))
+    border = (int((size[0] - stride[0]) * up), int((size[1] - stride[1]) * up))
+    values = weight = None
+    for h, h_, w, w_ in tasks:
+        y = fn(x[:, :, :, h:h_, w:w_])
+        if values is None:
+            values = torch.zeros(*y.shape[:3], int(Hx * up), int(Wx * up), dtype=x.dtype)
+            weight = torch.zeros(1, 1, 1, int(Hx * up), int(Wx * up), dtype=x.dtype)
+
+        def ramp(n, lo, hi, b):
+            r = torch.ones(n)
+            if not lo:
+                r[:b] = (torch.arange(b) + 1) / b
+            if not hi:
+                r[-b:] = torch.flip((torch.arange(b) + 1) / b, dims=(0,))
+            return r
+        mh, mw = ramp(y.shape[3], h == 0, h_ >= Hx, border[0]), ramp(y.shape[4], w == 0, w_ >= Wx, border[1])
+        mask = torch.stack([mh[:, None].expand(-1, y.shape[4]), mw[None].expand(y.shape[3], -1)]).min(0).values.to(x.dtype)
+        th, tw = int(h * up), int(w * up)
+        values[:, :, :, th:th + y.shape[3], tw:tw + y.shape[4]] += y * mask
+        weight[:, :, :, th:th + y.shape[3], tw:tw + y.shape[4]] += mask
+    return values / weight
+
+
+def test_release_vae_tiles_as_diffsynth(tiny):
+    """vdm.release runs the VAE as the release's (tiled=True): bf16 tiles blended as DiffSynth's
+    tiled_encode / tiled_decode, written out above, each tile normalised with Wan's statistics in
+    bf16 (mean and 1 / std cast to bf16, as DiffSynth's scale). Small tiles here, so a 64x112 clip has
+    3 x 4 of them. Catches: no tiling, diffusers' own tiling, a float32 VAE."""
+    vdm = _bf16_vdm(tiny[1])
+    vdm.tile = ((4, 6), (2, 3))  # latent pixels; 8x in video pixels
+    clip = data.to_tensor(moving_clip()[None], torch.bfloat16)  # (1, 3, 33, 64, 112)
+    mean, inv_std = vdm.latents_mean.to(torch.bfloat16), (1 / vdm.latents_std).to(torch.bfloat16)
+    with torch.no_grad():
+        enc = lambda v: (vdm.vae.encode(v).latent_dist.mode() - mean) * inv_std
+        dec = lambda z: vdm.vae.decode(z / inv_std + mean).sample
+        ref_z = _diffsynth_tiled(enc, clip, (32, 48), (16, 24), 1 / 8)
+        ref_x = _diffsynth_tiled(dec, ref_z, (4, 6), (2, 3), 8).clamp(-1, 1)
+        z = vdm.encode_video(clip)
+        x = vdm.decode(z)
+        whole = enc(clip)
+    assert z.shape == (1, 16, 9, 8, 14) and z.dtype == torch.bfloat16 and x.shape == clip.shape
+    torch.testing.assert_close(z, ref_z, rtol=0, atol=0)
+    torch.testing.assert_close(x, ref_x, rtol=0, atol=0)
+    assert not torch.allclose(z.float(), whole.float(), atol=1e-2)  # the tiles change the latents
+    # the release's pixel conversion: uint8 -> bf16, then / 127.5 - 1 in bf16 (DiffSynth multiplies by 2 / 255)
+    u8 = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16, 1).expand(1, 1, 16, 16, 3)
+    assert torch.equal(data.to_tensor(u8, torch.bfloat16), (u8.movedim(-1, -4).to(torch.bfloat16) * (2 / 255) - 1))
+    # and its output conversion: ((x + 1) * 127.5) in the video's dtype, truncated
+    v = torch.linspace(-1, 1, 3 * 7 * 5 * 4).to(torch.bfloat16).reshape(3, 7, 5, 4)
+    ref = ((v - (-1)) * (255 / 2)).clip(0, 255).to(torch.uint8).permute(1, 2, 3, 0).numpy()
+    assert np.array_equal(data.to_uint8(v, truncate=True), ref) and not np.array_equal(data.to_uint8(v), ref)
 
 
 # -----------------------------------------------------------------------------
@@ -313,12 +512,14 @@ def diffusers_to_wan(sd):
     return out
 
 
-def official_lora_keys(sd, prefix="mllmagent.mllm_backbone.", old_layout=True):
-    """Our peft state dict -> the official vlm.safetensors naming (prefix, no adapter name,
-    and optionally the pre-4.52 transformers layout)."""
+def official_lora_keys(sd, prefix="mllmagent.mllm_backbone.", old_layout=True, adapter_name=False):
+    """Our peft state dict -> an official vlm.safetensors naming (prefix, with or without the adapter
+    name, and optionally the pre-4.52 transformers layout). The release's loader strips the prefix and
+    keeps a key only if its peft model has it: adapter name and old layout included."""
     out = {}
     for k, v in sd.items():
-        k = k.replace(".default.weight", ".weight")
+        if not adapter_name:
+            k = k.replace(".default.weight", ".weight")
         if old_layout:
             k = k.replace("base_model.model.model.language_model.", "base_model.model.model.")
             k = k.replace("base_model.model.model.visual.", "base_model.model.visual.")
@@ -346,8 +547,12 @@ def _randomize_lora(peft_model, seed):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
-@pytest.mark.parametrize("prefix, old_layout", [("mllmagent.mllm_backbone.", True), ("pipe.mllm.mllm_backbone.", False)])
-def test_official_checkpoint_round_trip(tmp_path, prefix, old_layout):
+@pytest.mark.parametrize("prefix, old_layout, adapter_name", [("mllmagent.mllm_backbone.", True, False),
+                                                              ("pipe.mllm.mllm_backbone.", False, False),
+                                                              ("pipe.mllm.mllm_backbone.", True, True)])
+def test_official_checkpoint_round_trip(tmp_path, prefix, old_layout, adapter_name):
+    """The last case is the layout the release's own loader needs:
+    pipe.mllm.mllm_backbone.base_model.model.<pre-4.52 layout>.lora_{A,B}.default.weight."""
     from safetensors.torch import save_file
     # a "trained" VANS: a different DiT and a random LoRA on the tiny VLM
     src_vlm, src_vdm = model.load_tiny(seed=0)
@@ -358,7 +563,11 @@ def test_official_checkpoint_round_trip(tmp_path, prefix, old_layout):
     lora = {k: v for k, v in src_vlm.model.state_dict().items() if ".lora_" in k}
     assert any(".visual." in k and "gate_proj" in k for k in lora)  # peft matches the vision MLP too
     save_file(diffusers_to_wan(src_dit.state_dict()), str(tmp_path / "vdm.safetensors"))
-    save_file(official_lora_keys(lora, prefix, old_layout), str(tmp_path / "vlm.safetensors"))
+    official = official_lora_keys(lora, prefix, old_layout, adapter_name)
+    if adapter_name and old_layout:
+        assert "pipe.mllm.mllm_backbone.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight" in official
+        assert "pipe.mllm.mllm_backbone.base_model.model.visual.blocks.0.mlp.gate_proj.lora_B.default.weight" in official
+    save_file(official, str(tmp_path / "vlm.safetensors"))
 
     vlm, vdm = model.load_tiny(seed=0)
     vdm.n_refs = 0
@@ -494,9 +703,27 @@ def test_clip_reading(files):
     assert (data.resize_crop(flat, H, W) == 77).all()
 
 
+def test_reference_clip_choices(files):
+    """Which input frames make the 33-frame reference clip, for a long and a short input. Catches: a
+    mode reading other frames than it says, a short clip refused or of another length."""
+    assert data.clip_indices(40, 5, "first") == [0, 1, 2, 3, 4]
+    assert data.clip_indices(40, 5, "last") == [35, 36, 37, 38, 39]
+    assert data.clip_indices(40, 5, "uniform") == [0, 10, 20, 29, 39]
+    assert data.clip_indices(3, 5, "first") == [0, 1, 2, 2, 2]  # held at its last frame
+    assert data.clip_indices(3, 5, "last") == [0, 0, 0, 1, 2]  # its first frame repeated in front
+    assert data.clip_indices(3, 5, "uniform") == [0, 0, 1, 2, 2]
+    with pytest.raises(ValueError, match="expected one of first, last, uniform"):
+        data.clip_indices(3, 5, "middle")
+    frames = data.resize_crop(data.read_frames(str(files / "clip.mp4")), H, W)  # all 40 frames
+    for mode, idx in (("first", range(T)), ("last", range(40 - T, 40))):
+        assert np.array_equal(data.load_clip(str(files / "clip.mp4"), T, H, W, mode), frames[list(idx)])
+    two = data.resize_crop(data.read_frames(str(files / "two.mp4")), H, W)
+    clip = data.load_clip(str(files / "two.mp4"), T, H, W, "first")
+    assert clip.shape == (T, H, W, 3) and np.array_equal(clip[0], two[0]) and (clip[1:] == two[1]).all()
+
+
 @pytest.mark.parametrize("name, msg", [("missing.mp4", "no such file"), ("notvideo.mp4", "not a readable video"),
-                                       ("truncated.mp4", "not a readable video"),
-                                       ("short.mp4", "has 10 frames, need at least 33")])
+                                       ("truncated.mp4", "not a readable video")])
 def test_bad_video_errors(files, name, msg):
     with pytest.raises(data.VideoError, match=re.escape(msg)):
         data.load_clip(str(files / name), T, H, W)
@@ -519,11 +746,18 @@ def test_manifest(tmp_path, files):
         m.write_text(json.dumps(good) + "\n" + line + "\n")
         with pytest.raises(data.ManifestError, match=msg):
             data.read_manifest(str(m))
-    c = tmp_path / "m.csv"
-    c.write_text("input_video_path,output_video_path,ENG_Instruction,ENG_Think,ENG_GT_Caption\n"
-                 "clip.mp4,clip.mp4,What next?,Because.,It falls.\n")
-    (row,), _ = data.read_manifest(str(c))
-    assert (row["question"], row["think"], row["caption"]) == ("What next?", "Because.", "It falls.")
+    # the official CSV, as the release writes it (utf-8-sig: a byte-order mark before its first column,
+    # which a plain utf-8 reader sees as part of the name '\ufeffoutput_video_path'), and without the mark
+    os.symlink(files / "short.mp4", tmp_path / "short.mp4")
+    header, line = "output_video_path,input_video_path,ENG_Instruction,ENG_Think,ENG_GT_Caption\n", \
+        "short.mp4,clip.mp4,What next?,Because.,It falls.\n"
+    for encoding in ("utf-8-sig", "utf-8"):
+        c = tmp_path / "m.csv"
+        c.write_text(header + line, encoding=encoding)
+        assert c.read_bytes().startswith(b"\xef\xbb\xbf") == (encoding == "utf-8-sig")
+        (row,), _ = data.read_manifest(str(c))
+        assert (row["question"], row["think"], row["caption"]) == ("What next?", "Because.", "It falls.")
+        assert row["target_video"] == str(tmp_path / "short.mp4") and row["input_video"] == str(tmp_path / "clip.mp4")
 
 
 # -----------------------------------------------------------------------------
@@ -534,8 +768,9 @@ def run_infer(*args):
                           capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
-@pytest.mark.parametrize("name", ["clip.mp4", "image.png"])
+@pytest.mark.parametrize("name", ["clip.mp4", "short.mp4", "two.mp4", "image.png"])
 def test_infer_tiny_end_to_end(files, tmp_path, name):
+    """The whole path on CPU for a 40-, 10- and 2-frame clip and an image (short clips are held to 33 frames)."""
     out = tmp_path / "answer.mp4"
     r = run_infer(files / name, "What happens next?", "--model", "tiny", "--height", H, "--width", W,
                   "--max-new-tokens", 16, "--out", out, "--json")
@@ -547,7 +782,7 @@ def test_infer_tiny_end_to_end(files, tmp_path, name):
     assert video.shape == (T, H, W, 3)
 
 
-@pytest.mark.parametrize("name", ["missing.mp4", "notvideo.mp4", "truncated.mp4", "short.mp4"])
+@pytest.mark.parametrize("name", ["missing.mp4", "notvideo.mp4", "truncated.mp4"])
 def test_infer_bad_input_one_line(files, name):
     r = run_infer(files / name, "What next?", "--model", "tiny")
     assert r.returncode != 0
@@ -564,6 +799,27 @@ def test_infer_official_weights_offline_fail_fast(files, tmp_path):
     for repo in model.HUB.values():
         assert repo in lines[0]
     assert "--vans" in lines[0] and "--qwen" in lines[0] and "--wan" in lines[0]
+
+
+def test_infer_defaults_follow_the_model(tmp_path):
+    """Unset generation flags come from the model: the release's decoding and reference clip for the
+    paper-size presets, the Shapes models' own, and the reference clip a checkpoint's VDM run records.
+    Catches: a default that silently differs from what the weights were trained or released with."""
+    import infer
+
+    def settled(*argv):
+        args = infer.parser.parse_args(["in.mp4", "q", *argv])
+        infer.settle_flags(args)
+        return args.decoding, args.ref_clip, args.precision, args.steps
+
+    assert settled("--model", "tiny", "--device", "cpu") == ("release", "first", "fp32", 50)
+    assert settled("--model", "tiny", "--device", "cuda") == ("release", "first", "release", 50)
+    assert settled("--model", "shapes", "--device", "cpu") == ("sample", "uniform", "fp32", 20)
+    assert settled("--model", "shapes", "--decoding", "greedy", "--ref-clip", "last") == ("greedy", "last", "fp32", 20)
+    _, vdm = model.load_tiny(need=("vdm",))
+    model.save_checkpoint(str(tmp_path / "ckpt"), None, vdm, {"preset": "tiny", "flags": {"ref_clip": "uniform"}})
+    assert settled("--model", "tiny", "--vdm", str(tmp_path / "ckpt"))[1] == "uniform"
+    assert settled("--model", str(tmp_path / "ckpt"), "--ref-clip", "first")[1] == "first"
 
 
 @pytest.mark.slow
@@ -1142,7 +1398,7 @@ def test_sft_vlm_bad_manifest(shapes_small, tmp_path):
 def test_sft_vae_phase_learns_and_normalises(shapes_small, tmp_path):
     flags = ["--model", "tiny", "--train-vae", "--train", str(shapes_small / "train.jsonl"), "--frames", "9",
              "--height", "32", "--width", "64", "--steps", "12", "--batch-size", "1", "--lr", "3e-3", "--log-every", "3",
-             "--fg-weight", "10"]
+             "--fg-weight", "10", "--ref-clip", "uniform"]  # as config/shapes.py
     r = _train("sft_vdm.py", flags, tmp_path / "vae", nproc=2)  # the VAE's gradients averaged by hand
     assert "weights identical on all 2 ranks" in r.stdout
     loss = _log(tmp_path / "vae")
@@ -1247,8 +1503,8 @@ def test_grpo_loss_against_direct_formula():
 def _rollout(vlm, n=4, seed=0, **kw):
     torch.manual_seed(seed)
     videos = [moving_clip(6, 56, 56, seed=s // 2) for s in range(n)]  # pairs share a video: two groups of 2
-    return vlm.rollout(videos, ["What next?"] * n, temperature=kw.get("temperature", 1.0), top_p=1.0,
-                       max_new_tokens=kw.get("max_new_tokens", 10))
+    return vlm.rollout(videos, ["What next?"] * n, kw.get("max_new_tokens", 10),
+                       **model.sampling(kw.get("temperature", 1.0), top_p=1.0))
 
 
 def test_rollout_log_probs_are_the_sampling_distribution(tiny):
@@ -1262,7 +1518,7 @@ def test_rollout_log_probs_are_the_sampling_distribution(tiny):
     out = vlm.model.generate(**gen_inp, do_sample=True, temperature=0.7, top_p=1.0, top_k=0, max_new_tokens=10,
                              repetition_penalty=1.0, output_scores=True, return_dict_in_generate=True,
                              suppress_tokens=vlm.processor.tokenizer.convert_tokens_to_ids(model.QWEN_SPECIAL[3:]),
-                             eos_token_id=vlm.processor.tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                             eos_token_id=vlm.processor.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]),
                              pad_token_id=vlm.processor.tokenizer.pad_token_id)
     assert torch.equal(out.sequences, inp["input_ids"])
     sampled = torch.stack(out.scores, 1).log_softmax(-1).gather(-1, inp["input_ids"][:, -mask.shape[1]:, None])[..., 0]

@@ -16,7 +16,9 @@ the paper's, as usual for small models trained from scratch.
 
 data = dict(train="data/shapes/train.jsonl", frames=33, workers=1)  # on a GPU when there is one
 sft = dict(data, val="data/shapes/val.jsonl")
-video = dict(sft, height=64, width=112, val_render=1, val_steps=20, val_cfg=3.0)
+# the shipped models were trained with 33 reference frames spread over the 40-frame input clip, and
+# with the DiT's loss unweighted
+video = dict(sft, height=64, width=112, ref_clip="uniform", val_render=1, val_steps=20, val_cfg=3.0)
 
 # 98% caption event accuracy on 100 val samples after 2500 steps (13 min on 2 cores); the
 # colours are read from the video only after a plateau on the text prior (14% at step 1000),
@@ -31,17 +33,17 @@ sft_vae = dict(video, model="random:shapes", train_vae=True, fg_weight=10.0, ste
 
 # latents cached once (5 min for 2,000 samples), then 0.6 s a step; the DiT places the objects
 # long before it keeps a moving object's colour (README, "Rendering the clips")
-sft_vdm = dict(video, train_text_encoder=True, caption_dropout=0.1, cache_latents=True, steps=3000, lr=1e-3,
+sft_vdm = dict(video, loss_weight="none", train_text_encoder=True, caption_dropout=0.1, cache_latents=True, steps=3000, lr=1e-3,
                warmup=100, batch_size=8, val_every=1000, val_render=8, save_every=500, log_every=20)
 
 # Joint-GRPO, from the VLM above. CLIP-V/CLIP-T come from the tiny CLIP of this world, trained once beside the data
-grpo_stage1 = dict(data, init="out/shapes/sft_vlm/last", vdm="out/shapes/sft_vdm/last", clip="data/shapes/clip",
+grpo_stage1 = dict(data, init="out/shapes/sft_vlm/last", vdm="out/shapes/sft_vdm/last", clip="data/shapes/clip", ref_clip="uniform",
                    rewards="format=1,rouge_l=1,clip_v=1", height=64, width=112, render_steps=20, render_cfg=3.0,
                    steps=150, lr=1e-3, group_size=8, prompts=2, max_new_tokens=160, micro_batch=16, save_every=25,
                    log_every=1)
 
 # on 2 cores, anchors took 2 min for 2,000 prompts from a 70% VLM and 9 min for 4,000 from a 20% one
 # (more tries), then a step takes 33-37 s
-grpo_stage2 = dict(data, vlm="out/shapes/grpo_stage1/last", vdm="out/shapes/grpo_stage1/last", clip="data/shapes/clip",
+grpo_stage2 = dict(data, vlm="out/shapes/grpo_stage1/last", vdm="out/shapes/grpo_stage1/last", clip="data/shapes/clip", ref_clip="uniform",
                    height=64, width=112, cfg=3.0, max_new_tokens=160, steps=30, lr=1e-4, group_size=8, prompts=1,
                    micro_batch=8, save_every=10, sample_every=10, log_every=1)
