@@ -9,6 +9,7 @@ import json
 import math
 import os
 import runpy
+import signal
 import subprocess
 import sys
 import time
@@ -80,6 +81,18 @@ def add_run_flags(parser, out, steps):
     parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
 
 
+def check_models(**flags):
+    """Before any heavy work: each flag=value names a model that model.load knows (vans, base,
+    shapes, tiny, random:shapes) or an existing checkpoint directory; else one error line naming
+    the flag and the path."""
+    import model
+    for flag, name in flags.items():
+        try:
+            model.check_name(name)
+        except model.CheckpointError as e:
+            sys.exit(f"error: --{flag.replace('_', '-')} {e}")
+
+
 def load_model(name, **kw):
     """(preset, model.load(name, ...)) for the training scripts: a bad checkpoint is one error line."""
     import model
@@ -87,6 +100,20 @@ def load_model(name, **kw):
         return model.preset_of(name), model.load(name, **kw)
     except model.CheckpointError as e:
         sys.exit(f"error: {e}")
+
+
+def load_clip(weights, models, device):
+    """rewards.CLIP for --clip `weights`; None (the default) takes the tiny CLIP that the first of
+    `models` ships in its checkpoint directory (clip/, as weights/shapes does), else OpenAI's.
+    Called before any heavy work: a missing file or weights not in the cache is one error line."""
+    import model
+    import rewards
+    weights = weights or next((d for d in (os.path.join(model.SHIPPED.get(m, m), "clip") for m in models)
+                               if os.path.isdir(d)), "openai")
+    try:
+        return rewards.CLIP(None if weights == "random" else weights, device=device)
+    except rewards.CLIPError as e:
+        sys.exit(f"error: --clip {e}")
 
 
 def read_weights(path, own):
@@ -101,20 +128,24 @@ def read_weights(path, own):
         sys.exit(f"error: {e}")
 
 
-def same_settings(path, settings):
+def same_settings(path, settings, write=True):
     """Files made under one set of settings are never reused under another. The first run writes
     `settings` to `path` (JSON, atomically, before the files it describes; every rank may call
-    this); a later run with other settings is a one-line error naming both."""
+    this; write=False only checks); a later run with other settings is a one-line error naming the
+    settings that differ."""
     if os.path.isfile(path):
         try:
             with open(path) as f:
                 old = json.load(f)
         except json.JSONDecodeError:
             sys.exit(f"error: {path}: not JSON; delete its directory or change --out")
-        if old != json.loads(json.dumps(settings)):  # compared as JSON, where a tuple is a list
-            sys.exit(f"error: {os.path.dirname(path) or '.'} holds files made with {old}, this run needs {settings}; "
+        new = json.loads(json.dumps(settings))  # compared as JSON, where a tuple is a list
+        if old != new:
+            diff = "; ".join(f"{k} {old.get(k)!r} there, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
+                             if old.get(k) != new.get(k))
+            sys.exit(f"error: {os.path.dirname(path) or '.'} holds files made with other settings ({diff}); "
                      "delete it or change --out")
-    else:
+    elif write:
         tmp = f"{path}.{os.getpid()}.tmp"  # ranks write the same settings, each through its own file
         with open(tmp, "w") as f:
             json.dump(settings, f)
@@ -129,6 +160,8 @@ def compute_init(device):
     """-> (rank, world, device). Under torchrun, joins the process group: NCCL on GPUs, gloo on CPUs."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"error: --device {device}: no CUDA GPU is available here (use --device cpu)")
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -152,6 +185,47 @@ def compute_cleanup():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+class Stop:
+    """Ctrl-C (SIGINT) or SIGTERM asks the run to stop: the step under way finishes, then the run
+    logs, saves and ends as at --stop-at, so a stopped run keeps its last step. A repeated signal
+    changes nothing (torchrun forwards the terminal's Ctrl-C to ranks that already have it);
+    Ctrl-\\ (SIGQUIT) ends a run at once, and the last complete checkpoint stays whole (written to
+    a temporary name, then renamed). torchrun kills its ranks --shutdown_timeout seconds (30) after
+    a signal: give it more for steps and saves longer than that. Calling the object (every step, on every rank) -> whether
+    any rank was asked: all ranks stop at the same step."""
+
+    def __init__(self):
+        self.asked = False
+        self.before = {sig: signal.signal(sig, self._ask) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def close(self):
+        """Put the handlers there were before back (for a caller that goes on)."""
+        for sig, handler in self.before.items():
+            signal.signal(sig, handler)
+
+    def _ask(self, signum, frame):
+        if not self.asked:
+            print(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint (Ctrl-\\ quits at once)",
+                  file=sys.stderr, flush=True)
+        self.asked = True
+
+    def __call__(self):
+        return all_sum(float(self.asked)) > 0 if dist.is_initialized() else self.asked
+
+
+def _leave_signals_to_the_main_process(worker_id):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def loader(dataset, sampler, workers, collate_fn):
+    """The training DataLoader: a StepSampler's batches, a generator of its own (the global RNG stays
+    the run's), and workers that ignore Ctrl-C and SIGTERM: those are for Stop, in the main
+    process, which ends the workers once it has saved (a signal to the process group reaches them too)."""
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_fn,
+                                       generator=torch.Generator(), worker_init_fn=_leave_signals_to_the_main_process)
 
 
 def print0(*a, **k):

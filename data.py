@@ -20,8 +20,8 @@ import re
 import sys
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+# torch is imported where it is used, so that infer.py can check its inputs in a fraction of a second
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -55,26 +55,51 @@ def _quiet_stderr():
 def uniform_indices(n_total, n):
     """n indices spread uniformly over [0, n_total - 1], first and last included
     (as qwen-vl-utils samples video frames)."""
+    import torch
     return torch.linspace(0, n_total - 1, n).round().long().tolist()
 
 
+MAX_PIXELS = 1920 * 1088  # larger frames are decoded downscaled: the models need at most 768 x 28 x 28 (VLM) pixels
+MIN_SIDE, MAX_ASPECT = 28, 4.0  # smaller or more elongated frames are refused: nothing can be read from them
+
+
+def _fit(path, h, w):
+    """The size to decode an h x w frame at: at most MAX_PIXELS, so memory stays bounded however
+    large the file; VideoError if the frame is too small or too elongated to answer about."""
+    if min(h, w) < MIN_SIDE or max(h, w) / min(h, w) > MAX_ASPECT:
+        raise VideoError(f"{path}: frames of {w}x{h} pixels; need at least {MIN_SIDE} a side and at most {MAX_ASPECT:g}:1")
+    s = min(1.0, (MAX_PIXELS / (h * w)) ** 0.5)
+    return (h, w) if s == 1 else (int(h * s / 2) * 2, int(w * s / 2) * 2)  # even sides, at most MAX_PIXELS
+
+
 def _open(path):
-    """-> (reader, n_frames); reader(indices) -> uint8 (len(indices), H, W, 3)."""
+    """-> (reader, n_frames, (height, width) of the frames it returns); reader(indices) -> uint8
+    (len(indices), height, width, 3). Frames over MAX_PIXELS are decoded downscaled."""
     if not os.path.isfile(path):
         raise VideoError(f"{path}: no such file")
     if path.lower().endswith(IMAGE_EXTS):
         from PIL import Image
         try:
             with Image.open(path) as im:
-                frame = np.asarray(im.convert("RGB"))
+                h, w = _fit(path, im.height, im.width)
+                im.draft("RGB", (w, h))  # a JPEG decodes at 1/2, 1/4 or 1/8 of its size if that is enough
+                frame = np.asarray(im.convert("RGB").resize((w, h), Image.BILINEAR))
+        except VideoError:
+            raise
         except Exception as e:
             raise VideoError(f"{path}: cannot read image ({type(e).__name__})") from None
-        return (lambda idx: np.repeat(frame[None], len(idx), axis=0)), 1
+        return (lambda idx: np.repeat(frame[None], len(idx), axis=0)), 1, (h, w)
     import decord
     try:
         with _quiet_stderr():
             vr = decord.VideoReader(path, num_threads=1)
             n = len(vr)
+            if n:
+                h, w = _fit(path, *vr[0].shape[:2])
+                if (h, w) != tuple(vr[0].shape[:2]):
+                    vr = decord.VideoReader(path, num_threads=1, height=h, width=w)
+    except VideoError:
+        raise
     except Exception:
         raise VideoError(f"{path}: not a readable video (corrupt, truncated, or not a video file)") from None
     if n == 0:
@@ -86,13 +111,21 @@ def _open(path):
                 return vr.get_batch(list(idx)).asnumpy()
         except Exception:
             raise VideoError(f"{path}: decoding failed (the file is corrupt or truncated)") from None
-    return read, n
+    return read, n, (h, w)
+
+
+def probe(path):
+    """Check that a video or image can be answered about, in a fraction of a second: it exists,
+    decodes, and its frames are of a usable size. -> (n_frames, (height, width)); VideoError if not."""
+    read, n, size = _open(path)
+    read([0])
+    return n, size
 
 
 def read_frames(path, n=None, min_frames=1):
     """Read a clip as uint8 (T, H, W, 3): all frames, or n spread uniformly.
     An image is a static clip: its one frame repeated n times."""
-    read, total = _open(path)
+    read, total, _ = _open(path)
     is_image = path.lower().endswith(IMAGE_EXTS)
     if not is_image and total < min_frames:
         raise VideoError(f"{path}: has {total} frames, need at least {min_frames}")
@@ -111,7 +144,7 @@ def vlm_frame_indices(total, n=6):
 
 def read_vlm_frames(path, n=6):
     """The VLM's frames of a video or image: uint8 (k, H, W, 3) at the file's size (vlm_frame_indices)."""
-    read, total = _open(path)
+    read, total, _ = _open(path)
     return read(vlm_frame_indices(1 if path.lower().endswith(IMAGE_EXTS) else total, n))
 
 
@@ -137,34 +170,41 @@ def clip_indices(total, n, mode):
 def resize_crop(frames, height, width):
     """uint8 (T, H, W, 3) -> uint8 (T, height, width, 3): scale so the clip
     covers height x width (bilinear, antialiased), then center-crop."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # (T, 3, H, W)
-    H, W = x.shape[-2:]
-    if (H, W) != (height, width):
-        scale = max(height / H, width / W)
-        h, w = max(height, round(H * scale)), max(width, round(W * scale))
+    import torch
+    import torch.nn.functional as F
+    T, H, W, _ = frames.shape
+    if (H, W) == (height, width):
+        return np.ascontiguousarray(frames)
+    scale = max(height / H, width / W)
+    h, w = max(height, round(H * scale)), max(width, round(W * scale))
+    top, left = (h - height) // 2, (w - width) // 2
+    out = []
+    for i in range(0, T, 8):  # 8 frames at a time: float copies of large frames stay small
+        x = torch.from_numpy(np.ascontiguousarray(frames[i:i + 8])).permute(0, 3, 1, 2).float()  # (t, 3, H, W)
         x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
-        top, left = (h - height) // 2, (w - width) // 2
-        x = x[:, :, top:top + height, left:left + width]
-    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        out.append(x[:, :, top:top + height, left:left + width].round().clamp(0, 255).to(torch.uint8))
+    return torch.cat(out).permute(0, 2, 3, 1).numpy()
 
 
 def load_clip(path, n_frames, height, width, mode="uniform"):
     """A clip of n_frames (clip_indices' mode) resized/cropped to height x width: uint8
     (n_frames, height, width, 3). An image is a static clip."""
-    read, total = _open(path)
+    read, total, _ = _open(path)
     idx = [0] * n_frames if path.lower().endswith(IMAGE_EXTS) else clip_indices(total, n_frames, mode)
     return resize_crop(read(idx), height, width)
 
 
-def to_tensor(frames, dtype=torch.float32):
-    """uint8 (T, H, W, 3) -> (3, T, H, W) in [-1, 1], the VAE's input, computed in dtype (in bf16
-    as the release does); a batch (B, T, H, W, 3) -> (B, 3, T, H, W). numpy or torch."""
-    return torch.as_tensor(np.ascontiguousarray(frames)).movedim(-1, -4).to(dtype) / 127.5 - 1.0
+def to_tensor(frames, dtype=None):
+    """uint8 (T, H, W, 3) -> (3, T, H, W) in [-1, 1], the VAE's input, computed in dtype (default
+    float32; in bf16 as the release does); a batch (B, T, H, W, 3) -> (B, 3, T, H, W). numpy or torch."""
+    import torch
+    return torch.as_tensor(np.ascontiguousarray(frames)).movedim(-1, -4).to(dtype or torch.float32) / 127.5 - 1.0
 
 
 def to_uint8(video, truncate=False):
     """(3, T, H, W) in [-1, 1] -> uint8 (T, H, W, 3) numpy: rounded in float32, or with truncate in
     the video's own dtype and truncated (the release's conversion)."""
+    import torch
     x = (video + 1) * 127.5 if truncate else ((video.float().clamp(-1, 1) + 1) * 127.5).round()
     return x.clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
 
@@ -195,7 +235,8 @@ CSV_FIELDS = {"input_video_path": "input_video", "ENG_Instruction": "question", 
 
 def _video_frames(path):
     """Frame count of a video (an image counts as a clip of any length); VideoError if unreadable."""
-    return 10 ** 9 if path.lower().endswith(IMAGE_EXTS) else _open(path)[1]
+    n = _open(path)[1]
+    return 10 ** 9 if path.lower().endswith(IMAGE_EXTS) else n
 
 
 def read_manifest(path, check_files=True, check_videos=False, min_frames=1, skip_bad=False):
@@ -260,7 +301,7 @@ def _sample(row, line, root, check_files, check_videos, min_frames):
 # -----------------------------------------------------------------------------
 # training data: decoded samples, and a resumable batch order sharded by rank
 
-class ClipDataset(torch.utils.data.Dataset):
+class ClipDataset:
     """Decoded manifest samples for training. Item i: the text fields, plus what `parts` asks for
         vlm     uint8 (k, H0, W0, 3)              the VLM's frames (read_vlm_frames), native size
         clip    uint8 (frames, height, width, 3)  the reference clip, read as infer.py reads it (ref_clip)
@@ -307,6 +348,7 @@ class ClipDataset(torch.utils.data.Dataset):
 
 def collate(items):
     """List of items -> dict: lists of texts and VLM frames, stacked uint8 clip / target (B, T, H, W, 3)."""
+    import torch
     batch = {k: [it[k] for it in items] for k in items[0] if k not in ("clip", "target", "skipped")}
     for k in ("clip", "target"):
         if k in items[0]:
@@ -315,7 +357,7 @@ def collate(items):
     return batch
 
 
-class StepSampler(torch.utils.data.Sampler):
+class StepSampler:
     """Batch order for training: an endless stream of seeded permutations of the dataset
     (epoch e is randperm(n) with seed + e), cut into global batches of batch_size * world;
     rank r takes the r-th slice of each. Step s's batch depends on (seed, s) only, so the
@@ -328,6 +370,7 @@ class StepSampler(torch.utils.data.Sampler):
 
     def batch(self, step):
         """Rank's dataset indices for a step."""
+        import torch
         first = (step * self.world + self.rank) * self.batch_size  # position in the endless stream
         out = []
         for p in range(first, first + self.batch_size):
@@ -597,7 +640,7 @@ def _write_scene(job):
     return rows
 
 
-def make_shapes(out, n_train, n_val, n_test, height=352, width=640, seed=0, workers=2):
+def make_shapes(out, n_train, n_val, n_test, height=64, width=112, seed=0, workers=2):
     """Write out/{train,val,test}.jsonl and their clips; n_* count samples (a multi-future scene gives 2)."""
     import multiprocessing
     for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
@@ -624,11 +667,12 @@ if __name__ == "__main__":
     sub = parser.add_subparsers(dest="cmd", required=True)
     sh = sub.add_parser("shapes", help="generate the Shapes world")
     sh.add_argument("--out", default="data/shapes", help="output directory")
-    sh.add_argument("--n-train", type=int, default=20000, help="training samples")
-    sh.add_argument("--n-val", type=int, default=500, help="validation samples")
-    sh.add_argument("--n-test", type=int, default=500, help="test samples")
-    sh.add_argument("--height", type=int, default=352, help="frame height")
-    sh.add_argument("--width", type=int, default=640, help="frame width")
+    # the defaults are what config/shapes.py and the shipped Shapes models were made with
+    sh.add_argument("--n-train", type=int, default=4000, help="training samples")
+    sh.add_argument("--n-val", type=int, default=100, help="validation samples")
+    sh.add_argument("--n-test", type=int, default=200, help="test samples")
+    sh.add_argument("--height", type=int, default=64, help="frame height")
+    sh.add_argument("--width", type=int, default=112, help="frame width")
     sh.add_argument("--seed", type=int, default=0, help="the world's seed")
     sh.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes")
     args = parser.parse_args()

@@ -218,6 +218,8 @@ def fetch_i3d(out=I3D_PATH):
     model.load_state_dict(sd, strict=True)  # every weight lands, nothing is left over
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     save_file(sd, out + ".tmp")
+    import model
+    model.respect_umask(out + ".tmp")
     os.replace(out + ".tmp", out)
     print(f"wrote {out} ({sum(v.numel() for v in sd.values()):,} parameters)")
 
@@ -472,7 +474,8 @@ if __name__ == "__main__":
     split = parser.add_mutually_exclusive_group()
     split.add_argument("--procedural", action="store_true", help="only samples with kind == procedural")
     split.add_argument("--predictive", action="store_true", help="only samples with kind == predictive")
-    parser.add_argument("--clip", default="openai", help="CLIP weights: openai | a local ViT-B/32 file | a tiny-CLIP dir | random (smoke tests only)")
+    parser.add_argument("--clip", default=None, help="CLIP weights: openai | a local ViT-B/32 file | a tiny-CLIP dir | random "
+                                                "(smoke tests only); default: the model's own clip/ (the Shapes models'), else openai")
     parser.add_argument("--i3d", default=I3D_PATH, help="I3D weights (written by --fetch-i3d)")
     parser.add_argument("--gt-cache", default=None, help="keep the ground truth's I3D logits in this dir, for later runs on the same manifest")
     parser.add_argument("--fetch-i3d", action="store_true", help="download and convert the I3D weights, then exit")
@@ -506,24 +509,36 @@ if __name__ == "__main__":
     if len({smp["file"] for smp in samples}) < len(samples):
         infer.fail(f"{args.manifest}: sample ids are not unique")
     name = os.path.basename(os.path.normpath(args.predictions or args.model))
+    if name == "last":  # a run's checkpoint: out/grpo_stage2/last -> eval/grpo_stage2
+        name = os.path.basename(os.path.dirname(os.path.normpath(args.model)))
     out_dir = args.predictions or args.out or os.path.join("eval", name + (f"-{kind}" if kind else ""))
-    os.makedirs(out_dir, exist_ok=True)
-    done = lambda s: all(os.path.isfile(os.path.join(out_dir, f"{s['file']}.{e}")) for e in ("mp4", "json"))
-    if not args.predictions:  # made_by.json records what made the outputs: other flags are an error
+
+    # made_by.json records what made the outputs: other flags are an error, found before anything loads
+    record, made_by = os.path.join(out_dir, "made_by.json"), None
+    if not args.predictions:
         where = lambda x: os.path.abspath(x) if x and os.path.exists(x) else x
         made_by = {"model": where(args.model), "vdm": where(args.vdm), "batch_size": args.batch_size,
                    **{k: getattr(args, k) for k in ("seed", "decoding", "max_new_tokens", "steps", "cfg", "height", "width",
                                                      "frames", "ref_clip", "precision")}}
-        common.same_settings(os.path.join(out_dir, "made_by.json"), made_by)
+        common.same_settings(record, made_by, write=False)
 
-    # --- scorers first: a missing weight file fails before any generation
+    # --- scorers next: a missing weight file fails before any file is written
     try:
         i3d = load_i3d(args.i3d, args.device)
-        clip = rewards.CLIP(None if args.clip == "random" else args.clip, device=args.device)
-    except (FileNotFoundError, rewards.CLIPError) as e:
+    except FileNotFoundError as e:
         infer.fail(e)
+    clip = common.load_clip(args.clip, [args.vdm or args.model], args.device)
     if args.clip == "random":
         print("warning: CLIP has random weights (--clip random): CLIP-V / CLIP-T are not meaningful", file=sys.stderr)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        infer.fail(f"--out {out_dir}: cannot be made ({e.strerror})")
+    if not os.access(out_dir, os.W_OK):
+        infer.fail(f"--out {out_dir}: not writable")
+    if made_by:
+        common.same_settings(record, made_by)
+    done = lambda s: all(os.path.isfile(os.path.join(out_dir, f"{s['file']}.{e}")) for e in ("mp4", "json"))
 
     # --- generate what is not cached yet. rng.pt holds the random streams after each batch: a cut
     # run goes on exactly.

@@ -72,7 +72,8 @@ parser.add_argument("--vdm", default="out/sft_vdm/last", help="the frozen VDM: a
 parser.add_argument("--qwen", default=None, help="local copy of Qwen/Qwen2.5-VL-3B-Instruct")
 parser.add_argument("--wan", default=None, help="local copy of Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
 parser.add_argument("--vans", default=None, help="local copy of KlingTeam/VANS")
-parser.add_argument("--clip", default="openai", help="CLIP-V weights: openai | a local ViT-B/32 file | a tiny-CLIP dir | random (tests)")
+parser.add_argument("--clip", default=None, help="CLIP-V weights: openai | a local ViT-B/32 file | a tiny-CLIP dir | random (tests); "
+                                                "default: the --vdm checkpoint's own clip/ (the Shapes models'), else openai")
 # rollouts
 parser.add_argument("--prompts", type=int, default=1, help="prompts per rank per step (each gives a group of G)")
 parser.add_argument("--group-size", type=int, default=8, help="G: completions per prompt")
@@ -106,7 +107,6 @@ rank, world, device = common.compute_init(args.device)
 master = rank == 0
 amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-os.makedirs(args.out, exist_ok=True)
 last = os.path.join(args.out, "last")
 resume = args.resume and model.checkpoint_exists(last)
 G = args.group_size
@@ -133,9 +133,14 @@ weights = {k: w for k, (w, _) in reward_fns.items()}
 render = "clip_v" in reward_fns
 
 # -----------------------------------------------------------------------------
-# data: each prompt's VLM frames, and (for CLIP-V) its reference clip and ground-truth video
+# data: each prompt's VLM frames, and (for CLIP-V) its reference clip and ground-truth video. Every
+# input is checked, and CLIP loaded, before any heavy work.
 
+if not resume:
+    common.check_models(init=args.init, vdm=args.vdm)
 train, _ = common.read_manifests(args, min_frames=args.frames)
+clip = common.load_clip(args.clip, [args.vdm], device) if render else None
+os.makedirs(args.out, exist_ok=True)
 dataset = data.ClipDataset(train, ("vlm", "clip", "target") if render else ("vlm",), args.frames, args.height,
                            args.width, model.VLM_FRAMES, args.ref_clip)
 
@@ -165,7 +170,6 @@ _, (_, vdm) = common.load_model(last if resume else args.vdm, qwen=args.qwen, wa
                                 need=("vdm",))
 for m in (vdm.dit, vdm.vae, vdm.text_encoder):
     m.to(device).eval().requires_grad_(False)
-clip = rewards.CLIP(None if args.clip == "random" else args.clip, device=device) if render else None
 
 
 @torch.no_grad()
@@ -242,9 +246,9 @@ def save(step):
 
 end = min(args.steps, args.stop_at) if args.stop_at else args.steps
 sampler = data.StepSampler(len(dataset), args.prompts, rank, world, args.seed, start, end)
-loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
-                                     collate_fn=data.collate, generator=torch.Generator())  # leaves the global RNG alone
+loader = common.loader(dataset, sampler, args.workers, data.collate)
 t0 = time.time()
+stop = common.Stop()  # Ctrl-C / SIGTERM: finish the step, log, save, end
 progress = tqdm(total=args.steps, initial=start, disable=not master, desc="grpo_stage1")
 for step, batch in zip(range(start, end), loader):
     lr = common.lr_at(step, args.lr, args.warmup, args.steps)
@@ -290,6 +294,8 @@ for step, batch in zip(range(start, end), loader):
     progress.update(1)
 
     done = step + 1
+    if stop():
+        end = done
     if done % args.log_every == 0 or done == end:
         weighted = sum(weights[k] * v for k, v in raw.items()).view(-1, G)  # the un-normalised reward
         lengths = [int(n) for inp, _ in chunks for n in inp["completion_mask"].sum(1)]
@@ -314,6 +320,8 @@ for step, batch in zip(range(start, end), loader):
         progress.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.4f}")
     if done % args.save_every == 0 or done == end:
         save(done)
+    if done == end:
+        break
 progress.close()
 
 # -----------------------------------------------------------------------------

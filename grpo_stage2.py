@@ -69,7 +69,8 @@ parser.add_argument("--vdm", default="out/grpo_stage1/last", help="the VDM to tu
 parser.add_argument("--qwen", default=None, help="local copy of Qwen/Qwen2.5-VL-3B-Instruct")
 parser.add_argument("--wan", default=None, help="local copy of Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
 parser.add_argument("--vans", default=None, help="local copy of KlingTeam/VANS")
-parser.add_argument("--clip", default="openai", help="CLIP weights: openai | a local ViT-B/32 file | a tiny-CLIP dir | random (tests)")
+parser.add_argument("--clip", default=None, help="CLIP weights: openai | a local ViT-B/32 file | a tiny-CLIP dir | random (tests); "
+                                                "default: the --vdm checkpoint's own clip/ (the Shapes models'), else openai")
 parser.add_argument("--lora", type=int, default=0, help="train a LoRA of this rank on the DiT (alpha = 2 rank) instead of every weight")
 # anchors
 parser.add_argument("--anchor-min-rouge", type=float, default=0.6, help="keep an anchor caption with at least this ROUGE-L")
@@ -106,7 +107,6 @@ rank, world, device = common.compute_init(args.device)
 master = rank == 0
 amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 frozen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-os.makedirs(args.out, exist_ok=True)
 last = os.path.join(args.out, "last")
 resume = args.resume and model.checkpoint_exists(last)
 G = args.group_size
@@ -132,9 +132,12 @@ reward_fns = parse_rewards(args.rewards)
 weights = {k: w for k, (w, _) in reward_fns.items()}
 
 # -----------------------------------------------------------------------------
-# data
+# data; every input is checked, and CLIP loaded, before any heavy work (the anchors)
 
+common.check_models(vlm=args.vlm, vdm=args.vdm)
 train, _ = common.read_manifests(args, min_frames=args.frames)
+clip = common.load_clip(args.clip, [args.vdm], device) if {"clip_v", "clip_t"} & set(reward_fns) else None
+os.makedirs(args.out, exist_ok=True)
 
 # -----------------------------------------------------------------------------
 # anchors: the stage-1 VLM's captions, kept when ROUGE-L >= --anchor-min-rouge
@@ -226,8 +229,6 @@ dit.train()
 params = [p for p in dit.parameters() if p.requires_grad]
 ddp_dit = DDP(dit, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else dit
 common.print0(f"{preset} DiT: {sum(p.numel() for p in params):,} parameters trained" + (f" (LoRA r{args.lora})" if args.lora else ""))
-clip = rewards.CLIP(None if args.clip == "random" else args.clip, device=device) \
-    if {"clip_v", "clip_t"} & set(reward_fns) else None
 
 
 def ref_velocity(x, sigma, text, neg, refs):
@@ -306,12 +307,12 @@ def save(step):
 
 end = min(args.steps, args.stop_at) if args.stop_at else args.steps
 sampler = data.StepSampler(len(usable), args.prompts, rank, world, args.seed, start, end)
-loader = torch.utils.data.DataLoader(clips, batch_sampler=sampler,
-                                     num_workers=args.workers, collate_fn=data.collate, generator=torch.Generator())
+loader = common.loader(clips, sampler, args.workers, data.collate)
 sigmas = model.flow_sigmas(args.sample_steps).to(device)
 trained_steps = range(int(args.sample_steps * args.train_fraction))
 neg = vdm.encode_text([vdm.negative_prompt]) if args.cfg != 1.0 else None  # (1, 512, D)
 t0 = time.time()
+stop = common.Stop()  # Ctrl-C / SIGTERM: finish the step, log, save, end
 progress = tqdm(total=args.steps, initial=start, disable=not master, desc="grpo_stage2")
 for step, batch in zip(range(start, end), loader):
     lr = common.lr_at(step, args.lr, args.warmup, args.steps)
@@ -376,6 +377,8 @@ for step, batch in zip(range(start, end), loader):
     progress.update(1)
 
     done = step + 1
+    if stop():
+        end = done
     if done % args.log_every == 0 or done == end:
         weighted = sum(weights[k] * v for k, v in raw.items()).view(-1, G)  # the un-normalised reward
         metrics = {"reward": common.all_mean(weighted.flatten().tolist()),
@@ -394,6 +397,8 @@ for step, batch in zip(range(start, end), loader):
         data.write_video(os.path.join(args.out, "samples", f"step{done:06d}_{batch['id'][0]}.mp4"), side_by_side)
     if done % args.save_every == 0 or done == end:
         save(done)
+    if done == end:
+        break
 progress.close()
 
 # -----------------------------------------------------------------------------

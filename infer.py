@@ -10,7 +10,8 @@ what happens next and writes a caption, the VDM renders it as the answer video.
     python infer.py in.mp4 "..." --model out/grpo_stage2/last       # a checkpoint of our training scripts
 
 Weights come from the Hugging Face cache (downloaded on first use); --qwen, --wan
-and --vans point at local copies instead.
+and --vans point at local copies instead. The command line, the input and --out are
+checked before torch is imported, so a mistake is one error line within a second.
 """
 
 import argparse
@@ -19,14 +20,14 @@ import os
 import sys
 import time
 
-import numpy as np
-import torch
-
 import data
-import model
 
 # -----------------------------------------------------------------------------
 # flags
+
+DECODINGS = ("release", "sample", "greedy")  # model.DECODING's names
+VIDEO_EXTS = (".mp4", ".mkv", ".mov")  # what --out may be
+
 
 def add_flags(parser):
     """The model and generation flags, shared with eval.py."""
@@ -34,7 +35,7 @@ def add_flags(parser):
     parser.add_argument("--vdm", default=None, help="take the VDM from this --model instead (e.g. an SFT VLM with an SFT VDM)")
     parser.add_argument("--seed", type=int, default=0, help="seed for caption sampling and video noise")
     # VLM; defaults of None come from the model's preset (model.CONFIGS[...]["infer"])
-    parser.add_argument("--decoding", default=None, choices=model.DECODING,
+    parser.add_argument("--decoding", default=None, choices=DECODINGS,
                         help="release: greedy with repetition penalty 1.05, what the release computes; sample: the "
                              "paper's temperature 0.7 / top_p 0.9; greedy (default: release; shapes: sample)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="VLM generation budget (1024; shapes 160)")
@@ -55,21 +56,43 @@ def add_flags(parser):
     parser.add_argument("--qwen", default=None, help="local copy of Qwen/Qwen2.5-VL-3B-Instruct")
     parser.add_argument("--wan", default=None, help="local copy of Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
     parser.add_argument("--vans", default=None, help="local copy of KlingTeam/VANS (vdm.safetensors, vlm.safetensors)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda | cpu")
+    parser.add_argument("--device", default=None, help="cuda | cpu (default: cuda if there is a GPU)")
 
 
 parser = argparse.ArgumentParser(description="VANS: answer a question about a video with a video.")
 parser.add_argument("video", help="input video (.mp4, ...) or image (.png/.jpg)")
 parser.add_argument("question", help="the question, e.g. 'What should I do next?'")
-parser.add_argument("--out", default="answer.mp4", help="where to write the answer video")
+parser.add_argument("--out", default="answer.mp4", help="where to write the answer video (.mp4)")
 parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 add_flags(parser)
 
 
+def check_out(path):
+    """--out: a video file name in an existing, writable directory; not a directory."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        fail(f"--out {path}: is a directory; give a file name ending in {' or '.join(VIDEO_EXTS)}")
+    if not path.lower().endswith(VIDEO_EXTS):
+        fail(f"--out {path}: the answer is a video; give a file name ending in {' or '.join(VIDEO_EXTS)}")
+    if not os.path.isdir(parent):
+        fail(f"--out {path}: no such directory {parent}")
+    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        fail(f"--out {path}: not writable")
+
+
 def settle_flags(args):
     """Fill the generation flags left unset with the model's preset defaults (the reference clip: the
-    one the VDM's training run used, where its checkpoint records it), then check the size."""
+    one the VDM's training run used, where its checkpoint records it), check the model names, the
+    size and the device. Imports torch."""
+    import torch
+    import model
     try:
+        for flag in ("model", "vdm"):
+            if getattr(args, flag):
+                try:
+                    model.check_name(getattr(args, flag))
+                except model.CheckpointError as e:
+                    raise model.CheckpointError(f"--{flag} {e}") from None
         preset = model.preset_of(args.model)
         trained = model.meta_of(args.vdm or args.model).get("flags", {})
     except model.CheckpointError as e:
@@ -79,15 +102,35 @@ def settle_flags(args):
     for k, v in model.CONFIGS[preset]["infer"].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    if args.precision is None:
-        args.precision = "release" if torch.device(args.device).type == "cuda" else "fp32"
     if args.height % 16 or args.width % 16 or (args.frames - 1) % 4:
         fail(f"--height/--width must be multiples of 16 and --frames of the form 4k + 1, "
              f"got {args.height}x{args.width}x{args.frames}")
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        fail(f"--device {args.device}: expected cuda, cuda:N or cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {args.device}: no CUDA GPU is available here (use --device cpu)")
+    if args.precision is None:
+        args.precision = "release" if device.type == "cuda" else "fp32"
+    args.preset = preset
+
+
+def size_warning(path, size, args):
+    """The Shapes VLM reads the pixels of clips of its data's size: another size is worth a warning
+    (the full-size VLM and VDM take any size)."""
+    import model
+    trained = tuple(model.CONFIGS["shapes"]["infer"][k] for k in ("height", "width"))
+    if args.preset == "shapes" and tuple(size) != trained:
+        print(f"warning: {path} is {size[1]}x{size[0]}; the Shapes models were trained on {trained[1]}x{trained[0]} "
+              "clips (python data.py shapes --height 64 --width 112), and answer others less well", file=sys.stderr)
 
 
 def load_models(args):
     """-> (vlm, vdm) on args.device (bf16 on GPU or with --precision release); a loading problem is one error line."""
+    import torch
+    import model
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" or args.precision == "release" else torch.float32
     try:
@@ -110,6 +153,9 @@ def load_models(args):
 def answer(vlm, vdm, video_paths, questions, args, generator, progress=False):
     """The whole VANS path for a batch of inputs -> (list of dicts with think, caption, completion
     and video uint8 (T, H, W, 3), timings in seconds for the batch)."""
+    import numpy as np
+    import torch
+    import model
     timings, t0 = {}, time.perf_counter()
 
     def tick(name):
@@ -147,13 +193,18 @@ def fail(msg):
 
 if __name__ == "__main__":
     args = parser.parse_args()
-    settle_flags(args)
-    # check the input before loading any model, so bad input fails in seconds
+    # the input, the question and --out first: a mistake fails in a fraction of a second
     try:
-        data.read_frames(args.video, 1)
+        _, size = data.probe(args.video)
     except data.VideoError as e:
         fail(e)
+    if not args.question.strip():
+        fail("the question is empty")
+    check_out(args.out)
+    settle_flags(args)
+    size_warning(args.video, size, args)
 
+    import torch
     vlm, vdm = load_models(args)
     torch.manual_seed(args.seed)  # the VLM's sampling
     generator = torch.Generator("cpu").manual_seed(args.seed)  # the video noise

@@ -22,12 +22,14 @@ Shapes background and a one-line system prompt: what it takes for a VLM trained
 from scratch to read the Shapes clips).
 """
 
+import contextlib
 import json
 import math
 import os
 import re
 import shutil
 import tempfile
+import warnings
 
 import numpy as np
 import torch
@@ -134,6 +136,15 @@ CONFIGS["shapes"] = dict(
 
 class CheckpointError(ValueError):
     pass
+
+
+@contextlib.contextmanager
+def _quiet_peft():
+    """peft reads transformers' deprecated is_gradient_checkpointing alias whenever it wraps a model:
+    a FutureWarning on every start that says nothing about this code."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+        yield
 
 
 # -----------------------------------------------------------------------------
@@ -645,7 +656,8 @@ def lora_to_peft(sd):
 
 def add_lora(model):
     from peft import LoraConfig, get_peft_model
-    return get_peft_model(model, LoraConfig(**LORA))
+    with _quiet_peft():
+        return get_peft_model(model, LoraConfig(**LORA))
 
 
 def load_vans_lora(peft_model, sd, what="vlm.safetensors"):
@@ -761,6 +773,19 @@ def load_official(vlm, vdm, vans_dir):
 #   vae.safetensors, text_encoder.safetensors   (tiny preset, when trained)
 # Every file is optional; whatever is present must match its model exactly.
 
+def respect_umask(path):
+    """Give a file, or a directory and all in it, the permissions the umask gives new files:
+    safetensors writes owner-only files (0600) and mkdtemp an owner-only directory (0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
+    for root, dirs, files in os.walk(path):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~umask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~umask)
+
+
 def _save(sd, path):
     """safetensors save that keeps every key: tied weights (embeddings / lm_head) share
     storage, which safetensors refuses, so repeats are saved as copies."""
@@ -808,6 +833,7 @@ def save_checkpoint(path, vlm, vdm, meta, parts=("vlm", "vlm_lora", "dit", "vae"
         torch.save(obj, os.path.join(tmp, name))
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump({**meta, "parts": sorted(written)}, f, indent=2)
+    respect_umask(tmp)
     if os.path.exists(path):
         old = path + ".old"
         shutil.rmtree(old, ignore_errors=True)
@@ -872,7 +898,8 @@ def load_checkpoint(path, qwen=None, wan=None, dtype=torch.bfloat16, need=("vlm"
             _load_strict(vlm.model, _read(f("vlm.safetensors")), f("vlm.safetensors"))
         if "vlm_lora" in have:
             from peft import PeftModel
-            vlm.model = PeftModel.from_pretrained(vlm.model, f("vlm_lora")).eval()
+            with _quiet_peft():
+                vlm.model = PeftModel.from_pretrained(vlm.model, f("vlm_lora")).eval()
             # peft only warns about adapter keys that do not match: check them ourselves
             saved = lora_to_peft(_read(f("vlm_lora/adapter_model.safetensors")))
             _check_keys({k: v for k, v in vlm.model.state_dict().items() if ".lora_" in k}, saved, f("vlm_lora"))
@@ -904,6 +931,16 @@ def preset_of(name):
     return meta_of(name).get("preset") or RANDOM.get(name, "full")
 
 
+def check_name(name):
+    """A --model value must be a name load() knows or a checkpoint directory (whose meta.json is
+    read); CheckpointError otherwise. Cheap: nothing is loaded."""
+    if name in RANDOM or name in SHIPPED or name in ("base", "vans"):
+        return
+    if not checkpoint_exists(name):
+        raise CheckpointError(f"{name}: no such checkpoint directory (nor one of vans, base, shapes, tiny, random:shapes)")
+    read_meta(name)
+
+
 def load(name, qwen=None, wan=None, vans=None, dtype=torch.bfloat16, need=("vlm", "vdm")):
     """-> (VLM, VDM) for "vans" (official release), "base" (Qwen-Wan baseline, no refs),
     "shapes" (the Shapes models shipped in weights/shapes), "tiny" / "random:shapes"
@@ -918,9 +955,8 @@ def load(name, qwen=None, wan=None, vans=None, dtype=torch.bfloat16, need=("vlm"
         p = hub_paths(**given, **({"vans": vans} if name == "vans" else {}))
         vlm, vdm = load_base(p.get("qwen"), p.get("wan"), dtype, need)
         return load_official(vlm, vdm, p["vans"]) if name == "vans" else (vlm, vdm)
-    if os.path.isdir(name):
-        return load_checkpoint(name, qwen, wan, dtype, need)
-    raise CheckpointError(f"--model {name!r}: expected vans, base, shapes, tiny, random:shapes, or a checkpoint directory")
+    check_name(name)
+    return load_checkpoint(name, qwen, wan, dtype, need)
 
 
 def pack(out, vlm_path, vdm_path, clip=None):

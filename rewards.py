@@ -123,12 +123,18 @@ class CLIP:
     def __init__(self, weights="openai", device="cpu", batch_size=256):
         import logging
         import open_clip
+        if weights not in (None, "openai") and not os.path.exists(weights):
+            raise CLIPError(f"{weights}: no such file or directory (expected openai, a local open_clip ViT-B/32 "
+                            f"weights file, or a tiny-CLIP directory: `python rewards.py train-clip --out {weights}` "
+                            "trains one, and the Shapes models ship theirs in weights/shapes/clip)")
         if isinstance(weights, str) and os.path.isdir(weights):
             self.model, self.tokenizer, self.crop = load_tiny_clip(weights), byte_tokens, False
         else:
             logging.disable(logging.ERROR)  # open_clip logs its own download failure; ours is the one-line error
             try:
-                self.model = open_clip.create_model("ViT-B-32-quickgelu", pretrained=weights, device=device)
+                with torch.random.fork_rng(devices=[]):  # random weights (None) are the same in every process
+                    torch.manual_seed(0)
+                    self.model = open_clip.create_model("ViT-B-32-quickgelu", pretrained=weights, device=device)
             except Exception as e:
                 raise CLIPError(f"CLIP ViT-B/32 weights {weights!r} could not be loaded ({type(e).__name__}): "
                                 f"with no network, pass a local open_clip weights file (e.g. open_clip_model.safetensors "
@@ -224,45 +230,76 @@ def load_tiny_clip(path):
     return model
 
 
-def train_clip(manifest, out, steps=1000, batch_size=64, lr=1e-3, frames_per_clip=5, seed=0, height=64, width=112):
+def train_clip(manifest, out, steps=1000, batch_size=64, lr=1e-3, frames_per_clip=5, seed=0, height=64, width=112,
+               save_every=100):
     """Contrastive training of a tiny CLIP on (target frame, caption) pairs of a manifest: CLIP-V
     then compares what this world's frames show, CLIP-T whether a frame fits a caption. Writes
-    out/clip.json + out/clip.safetensors. -> the list of losses."""
+    out/clip.json + out/clip.safetensors at the end (clip.safetensors, written last, means done),
+    and out/train_state.pt every save_every steps and when Ctrl-C or SIGTERM stops it: a rerun
+    resumes from there exactly. -> the losses of this call's steps."""
+    import common
     import data
+    import model
     from safetensors.torch import save_file
-    torch.manual_seed(seed)
+    from tqdm import tqdm
     samples, _ = data.read_manifest(manifest)
     frames = torch.stack([torch.from_numpy(data.load_clip(s["target_video"], frames_per_clip, height, width))
                           for s in samples])  # (N, K, H, W, 3) uint8, K frames spread over each target
     cfg = {**TINY_CLIP, "vision_cfg": {**TINY_CLIP["vision_cfg"], "image_size": [height, width]}}
-    model = build_tiny_clip(cfg)
+    torch.manual_seed(seed)
+    net = build_tiny_clip(cfg)
     clip = CLIP.__new__(CLIP)  # only its preprocessing, on this model
-    clip.model, clip.crop, clip.size, clip.device, clip.dtype = model, False, (height, width), torch.device("cpu"), torch.float32
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
-    losses = []
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        i = torch.randint(len(samples), (batch_size,))
-        img = clip.preprocess(frames[i, torch.randint(frames_per_clip, (batch_size,))])
-        a = F.normalize(model.encode_image(img), dim=-1)
-        b = F.normalize(model.encode_text(byte_tokens([samples[j]["caption"] for j in i.tolist()])), dim=-1)
-        same = torch.tensor([[samples[j]["caption"] == samples[k]["caption"] for k in i.tolist()] for j in i.tolist()])
-        logits = model.logit_scale.exp() * a @ b.T
-        target = same.float() / same.sum(1, keepdim=True)  # identical captions are all positives
-        loss = (-(target * logits.log_softmax(1)).sum(1).mean() - (target.T * logits.log_softmax(0)).sum(0).mean()) / 2
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if step % 100 == 0 or step == steps - 1:
-            print(f"clip step {step}: loss {loss.item():.4f}", flush=True)
+    clip.model, clip.crop, clip.size, clip.device, clip.dtype = net, False, (height, width), torch.device("cpu"), torch.float32
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.1)
     os.makedirs(out, exist_ok=True)
+    state_path, start = os.path.join(out, "train_state.pt"), 0
+    if os.path.isfile(state_path):
+        state = torch.load(state_path, weights_only=True)
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        start = state["step"]
+        print(f"resumed from {state_path} at step {start}", flush=True)
+
+    def save_state(step):
+        torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
+                    "step": step}, state_path + ".tmp")
+        os.replace(state_path + ".tmp", state_path)
+
+    stop, losses = common.Stop(), []
+    try:
+        progress = tqdm(range(start, steps), initial=start, total=steps, desc="train-clip")
+        for step in progress:
+            for g in opt.param_groups:
+                g["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
+            i = torch.randint(len(samples), (batch_size,))
+            img = clip.preprocess(frames[i, torch.randint(frames_per_clip, (batch_size,))])
+            a = F.normalize(net.encode_image(img), dim=-1)
+            b = F.normalize(net.encode_text(byte_tokens([samples[j]["caption"] for j in i.tolist()])), dim=-1)
+            same = torch.tensor([[samples[j]["caption"] == samples[k]["caption"] for k in i.tolist()] for j in i.tolist()])
+            logits = net.logit_scale.exp() * a @ b.T
+            target = same.float() / same.sum(1, keepdim=True)  # identical captions are all positives
+            loss = (-(target * logits.log_softmax(1)).sum(1).mean() - (target.T * logits.log_softmax(0)).sum(0).mean()) / 2
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            progress.set_postfix(loss=f"{loss.item():.4f}")
+            if (step + 1) % save_every == 0 or stop.asked:
+                save_state(step + 1)
+            if stop.asked:
+                print(f"stopped at step {step + 1} of {steps}; rerun the command to resume", flush=True)
+                return losses
+    finally:
+        stop.close()
     with open(os.path.join(out, "clip.json"), "w") as f:
         json.dump(cfg, f)
     path = os.path.join(out, "clip.safetensors")  # written last and atomically: its presence means done
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path + ".tmp")
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path + ".tmp")
+    model.respect_umask(path + ".tmp")
     os.replace(path + ".tmp", path)
+    if os.path.isfile(state_path):
+        os.remove(state_path)
     return losses
 
 
@@ -373,5 +410,11 @@ if __name__ == "__main__":
     tc.add_argument("--height", type=int, default=64, help="frame height the CLIP sees")
     tc.add_argument("--width", type=int, default=112, help="frame width the CLIP sees")
     tc.add_argument("--seed", type=int, default=0, help="seed")
+    tc.add_argument("--save-every", type=int, default=100, help="write <out>/train_state.pt every N steps (a rerun resumes)")
     a = parser.parse_args()
-    train_clip(a.train, a.out, a.steps, a.batch_size, a.lr, seed=a.seed, height=a.height, width=a.width)
+    import data
+    try:
+        train_clip(a.train, a.out, a.steps, a.batch_size, a.lr, seed=a.seed, height=a.height, width=a.width,
+                   save_every=a.save_every)
+    except (data.ManifestError, data.VideoError) as e:
+        raise SystemExit(f"error: --train {e}")

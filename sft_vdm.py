@@ -100,16 +100,18 @@ args = common.parse_flags(parser, "sft_vdm")
 rank, world, device = common.compute_init(args.device)
 master = rank == 0
 amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-os.makedirs(args.out, exist_ok=True)
 last = os.path.join(args.out, "last")
 resume = args.resume and model.checkpoint_exists(last)
 if args.train_vae and (args.train_text_encoder or args.cache_latents or args.ema):
     parser.error("--train-vae trains the VAE alone, from clips: no --train-text-encoder, --cache-latents or --ema")
 
 # -----------------------------------------------------------------------------
-# data
+# data, and every input checked before any heavy work
 
+if not resume:
+    common.check_models(model=args.model)
 train, val = common.read_manifests(args, min_frames=args.frames)
+os.makedirs(args.out, exist_ok=True)
 clips = data.ClipDataset(train, ("clip", "target"), args.frames, args.height, args.width, ref_clip=args.ref_clip)
 
 # -----------------------------------------------------------------------------
@@ -380,10 +382,10 @@ def validate(step):
 
 end = min(args.steps, args.stop_at) if args.stop_at else args.steps
 sampler = data.StepSampler(len(dataset), args.batch_size, rank, world, args.seed, start, end)
-loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers, collate_fn=collate,
-                                     generator=torch.Generator())  # leaves the global RNG alone
+loader = common.loader(dataset, sampler, args.workers, collate)
 params = list(trained.parameters())
 t0 = time.time()
+stop = common.Stop()  # Ctrl-C / SIGTERM: finish the step, log, save, end
 progress = tqdm(total=args.steps, initial=start, disable=not master, desc="sft_vdm")
 for step, batch in zip(range(start, end), loader):
     lr = common.lr_at(step, args.lr, args.warmup, args.steps)
@@ -406,17 +408,22 @@ for step, batch in zip(range(start, end), loader):
     progress.update(1)
 
     done = step + 1
+    stopped = stop()
+    if stopped:
+        end = done
     if done % args.log_every == 0 or done == end:
         metrics = {"loss": common.all_mean([loss.item()]), "grad_norm": float(grad_norm), "lr": lr,
                    "skipped": int(common.all_sum(skipped)), "sec_per_step": (time.time() - t0) / (done - start)}
         logger.log(metrics, done)
         progress.set_postfix(loss=f"{metrics['loss']:.4f}")
-    if val and ((args.val_every and done % args.val_every == 0) or done == args.steps):
+    if val and ((args.val_every and done % args.val_every == 0) or done == end) and not stopped:
         metrics = validate(done)
         logger.log(metrics, done)
         common.print0(f"step {done}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     if done % args.save_every == 0 or done == end:
         save(done)
+    if done == end:
+        break
 progress.close()
 
 # -----------------------------------------------------------------------------

@@ -75,16 +75,18 @@ args = common.parse_flags(parser, "sft_vlm")
 rank, world, device = common.compute_init(args.device)
 master = rank == 0
 amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-os.makedirs(args.out, exist_ok=True)
 last = os.path.join(args.out, "last")
 resume = args.resume and model.checkpoint_exists(last)
 
 # -----------------------------------------------------------------------------
-# data
+# data, and every input checked before any heavy work
 
+if not resume:
+    common.check_models(model=args.model)
 train, val = common.read_manifests(args, min_frames=args.frames)
 if args.stop_at_accuracy and not (val and args.val_generate):
     raise SystemExit("error: --stop-at-accuracy needs --val and --val-generate > 0: it reads the validation's event accuracy")
+os.makedirs(args.out, exist_ok=True)
 dataset = data.ClipDataset(train, parts=("vlm",), frames=args.frames, vlm_frames=model.VLM_FRAMES)
 
 # -----------------------------------------------------------------------------
@@ -184,9 +186,9 @@ if reached():
     end = start
     common.print0(f"{last}: its last val event accuracy, {accuracy:.4f}, reaches --stop-at-accuracy: nothing to do")
 sampler = data.StepSampler(len(dataset), args.batch_size, rank, world, args.seed, start, end)
-loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
-                                     collate_fn=data.collate, generator=torch.Generator())  # leaves the global RNG alone
+loader = common.loader(dataset, sampler, args.workers, data.collate)
 t0 = time.time()
+stop = common.Stop()  # Ctrl-C / SIGTERM: finish the step, log, save, end
 progress = tqdm(total=args.steps, initial=start, disable=not master, desc="sft_vlm")
 for step, batch in zip(range(start, end), loader):
     lr = common.lr_at(step, args.lr, args.warmup, args.steps)
@@ -201,12 +203,15 @@ for step, batch in zip(range(start, end), loader):
     progress.update(1)
 
     done = step + 1
-    if done % args.log_every == 0 or done == args.steps:
+    stopped = stop()
+    if stopped:
+        end = done
+    if done % args.log_every == 0 or done == end:
         metrics = {"loss": common.all_mean([loss.item()]), "grad_norm": grad_norm.item(), "lr": lr,
                    "skipped": int(common.all_sum(skipped)), "sec_per_step": (time.time() - t0) / (done - start)}
         logger.log(metrics, done)
         progress.set_postfix(loss=f"{metrics['loss']:.4f}")
-    if val and ((args.val_every and done % args.val_every == 0) or done == args.steps):
+    if val and ((args.val_every and done % args.val_every == 0) or done == end) and not stopped:
         metrics = validate()
         logger.log(metrics, done)
         common.print0(f"step {done}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
