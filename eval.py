@@ -34,6 +34,7 @@ import torch.nn.functional as F
 import common
 import data
 import rewards
+import shapes
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 I3D_PATH = os.environ.get("VANS_I3D", os.path.join(ROOT, "weights", "i3d_kinetics400.safetensors"))
@@ -334,12 +335,12 @@ def score(samples, preds, clip, i3d, gt_cache=None):
     per = [{"id": s["id"], "kind": s["kind"], "question": s["question"], "caption": p["caption"],
             "think": p.get("think"), "gt_caption": s["caption"], "rouge_l": r, "clip_v": v, "clip_t": t}
            for s, p, r, v, t in zip(samples, preds, rl, cv, ct)]
-    # Shapes: event accuracy against the generator's own record of the event (data.caption_correct, data.video_shows)
+    # Shapes: event accuracy against the generator's own record of the event (shapes.caption_correct, shapes.video_shows)
     row["event_caption"] = row["event_video"] = None
     if all(s.get("event") for s in samples):
         for s, p, q in zip(samples, preds, per):
-            q["event_caption"] = bool(data.caption_correct(p["caption"], s["event"]))
-            q["event_video"] = bool(data.video_shows(p["video"], s["event"]))
+            q["event_caption"] = bool(shapes.caption_correct(p["caption"], s["event"]))
+            q["event_video"] = bool(shapes.video_shows(p["video"], s["event"]))
         row["event_caption"] = float(np.mean([q["event_caption"] for q in per]))
         row["event_video"] = float(np.mean([q["event_video"] for q in per]))
     return row, per

@@ -46,7 +46,6 @@ Choices the paper leaves open, made here:
 
 import argparse
 import contextlib
-import importlib
 import os
 import time
 
@@ -58,6 +57,7 @@ import common
 import data
 import model
 import rewards
+import shapes
 
 # -----------------------------------------------------------------------------
 # flags
@@ -112,23 +112,10 @@ resume = args.resume and model.checkpoint_exists(last)
 G = args.group_size
 
 
-def parse_rewards(spec):
-    """'format=1,rouge_l=1,clip_v=1' -> {name: (lambda, fn or None)}; a lambda of 0 drops the reward."""
-    out = {}
-    for item in filter(None, spec.split(",")):
-        name, _, w = item.partition("=")
-        fn = None
-        if ":" in name:
-            mod, _, fname = name.partition(":")
-            fn = getattr(importlib.import_module(mod), fname)
-        elif name not in ("format", "rouge_l", "clip_v"):
-            parser.error(f"--rewards: unknown reward {name!r} (format, rouge_l, clip_v or module:function)")
-        if float(w or 1) != 0:
-            out[name.rpartition(":")[2]] = (float(w or 1), fn)  # logged as rewards/<function name>/mean
-    return out
-
-
-reward_fns = parse_rewards(args.rewards)
+try:
+    reward_fns = rewards.parse(args.rewards, ("format", "rouge_l", "clip_v"))
+except (ValueError, ImportError, AttributeError) as e:
+    parser.error(f"--rewards: {e}")
 weights = {k: w for k, (w, _) in reward_fns.items()}
 render = "clip_v" in reward_fns
 
@@ -173,7 +160,7 @@ for m in (vdm.dit, vdm.vae, vdm.text_encoder):
 
 
 @torch.no_grad()
-def render_videos(captions, clips):
+def render_videos(captions, clips, step):
     """Captions (P * G, group after group) -> uint8 videos (T, H, W, 3), in batches of
     --render-batch. A group's renders share its prompt's reference latents and one noise
     (from seed, step, rank and group), so r_v1 differs within a group only as the captions
@@ -195,7 +182,7 @@ def render_videos(captions, clips):
     return [videos[(k // G, c)] for k, c in enumerate(captions)], len(jobs)
 
 
-def score(completions, batch):
+def score(completions, batch, step):
     """-> ({reward name: raw values (P * G,)}, group after group; the number of renders made)."""
     rep = lambda xs: [x for x in xs for _ in range(G)]
     captions = [model.caption_of(c) for c in completions]
@@ -206,7 +193,7 @@ def score(completions, batch):
         elif name == "rouge_l":
             raw[name] = [rewards.rouge_l(c, gt) for c, gt in zip(captions, rep(batch["caption"]))]
         elif name == "clip_v":
-            videos, renders = render_videos(captions, batch["clip"])
+            videos, renders = render_videos(captions, batch["clip"], step)
             raw[name] = clip.clip_v(videos, rep(list(batch["target"].numpy())))
         else:
             samples = [{k: batch[k][i] for k in ("id", "question", "think", "caption", "event")} for i in range(len(batch["id"]))]
@@ -266,7 +253,7 @@ for step, batch in zip(range(start, end), loader):
     completions = [c for _, cs in chunks for c in cs]
 
     # 2-4. rewards, their normalised lambda-weighted sum, and the group advantage
-    raw, renders = score(completions, batch)
+    raw, renders = score(completions, batch, step)
     total = rewards.combine(raw, weights, G, args.norm)
     advantages = rewards.group_advantages(total, G).to(device)
 
@@ -310,7 +297,8 @@ for step, batch in zip(range(start, end), loader):
                                                                 for c in completions]),  # tokens inside [Think]
                    "completions/clipped_ratio": common.all_mean([float(n >= args.max_new_tokens) for n in lengths]),
                    **({"renders": common.all_mean([renders])} if render else {}),
-                   **({"event_accuracy": common.all_mean(rewards.caption_event(completions, rep([{"event": e} for e in batch["event"]])))}
+                   # the Shapes world: the share of completions that state the generator's event
+                   **({"event_accuracy": common.all_mean(shapes.caption_reward(completions, rep([{"event": e} for e in batch["event"]])))}
                       if all(batch["event"]) else {}),
                    "grad_norm": float(grad_norm), "lr": lr, "skipped": int(common.all_sum(skipped)),
                    "sec_per_step": (time.time() - t0) / (done - start)}

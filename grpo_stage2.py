@@ -41,7 +41,6 @@ Every --sample-every steps rank 0 writes a generated video beside its ground tru
 import argparse
 import contextlib
 import copy
-import importlib
 import json
 import os
 import time
@@ -112,23 +111,10 @@ resume = args.resume and model.checkpoint_exists(last)
 G = args.group_size
 
 
-def parse_rewards(spec):
-    """'clip_v=1,clip_t=1' -> {name: (lambda, fn or None)}; a lambda of 0 drops the reward."""
-    out = {}
-    for item in filter(None, spec.split(",")):
-        name, _, w = item.partition("=")
-        fn = None
-        if ":" in name:
-            mod, _, fname = name.partition(":")
-            fn = getattr(importlib.import_module(mod), fname)
-        elif name not in ("clip_v", "clip_t"):
-            parser.error(f"--rewards: unknown reward {name!r} (clip_v, clip_t or module:function)")
-        if float(w or 1) != 0:
-            out[name.rpartition(":")[2]] = (float(w or 1), fn)
-    return out
-
-
-reward_fns = parse_rewards(args.rewards)
+try:
+    reward_fns = rewards.parse(args.rewards, ("clip_v", "clip_t"))
+except (ValueError, ImportError, AttributeError) as e:
+    parser.error(f"--rewards: {e}")
 weights = {k: w for k, (w, _) in reward_fns.items()}
 
 # -----------------------------------------------------------------------------

@@ -160,30 +160,6 @@ def byte_tokenizer():
     return Qwen2Tokenizer(vocab=vocab, merges=[], additional_special_tokens=QWEN_SPECIAL[1:])
 
 
-def bpe_tokenizer(texts, vocab_size):
-    """Qwen2's byte-level BPE fitted to `texts` (merges up to vocab_size, every byte kept, so any
-    text encodes) plus Qwen's special tokens. Deterministic for the same texts."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import Qwen2Tokenizer
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fitted = json.loads(bpe.to_str())["model"]
-    vocab = {**fitted["vocab"], **{s: len(fitted["vocab"]) + i for i, s in enumerate(QWEN_SPECIAL)}}
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in fitted["merges"]]
-    return Qwen2Tokenizer(vocab=vocab, merges=merges, additional_special_tokens=QWEN_SPECIAL[1:])
-
-
-def shapes_tokenizer():
-    """The "shapes" preset's tokenizer: BPE fitted to the system prompt and the questions and
-    answers of 1000 Shapes scenes (the generator's own text, no files)."""
-    import data
-    c = CONFIGS["shapes"]
-    texts = [c["system_prompt"]] + [q + answer_text(t, a) for q, t, a in data.shapes_texts(1000)]
-    return bpe_tokenizer(texts, c["bpe_vocab"])
-
-
 def vlm_processor(tokenizer, preset):
     from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
     c = CONFIGS[preset]
@@ -213,27 +189,6 @@ def build_vdm_nets(preset):
     from transformers import UMT5Config, UMT5EncoderModel
     c = CONFIGS[preset]
     return WanTransformer3DModel(**c["dit"]), AutoencoderKLWan(**c["vae"]), UMT5EncoderModel(UMT5Config(**c["text"]))
-
-
-def keyframe_init(vae):
-    """Start a random AutoencoderKLWan as a per-frame autoencoder: each causal 3x3x3 kernel sees
-    only the current frame, the encoder's temporal downsampling keeps the last frame of every
-    2 (so of every 4-frame chunk) and the decoder's temporal upsampling repeats each frame.
-    Trained on single frames (sft_vdm --train-vae), which use no other weight, it encodes a
-    1 + 4k clip as its frames 0, 4, ..., 4k and decodes each later latent frame as 4 copies.
-    (From random time kernels the tiny VAE takes many times longer to learn the objects' colours.)"""
-    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanResample
-    with torch.no_grad():
-        for m in vae.modules():
-            if isinstance(m, WanResample) and hasattr(m, "time_conv"):  # (c_out, c, 3, 1, 1), c_out = c or 2c
-                w = m.time_conv.weight
-                w.zero_()
-                m.time_conv.bias.zero_()
-                w[:, :, -1, 0, 0] = torch.eye(w.shape[1]).repeat(w.shape[0] // w.shape[1], 1)
-        for name, m in vae.named_modules():
-            if isinstance(m, WanCausalConv3d) and m.kernel_size[0] == 3 and not name.endswith("time_conv"):
-                m.weight[:, :, :-1] = 0  # the earlier frames' taps
-                m.weight[:, :, -1] *= 3 ** 0.5  # the fan-in of a 3x3 kernel, as a 2D init would have
 
 
 # -----------------------------------------------------------------------------
@@ -713,7 +668,10 @@ def load_tiny(seed=0, need=("vlm", "vdm"), preset="tiny", tokenizer=None):
     tokenizer: the VLM's (default: the preset's own, built in process)."""
     from transformers import ByT5Tokenizer
     torch.manual_seed(seed)
-    tok = tokenizer or (shapes_tokenizer() if preset == "shapes" else byte_tokenizer())
+    if tokenizer is None and preset == "shapes":
+        import shapes
+        tokenizer = shapes.tokenizer()
+    tok = tokenizer or byte_tokenizer()
     c = CONFIGS[preset]
     vlm = VLM(build_vlm_net(preset, tok).eval(), vlm_processor(tok, preset),  # built either way: same RNG stream
               c.get("system_prompt", SYSTEM_PROMPT), c.get("vlm_fps", VLM_FPS))

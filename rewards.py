@@ -7,12 +7,9 @@ The scores Joint-GRPO trains on, each written once:
     stage 2 (DiT):  r_v2 CLIP.clip_v        generated vs ground-truth video
                     r_c2 CLIP.clip_t        generated video vs anchor caption
 
-then per-reward normalisation, the lambda-weighted sum, and GRPO's group advantage. For the
-Shapes world only, caption_event and video_event check the event itself (module:function rewards).
+then per-reward normalisation, the lambda-weighted sum, and GRPO's group advantage.
 """
 
-import json
-import math
 import os
 import re
 import string
@@ -69,23 +66,6 @@ def rouge_l(candidate, reference, beta=1.2):
 
 
 # -----------------------------------------------------------------------------
-# Shapes only: the event itself, checked by the generator's own rules (data.caption_correct,
-# data.video_shows). Not the paper's rewards: a verifier to tell a weak reward from a weak
-# optimiser, passed as --rewards rewards:caption_event=1 (stage 1) or rewards:video_event=1 (stage 2).
-
-def caption_event(completions, samples):
-    """Stage 1: 1.0 where the completion's caption states the sample's event, else 0.0."""
-    import data
-    import model
-    return [float(data.caption_correct(model.caption_of(c), s["event"])) for c, s in zip(completions, samples)]
-
-
-def video_event(videos, samples):
-    """Stage 2: 1.0 where the uint8 video (T, H, W, 3) shows the sample's event, else 0.0."""
-    import data
-    return [float(data.video_shows(v, s["event"])) for v, s in zip(videos, samples)]
-
-
 # -----------------------------------------------------------------------------
 # CLIP-V and CLIP-T
 
@@ -97,38 +77,22 @@ class CLIPError(ValueError):
     pass
 
 
-# A CLIP small enough to train on a CPU, for worlds (Shapes) OpenAI's CLIP never saw: open_clip's
-# own CLIP class, whole frames at image_size (no crop), byte tokens. Saved as <dir>/clip.json + clip.safetensors.
-TINY_CLIP = dict(embed_dim=64, quick_gelu=False,
-                 vision_cfg=dict(image_size=[64, 112], patch_size=8, width=64, layers=3, head_width=32),
-                 text_cfg=dict(context_length=96, vocab_size=259, width=64, heads=2, layers=2))
-
-
-def byte_tokens(texts, length=96):
-    """The tiny CLIP's tokenizer: 257 (start), UTF-8 bytes + 1, 258 (end, the largest id: open_clip
-    pools the text at its argmax), zero padding, cut to `length`. -> long (N, length)"""
-    out = torch.zeros(len(texts), length, dtype=torch.long)
-    for i, t in enumerate(texts):
-        ids = [257] + [b + 1 for b in t.encode("utf-8")][:length - 2] + [258]
-        out[i, :len(ids)] = torch.tensor(ids)
-    return out
-
-
 class CLIP:
     """CLIP-V and CLIP-T: raw cosines, no grad, bf16 on GPU. weights: "openai" (open_clip ViT-B/32
     with QuickGELU, OpenAI's weights from the hub or its local cache), a local open_clip weights file
     for that model (.safetensors / .bin, open_clip's loader with weights_only), a tiny-CLIP directory
-    (clip.json + clip.safetensors, see train_clip), or None (random ViT-B/32: tests only)."""
+    (clip.json + clip.safetensors, see shapes.train_clip), or None (random ViT-B/32: tests only)."""
 
     def __init__(self, weights="openai", device="cpu", batch_size=256):
         import logging
         import open_clip
         if weights not in (None, "openai") and not os.path.exists(weights):
             raise CLIPError(f"{weights}: no such file or directory (expected openai, a local open_clip ViT-B/32 "
-                            f"weights file, or a tiny-CLIP directory: `python rewards.py train-clip --out {weights}` "
+                            f"weights file, or a tiny-CLIP directory: `python shapes.py train-clip --out {weights}` "
                             "trains one, and the Shapes models ship theirs in weights/shapes/clip)")
         if isinstance(weights, str) and os.path.isdir(weights):
-            self.model, self.tokenizer, self.crop = load_tiny_clip(weights), byte_tokens, False
+            import shapes
+            self.model, self.tokenizer, self.crop = shapes.load_tiny_clip(weights), shapes.byte_tokens, False
         else:
             logging.disable(logging.ERROR)  # open_clip logs its own download failure; ours is the one-line error
             try:
@@ -207,104 +171,27 @@ class CLIP:
         return feats.split([len(v) for v in videos])
 
 
-def build_tiny_clip(cfg=TINY_CLIP):
-    import open_clip
-    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
-    return open_clip.CLIP(cfg["embed_dim"], CLIPVisionCfg(**cfg["vision_cfg"]), CLIPTextCfg(**cfg["text_cfg"]),
-                          quick_gelu=cfg["quick_gelu"])
-
-
-def load_tiny_clip(path):
-    from safetensors.torch import load_file
-    files = [os.path.join(path, f) for f in ("clip.json", "clip.safetensors")]
-    if not all(os.path.isfile(f) for f in files):
-        raise CLIPError(f"{path}: not a tiny-CLIP directory (needs clip.json and clip.safetensors)")
-    with open(files[0]) as f:
-        model = build_tiny_clip(json.load(f))
-    sd = load_file(files[1])
-    own = model.state_dict()
-    bad = sorted(set(own) ^ set(sd)) + sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
-    if bad:
-        raise CLIPError(f"{files[1]}: {len(bad)} keys missing, unexpected or misshapen (e.g. {bad[0]})")
-    model.load_state_dict(sd)
-    return model
-
-
-def train_clip(manifest, out, steps=1000, batch_size=64, lr=1e-3, frames_per_clip=5, seed=0, height=64, width=112,
-               save_every=100):
-    """Contrastive training of a tiny CLIP on (target frame, caption) pairs of a manifest: CLIP-V
-    then compares what this world's frames show, CLIP-T whether a frame fits a caption. Writes
-    out/clip.json + out/clip.safetensors at the end (clip.safetensors, written last, means done),
-    and out/train_state.pt every save_every steps and when Ctrl-C or SIGTERM stops it: a rerun
-    resumes from there exactly. -> the losses of this call's steps."""
-    import common
-    import data
-    import model
-    from safetensors.torch import save_file
-    from tqdm import tqdm
-    samples, _ = data.read_manifest(manifest)
-    frames = torch.stack([torch.from_numpy(data.load_clip(s["target_video"], frames_per_clip, height, width))
-                          for s in samples])  # (N, K, H, W, 3) uint8, K frames spread over each target
-    cfg = {**TINY_CLIP, "vision_cfg": {**TINY_CLIP["vision_cfg"], "image_size": [height, width]}}
-    torch.manual_seed(seed)
-    net = build_tiny_clip(cfg)
-    clip = CLIP.__new__(CLIP)  # only its preprocessing, on this model
-    clip.model, clip.crop, clip.size, clip.device, clip.dtype = net, False, (height, width), torch.device("cpu"), torch.float32
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.1)
-    os.makedirs(out, exist_ok=True)
-    state_path, start = os.path.join(out, "train_state.pt"), 0
-    if os.path.isfile(state_path):
-        state = torch.load(state_path, weights_only=True)
-        net.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        start = state["step"]
-        print(f"resumed from {state_path} at step {start}", flush=True)
-
-    def save_state(step):
-        torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
-                    "step": step}, state_path + ".tmp")
-        os.replace(state_path + ".tmp", state_path)
-
-    stop, losses = common.Stop(), []
-    try:
-        progress = tqdm(range(start, steps), initial=start, total=steps, desc="train-clip")
-        for step in progress:
-            for g in opt.param_groups:
-                g["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
-            i = torch.randint(len(samples), (batch_size,))
-            img = clip.preprocess(frames[i, torch.randint(frames_per_clip, (batch_size,))])
-            a = F.normalize(net.encode_image(img), dim=-1)
-            b = F.normalize(net.encode_text(byte_tokens([samples[j]["caption"] for j in i.tolist()])), dim=-1)
-            same = torch.tensor([[samples[j]["caption"] == samples[k]["caption"] for k in i.tolist()] for j in i.tolist()])
-            logits = net.logit_scale.exp() * a @ b.T
-            target = same.float() / same.sum(1, keepdim=True)  # identical captions are all positives
-            loss = (-(target * logits.log_softmax(1)).sum(1).mean() - (target.T * logits.log_softmax(0)).sum(0).mean()) / 2
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            progress.set_postfix(loss=f"{loss.item():.4f}")
-            if (step + 1) % save_every == 0 or stop.asked:
-                save_state(step + 1)
-            if stop.asked:
-                print(f"stopped at step {step + 1} of {steps}; rerun the command to resume", flush=True)
-                return losses
-    finally:
-        stop.close()
-    with open(os.path.join(out, "clip.json"), "w") as f:
-        json.dump(cfg, f)
-    path = os.path.join(out, "clip.safetensors")  # written last and atomically: its presence means done
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path + ".tmp")
-    model.respect_umask(path + ".tmp")
-    os.replace(path + ".tmp", path)
-    if os.path.isfile(state_path):
-        os.remove(state_path)
-    return losses
-
-
 # -----------------------------------------------------------------------------
-# normalisation, the weighted sum, and the group advantage
+# which rewards, normalisation, the weighted sum, and the group advantage
+
+def parse(spec, builtin):
+    """--rewards 'name=lambda,...' -> {name: (lambda, fn or None)}: each name one of the stage's
+    built-in rewards, or module:function for a reward of your own (fn(outputs, samples) -> floats,
+    logged as rewards/<function>/mean). A lambda of 0 drops the reward; ValueError names an unknown one."""
+    import importlib
+    out = {}
+    for item in filter(None, spec.split(",")):
+        name, _, w = item.partition("=")
+        fn = None
+        if ":" in name:
+            mod, _, fname = name.partition(":")
+            fn = getattr(importlib.import_module(mod), fname)
+        elif name not in builtin:
+            raise ValueError(f"unknown reward {name!r} ({', '.join(builtin)} or module:function)")
+        if float(w or 1) != 0:
+            out[name.rpartition(":")[2]] = (float(w or 1), fn)
+    return out
+
 
 NORMALISATIONS = ("group", "batch", "none")
 
@@ -395,26 +282,3 @@ def flow_grpo_loss(logp, old_logp, advantages, mean, ref_mean, step_std, clip_ra
         kl = ((mean.float() - ref_mean.float()) ** 2 / (2 * step_std.float() ** 2)).mean(dim=tuple(range(1, mean.dim())))
         loss = loss + beta * kl.sum() / (norm or len(logp))
     return loss, {"kl": kl.mean().item(), "clip_ratio": stats["clip_ratio"]}
-
-
-if __name__ == "__main__":
-    import argparse
-    parser = argparse.ArgumentParser(description="Train a tiny CLIP for CLIP-V / CLIP-T in a synthetic world.")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    tc = sub.add_parser("train-clip", help="contrastive training on a manifest's target frames and captions")
-    tc.add_argument("--train", default="data/shapes/train.jsonl", help="training manifest")
-    tc.add_argument("--out", default="data/shapes/clip", help="output directory (clip.json + clip.safetensors)")
-    tc.add_argument("--steps", type=int, default=1000, help="optimizer steps")
-    tc.add_argument("--batch-size", type=int, default=64, help="pairs per step")
-    tc.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    tc.add_argument("--height", type=int, default=64, help="frame height the CLIP sees")
-    tc.add_argument("--width", type=int, default=112, help="frame width the CLIP sees")
-    tc.add_argument("--seed", type=int, default=0, help="seed")
-    tc.add_argument("--save-every", type=int, default=100, help="write <out>/train_state.pt every N steps (a rerun resumes)")
-    a = parser.parse_args()
-    import data
-    try:
-        train_clip(a.train, a.out, a.steps, a.batch_size, a.lr, seed=a.seed, height=a.height, width=a.width,
-                   save_every=a.save_every)
-    except (data.ManifestError, data.VideoError) as e:
-        raise SystemExit(f"error: --train {e}")

@@ -30,12 +30,12 @@ stage() {  # stage NAME COMMAND...: run COMMAND unless OUT/times.txt records NAM
 
 # the data are the same for every seed; test.jsonl is written last
 if [ ! -e $DATA/test.jsonl ]; then
-    stage data python data.py shapes --out $DATA --n-train 4000 --n-val 100 --n-test 200 --height 64 --width 112
+    stage data python shapes.py data --out $DATA --n-train 4000 --n-val 100 --n-test 200 --height 64 --width 112
 fi
 # so is the CLIP of this world, trained once (seed 0): the rewards and the metrics of every seed
 # use the same one, as the paper's use OpenAI's CLIP
 if [ ! -e $DATA/clip/clip.safetensors ]; then
-    stage clip python rewards.py train-clip --train $DATA/train.jsonl --out $DATA/clip --seed 0
+    stage clip python shapes.py train-clip --train $DATA/train.jsonl --out $DATA/clip --seed 0
 fi
 # each row of the table (untrained, SFT, + stage 1, + stage 2 = Joint-GRPO, stage 2 without r_c2)
 # is evaluated on the test split as soon as its models exist

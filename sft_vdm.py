@@ -31,7 +31,7 @@ weights (for --resume).
 
 For the Shapes world the VAE and text encoder are tiny and random, so they are trained too:
 --train-vae trains the VAE alone (reconstruction MSE + --kl-weight KL, on single frames of the
-input and target clips; a random VAE starts as a per-frame one, model.keyframe_init) and
+input and target clips; a random VAE starts as a per-frame one, shapes.keyframe_init) and
 measures the per-channel latent statistics that normalise its latents;
 --train-text-encoder trains the text encoder jointly with the DiT through the same loss.
 """
@@ -56,6 +56,7 @@ from tqdm import tqdm
 import common
 import data
 import model
+import shapes
 
 # -----------------------------------------------------------------------------
 # flags
@@ -75,11 +76,7 @@ parser.add_argument("--model", default="base", help="base (Wan2.1-T2V-1.3B) | ti
 parser.add_argument("--wan", default=None, help="local copy of Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
 parser.add_argument("--n-refs", type=int, default=model.N_REFS, help="reference latent frames (0 = plain text-to-video)")
 parser.add_argument("--fsdp", action="store_true", help="shard the DiT per block with FSDP2 instead of DDP")
-# what is trained, and how
-parser.add_argument("--train-vae", action="store_true", help="train the VAE alone (tiny models), on single frames")
-parser.add_argument("--kl-weight", type=float, default=1e-6, help="--train-vae: weight of the KL term")
-parser.add_argument("--fg-weight", type=float, default=0.0, help="--train-vae: extra weight of pixels off the frame's median colour")
-parser.add_argument("--train-text-encoder", action="store_true", help="train the text encoder with the DiT (tiny models)")
+# the loss
 parser.add_argument("--timestep-shift", type=float, default=5.0, help="shift of the training sigmas: u -> shift u / (1 + (shift - 1) u)")
 parser.add_argument("--loss-weight", default="diffsynth", choices=("diffsynth", "none"), help="weight of each timestep's loss (see the docstring)")
 parser.add_argument("--caption-dropout", type=float, default=0.0, help="probability a caption is replaced by the negative prompt")
@@ -91,6 +88,11 @@ parser.add_argument("--val-loss-samples", type=int, default=32, help="validation
 parser.add_argument("--val-render", type=int, default=2, help="validation samples rendered to <out>/samples, shared out over the ranks (at least one each)")
 parser.add_argument("--val-steps", type=int, default=20, help="sampling steps of the rendered samples")
 parser.add_argument("--val-cfg", type=float, default=5.0, help="guidance scale of the rendered samples")
+# the Shapes world only: its tiny VAE and text encoder start from random weights, so they are trained too
+parser.add_argument("--train-vae", action="store_true", help="train the VAE alone, on single frames (shapes.vae_loss)")
+parser.add_argument("--kl-weight", type=float, default=1e-6, help="--train-vae: weight of the KL term")
+parser.add_argument("--fg-weight", type=float, default=0.0, help="--train-vae: extra weight of pixels off the frame's median colour")
+parser.add_argument("--train-text-encoder", action="store_true", help="train the text encoder with the DiT")
 common.add_run_flags(parser, out="out/sft_vdm", steps=20_000)  # the paper's steps
 args = common.parse_flags(parser, "sft_vdm")
 
@@ -120,7 +122,7 @@ clips = data.ClipDataset(train, ("clip", "target"), args.frames, args.height, ar
 preset, (_, vdm) = common.load_model(last if resume else args.model, wan=args.wan, dtype=torch.float32, need=("vdm",))
 vdm.n_refs = args.n_refs
 if args.train_vae and not resume and args.model in model.RANDOM:
-    model.keyframe_init(vdm.vae)
+    shapes.keyframe_init(vdm.vae)
 vdm.dit.to(device)
 vdm.vae.to(device)
 if device.type == "cuda" and not args.train_text_encoder:
@@ -260,43 +262,16 @@ def flow_matching_loss(refs, x0, text, captions, generator=None, sigma=None, dro
 
 
 def vae_loss(clip, target, generator=None):
-    """On one random frame of each clip and target: the MSE in [-1, 1] pixels of the posterior
-    mean's reconstruction (the latents the DiT sees), with foreground pixels (off the frame's
-    median colour by more than 0.1) weighted 1 + fg_weight, + kl_weight * KL(posterior || N(0, I))
-    per element. A frame is a whole chunk of the causal VAE: it trains every weight that
-    model.keyframe_init leaves to train."""
-    frames = torch.cat([clip, target])  # (2B, T, H, W, 3) uint8
-    pick = torch.randint(frames.shape[1], (frames.shape[0],), generator=generator)
-    x = data.to_tensor(frames[torch.arange(frames.shape[0]), pick, None]).to(device)  # (2B, 3, 1, H, W)
-    post = vdm.vae.encode(x).latent_dist
-    rec = vdm.vae.decode(post.mode()).sample
-    median = x.flatten(2).median(-1).values[:, :, None, None, None]
-    w = 1 + args.fg_weight * ((x - median).abs().amax(1, keepdim=True) > 0.1).float()
-    kl = 0.5 * (post.mean ** 2 + post.var - 1 - post.logvar).mean()
-    return (w * (rec - x) ** 2).mean() / w.mean() + args.kl_weight * kl
+    return shapes.vae_loss(vdm.vae, torch.cat([clip, target]), args.fg_weight, args.kl_weight, device, generator)
 
 
 def step_loss(batch):
-    if args.train_vae:
+    if args.train_vae:  # the Shapes world's VAE
         return vae_loss(batch["clip"], batch["target"])
     if args.cache_latents:
         return flow_matching_loss(batch.get("refs"), batch["x0"], batch.get("text"), batch["caption"])
     refs, x0, text = encode(batch["clip"], batch["target"], batch["caption"])
     return flow_matching_loss(refs, x0, text, batch["caption"])
-
-
-@torch.no_grad()
-def latent_stats(n=16):
-    """Per-channel mean and std of the VAE's latents over n training clips (all ranks together)."""
-    z = [vdm.vae.encode(data.to_tensor(clips[i]["target"][None]).to(device)).latent_dist.mode()
-         for i in range(len(train))[:n][rank::world]]
-    z = torch.cat(z).transpose(0, 1).flatten(1).double()  # (16, N)
-    t = torch.stack([z.sum(1), (z ** 2).sum(1), torch.full_like(z[:, 0], z.shape[1])])
-    if world > 1:
-        t = t.to(device)
-        dist.all_reduce(t)
-    mean = t[0] / t[2]
-    return mean.tolist(), (t[1] / t[2] - mean ** 2).clamp_min(1e-12).sqrt().tolist()
 
 
 # -----------------------------------------------------------------------------
@@ -323,8 +298,9 @@ def save(step):
                for n in trained}
     if ema is not None:
         weights["dit_raw"], weights["dit"] = weights["dit"], get_model_state_dict(ema, options=full)
-    if args.train_vae:
-        vdm.set_latent_stats(*latent_stats())
+    if args.train_vae:  # the statistics that normalise the Shapes VAE's latents, over 16 training clips
+        vdm.set_latent_stats(*shapes.latent_stats(vdm.vae, [clips[i]["target"] for i in range(len(train))[:16][rank::world]],
+                                                  device))
     state = common.train_state(step, get_optimizer_state_dict(trained, optimizer, options=full),
                                {"skipped": int(common.all_sum(skipped))})
     if master:
@@ -369,7 +345,7 @@ def validate(step):
                            cfg=args.val_cfg, generator=torch.Generator().manual_seed(0))
             video = vdm.decode(z)
         if s["event"]:
-            shows.append(float(data.video_shows(data.to_uint8(video[0].clamp(-1, 1)), s["event"])))
+            shows.append(float(shapes.video_shows(data.to_uint8(video[0].clamp(-1, 1)), s["event"])))
         side_by_side = torch.cat([data.to_tensor(b["target"]).to(video), video.clamp(-1, 1)], dim=-1)[0]
         data.write_video(os.path.join(args.out, "samples", f"step{step:06d}_{s['id']}.mp4"), data.to_uint8(side_by_side))
     trained.train()

@@ -43,6 +43,7 @@ import common
 import data
 import model
 import rewards
+import shapes
 
 # -----------------------------------------------------------------------------
 # flags
@@ -56,15 +57,16 @@ parser.add_argument("--frames", type=int, default=33, help="an input video needs
 # model
 parser.add_argument("--model", default="base", help="base (Qwen2.5-VL-3B-Instruct) | tiny | a checkpoint directory")
 parser.add_argument("--qwen", default=None, help="local copy of Qwen/Qwen2.5-VL-3B-Instruct")
-parser.add_argument("--finetune", default="lora", choices=["lora", "full"], help="train a LoRA adapter or every weight")
 parser.add_argument("--batch-size", type=int, default=1, help="samples per rank per step")
 # validation
 parser.add_argument("--val-every", type=int, default=500, help="validate every N steps (0 = only at the end)")
 parser.add_argument("--val-loss-samples", type=int, default=64, help="validation samples for the loss")
 parser.add_argument("--val-generate", type=int, default=8, help="validation samples to caption greedily")
 parser.add_argument("--max-new-tokens", type=int, default=512, help="generation budget at validation")
+# the Shapes world only: its VLM starts from random weights, and its captions can be checked
+parser.add_argument("--finetune", default="lora", choices=["lora", "full"], help="train a LoRA adapter or every weight")
 parser.add_argument("--stop-at-accuracy", type=float, default=0.0,
-                    help="save and stop at the first validation whose caption event accuracy (Shapes) reaches this "
+                    help="save and stop at the first validation whose caption event accuracy reaches this "
                          "(0 = off); --resume from such a stop trains no further unless the bar is raised")
 common.add_run_flags(parser, out="out/sft_vlm", steps=10_000)  # the paper's steps
 args = common.parse_flags(parser, "sft_vlm")
@@ -166,8 +168,8 @@ def validate():
         for (s, _), out in zip(c, outs):
             fmt.append(rewards.format_reward(out))
             rouge.append(rewards.rouge_l(model.caption_of(out), s["caption"]))
-            if s["event"]:  # Shapes: does the caption state the generator's event?
-                event.append(float(data.caption_correct(model.caption_of(out), s["event"])))
+            if s["event"]:  # the Shapes world: does the caption state the generator's event?
+                event.append(float(shapes.caption_correct(model.caption_of(out), s["event"])))
     net.train()
     metrics = {"val/loss": common.all_mean(losses), "val/format_reward": common.all_mean(fmt),
                "val/rouge_l": common.all_mean(rouge)}

@@ -1,5 +1,5 @@
 """
-The Shapes world on a CPU, with the tiny models (python data.py shapes ... --height 64 --width 112):
+The Shapes world on a CPU, with the tiny models (python shapes.py data --out data/shapes):
 
     python sft_vlm.py --config config/shapes.py --out out/shapes/sft_vlm
     python sft_vdm.py --config config/shapes.py:sft_vae --out out/shapes/vae
@@ -20,19 +20,18 @@ sft = dict(data, val="data/shapes/val.jsonl")
 # with the DiT's loss unweighted
 video = dict(sft, height=64, width=112, ref_clip="uniform", val_render=1, val_steps=20, val_cfg=3.0)
 
-# 98% caption event accuracy on 100 val samples after 2500 steps (13 min on 2 cores); the
-# colours are read from the video only after a plateau on the text prior (14% at step 1000),
-# at a jump whose step varies by seed (README). SFT stops at the first validation past 70%,
-# so that Joint-GRPO starts where its groups hold right answers and the VLM has room left.
+# every weight trained (a random VLM); SFT stops at the first validation past 70% caption event
+# accuracy, so that Joint-GRPO starts where its groups hold right answers and the VLM has room left
+# (the step where it gets there varies by seed: docs/shapes.md)
 sft_vlm = dict(sft, model="random:shapes", finetune="full", steps=2500, stop_at_accuracy=0.7, lr=2e-3, warmup=50,
                batch_size=16, val_every=250, val_generate=100, max_new_tokens=160, save_every=250, log_every=50)
 
-# the VAE learns from single frames (model.keyframe_init)
+# the VAE learns from single frames (shapes.keyframe_init)
 sft_vae = dict(video, model="random:shapes", train_vae=True, fg_weight=10.0, steps=1500, lr=2e-3, warmup=20,
                batch_size=2, kl_weight=1e-6, val_every=500, val_render=8, save_every=500, log_every=50)
 
-# latents cached once (5 min for 2,000 samples), then 0.6 s a step; the DiT places the objects
-# long before it keeps a moving object's colour (README, "Rendering the clips")
+# the DiT and the tiny text encoder together, from latents cached once; caption dropout gives CFG an
+# unconditional branch, which a DiT trained from scratch does not have
 sft_vdm = dict(video, loss_weight="none", train_text_encoder=True, caption_dropout=0.1, cache_latents=True, steps=3000, lr=1e-3,
                warmup=100, batch_size=8, val_every=1000, val_render=8, save_every=500, log_every=20)
 
@@ -42,8 +41,7 @@ grpo_stage1 = dict(data, init="out/shapes/sft_vlm/last", vdm="out/shapes/sft_vdm
                    steps=150, lr=1e-3, group_size=8, prompts=2, max_new_tokens=160, micro_batch=16, save_every=25,
                    log_every=1)
 
-# on 2 cores, anchors took 2 min for 2,000 prompts from a 70% VLM and 9 min for 4,000 from a 20% one
-# (more tries), then a step takes 33-37 s
+# stage 2, from stage 1's checkpoint (its VLM writes the anchors, its VDM is tuned)
 grpo_stage2 = dict(data, vlm="out/shapes/grpo_stage1/last", vdm="out/shapes/grpo_stage1/last", clip="data/shapes/clip", ref_clip="uniform",
                    height=64, width=112, cfg=3.0, max_new_tokens=160, steps=30, lr=1e-4, group_size=8, prompts=1,
                    micro_batch=8, save_every=10, sample_every=10, log_every=1)

@@ -1,0 +1,546 @@
+"""
+The Shapes world: a synthetic video-next-event world with known ground truth, and what it
+takes to train VANS on it from random weights on a CPU. Nothing here is on the paper's path:
+the stage scripts reach it only through the "shapes" preset and the flags marked "Shapes".
+
+    python shapes.py data --out data/shapes                     # the world: clips, questions, answers
+    python shapes.py train-clip --train data/shapes/train.jsonl --out data/shapes/clip   # its CLIP
+
+    the world      scenes, their clips and texts, and the generator's record of each event
+    the event      does a caption state it, does a video show it (eval.py's event accuracy), and
+                   the same as rewards (--rewards shapes:caption_reward=1 / shapes:video_reward=1)
+    the models     the preset's tokenizer (BPE fitted to the world's text), the VAE's per-frame
+                   start, and a tiny CLIP for CLIP-V / CLIP-T, which OpenAI's CLIP cannot give here
+"""
+
+import json
+import math
+import os
+import re
+
+import numpy as np
+
+import data
+
+# -----------------------------------------------------------------------------
+# the world
+#
+#   procedural  a tower is built block by block; the input clip shows the last block
+#               placed, the row on the table holds the rest in order. "What should I
+#               do next?" -> the leftmost waiting block goes on top.
+#   predictive  a ball rolls along the ground: toward a wall (it bounces), toward an
+#               open side (it leaves the frame), or slowing down (it stops).
+#   multi-future every 4th scene asks a second, hypothetical question about the same
+#               input clip whose answer differs: "...if I want to take the tower
+#               apart?" (the top block goes back), "...if the wall is removed?" (the
+#               ball leaves), "...if a wall appears on the <side>?" (it bounces).
+# Everything is scaled to the frame height, so any size renders the same scene.
+
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30),
+          "purple": (150, 60, 190), "orange": (240, 130, 20)}
+# No floor is drawn (objects stand on the line y = H * 14/16): a floor next to every object
+# would share the VLM's vision tokens with it and hide it from a VLM trained from scratch.
+BACKGROUND, WALL = (235, 235, 235), (60, 60, 60)
+N_IN, N_OUT = 40, 33  # input and target clip lengths
+
+
+def _canvas(n, H, W):
+    f = np.empty((n, H, W, 3), np.uint8)
+    f[:] = BACKGROUND
+    return f
+
+
+def _box(f, cx, cy, half, color):
+    """Fill the square centred at (cx, cy) with half-size `half` (clipped to the frame)."""
+    H, W = f.shape[:2]
+    y0, y1, x0, x1 = (max(0, round(v)) for v in (cy - half, cy + half, cx - half, cx + half))
+    f[min(y0, H):min(y1, H), min(x0, W):min(x1, W)] = color
+
+
+def _disc(f, cx, cy, r, color):
+    H, W = f.shape[:2]
+    yy, xx = np.ogrid[:H, :W]
+    f[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = color
+
+
+def _path(a, b, n, lift):
+    """n positions from a to b: up by `lift`, across, down (a block carried by hand)."""
+    (ax, ay), (bx, by) = a, b
+    top = min(ay, by) - lift
+    legs = [abs(ay - top), abs(bx - ax), abs(by - top)]
+    total = sum(legs) or 1.0
+    out = []
+    for t in np.linspace(0, total, n):
+        if t <= legs[0]:
+            out.append((ax, ay - t))
+        elif t <= legs[0] + legs[1]:
+            out.append((ax + np.sign(bx - ax) * (t - legs[0]), top))
+        else:
+            out.append((bx, top + (t - legs[0] - legs[1])))
+    return out
+
+
+def stack_scene(rng, H, W, hypothetical):
+    """-> (input frames, [(question, think, caption, target frames, event), ...])."""
+    u = H / 16
+    half, floor_y = u, H * 14 / 16
+    names = [str(c) for c in rng.permutation(list(COLORS))[:rng.integers(3, 6)]]
+    n = len(names)
+    k = int(rng.integers(1, n))  # blocks on the tower after the input clip (1..n-1)
+    tower_x = W * 0.22
+    slot_x = [W * 0.45 + j * (2 * half + u) for j in range(n)]  # block j waits at slot j
+    on_tower = lambda i: (tower_x, floor_y - half - 2 * half * i)
+    on_table = lambda j: (slot_x[j], floor_y - half)
+
+    def frames(moving, path, placed, waiting, count):
+        f = _canvas(count, H, W)
+        for t in range(count):
+            for i, c in enumerate(placed):
+                _box(f[t], *on_tower(i), half, COLORS[c])
+            for j in waiting:
+                _box(f[t], *on_table(j), half, COLORS[names[j]])
+            _box(f[t], *path[t], half, COLORS[moving])
+        return f
+
+    # input: block k-1 is carried from its slot onto the tower (still at the start and the end)
+    hold = 8
+    p = _path(on_table(k - 1), on_tower(k - 1), N_IN - 2 * hold, 3 * half)
+    x = frames(names[k - 1], [p[0]] * hold + p + [p[-1]] * hold, names[:k - 1], range(k, n), N_IN)
+    said_tower = ", ".join(names[:k])
+    think = (f"A tower is being built from the blocks on the table, taken from left to right. The tower holds "
+             f"{k} block{'s' * (k > 1)} ({said_tower}, bottom to top); the {names[k - 1]} block was just put on top. "
+             f"Waiting on the table: {', '.join(names[k:])}.")
+    out = []
+    q = "What should I do next?"
+    p = _path(on_table(k), on_tower(k), N_OUT - hold, 3 * half)
+    y = frames(names[k], p + [p[-1]] * hold, names[:k], range(k + 1, n), N_OUT)
+    out.append((q, think + f" The next block in line is the {names[k]} one.",
+                f"Pick up the {names[k]} block and put it on top of the {names[k - 1]} block.", y,
+                {"world": "stack", "action": "place", "color": names[k], "onto": names[k - 1], "height": k}))
+    if hypothetical:
+        q = "What should I do next if I want to take the tower apart?"
+        p = _path(on_tower(k - 1), on_table(k - 1), N_OUT - hold, 3 * half)
+        y = frames(names[k - 1], p + [p[-1]] * hold, names[:k - 1], range(k, n), N_OUT)
+        out.append((q, think + f" To take the tower apart, the top block comes off first: the {names[k - 1]} one.",
+                    f"Take the {names[k - 1]} block off the top of the tower and put it back on the table.", y,
+                    {"world": "stack", "action": "remove", "color": names[k - 1], "height": k - 1}))
+    return x, out
+
+
+def ball_scene(rng, H, W, hypothetical):
+    u = H / 16
+    r, floor_y, wall_w = u, H * 14 / 16, u / 2
+    color = str(rng.choice(list(COLORS)))
+    side = str(rng.choice(["left", "right"]))
+    d = 1 if side == "right" else -1
+    outcome = str(rng.choice(["bounce", "leave", "stop"]))
+    wall = outcome == "bounce" or (outcome == "stop" and rng.random() < 0.5)
+    v0 = W / float(rng.uniform(80, 110))  # px per frame
+    edge = W - wall_w - r if d > 0 else wall_w + r  # where the ball touches the wall
+    if outcome == "stop":
+        t_stop = float(rng.uniform(8, 20))  # frames into the target when it stops
+        a = v0 / (N_IN + t_stop)
+        stop_at = edge - d * float(rng.uniform(1, 3)) * r
+        x0 = stop_at - d * v0 * (N_IN + t_stop) / 2
+        pos = lambda t: x0 + d * (v0 * min(t, N_IN + t_stop) - a * min(t, N_IN + t_stop) ** 2 / 2)
+    else:
+        t_hit = float(rng.uniform(6, 16))
+        x0 = edge - d * v0 * (N_IN + t_hit)
+
+        def pos(t, wall=wall):  # constant speed; reflected at the wall when there is one
+            x = x0 + d * v0 * t
+            return edge - (x - edge) if wall and d * (x - edge) > 0 else x
+
+    def frames(t0, count, pos, wall):
+        f = _canvas(count, H, W)
+        for t in range(count):
+            if wall:
+                f[t, :round(floor_y), round(W - wall_w) if d > 0 else 0:W if d > 0 else round(wall_w)] = WALL
+            _disc(f[t], pos(t0 + t), floor_y - r, r, COLORS[color])
+        return f
+
+    x = frames(0, N_IN, pos, wall)
+    there = f"There is a wall on the {side}." if wall else f"Nothing blocks the {side} side."
+    motion = (f"The {color} ball is slowing down as it rolls to the {side}." if outcome == "stop"
+              else f"The {color} ball rolls to the {side} at a steady speed.")
+    caption = {"bounce": f"The {color} ball hits the wall on the {side} and bounces back.",
+               "leave": f"The {color} ball rolls out of the frame on the {side}.",
+               "stop": f"The {color} ball slows down and stops before reaching the {side} side."}
+    reason = {"bounce": "It will reach the wall soon, and the wall will push it back.",
+              "leave": "Nothing will stop it, so it keeps going past the edge.",
+              "stop": "It is losing speed every moment, so it will come to rest."}
+    event = lambda o: {"world": "ball", "outcome": o, "color": color, "side": side}
+    out = [("What happens next?", f"{motion} {there} {reason[outcome]}", caption[outcome],
+            frames(N_IN, N_OUT, pos, wall), event(outcome))]
+    if hypothetical and outcome != "stop":
+        flip = "leave" if outcome == "bounce" else "bounce"
+        q = "What happens next if the wall is removed?" if outcome == "bounce" else \
+            f"What happens next if a wall appears on the {side}?"
+        alt = lambda t: pos(t, wall=not wall)
+        out.append((q, f"{motion} {there} In this case the wall is {'gone' if wall else 'there'}: {reason[flip]}",
+                    caption[flip], frames(N_IN, N_OUT, alt, not wall), event(flip)))
+    return x, out
+
+
+def scene(seed, split, i, H, W):
+    """Scene i of a split, deterministic for (seed, split, i). Every 4th scene is multi-future."""
+    rng = np.random.default_rng([seed, ["train", "val", "test"].index(split), i])
+    make = stack_scene if rng.random() < 0.5 else ball_scene
+    return make(rng, H, W, hypothetical=(i % 4 == 3))
+
+
+def texts(n_scenes, seed=0):
+    """(question, think, caption) of the first n_scenes training scenes (rendered at 16x28: cheap)."""
+    return [(q, think, caption) for i in range(n_scenes)
+            for q, think, caption, _, _ in scene(seed, "train", i, 16, 28)[1]]
+
+
+# -----------------------------------------------------------------------------
+# the event: does a caption state it, does a video show it (eval.py's event accuracy)
+
+def stated_event(text):
+    """The event a Shapes caption states, read with the keywords of the generator's templates:
+    {"world", "action" | "outcome", "color", "onto" | "side"} with the fields it finds, or None."""
+    t = text.lower()
+    by_place = lambda words: [w for _, w in sorted((m.start(), w) for w in words for m in re.finditer(rf"\b{w}\b", t))]
+    colors, sides = by_place(COLORS), by_place(["left", "right"])
+    if re.search(r"\bblock\b", t):
+        action = "remove" if re.search(r"\boff the top\b|\bback on the table\b", t) else \
+            "place" if re.search(r"\bon top of\b", t) else None
+        return {"world": "stack", "action": action, "color": colors[0] if colors else None,
+                **({"onto": colors[1] if len(colors) > 1 else None} if action == "place" else {})}
+    if re.search(r"\bball\b", t):
+        outcome = "bounce" if "bounce" in t else "leave" if re.search(r"\bout of the frame\b", t) else \
+            "stop" if re.search(r"\bstops?\b", t) else None
+        return {"world": "ball", "outcome": outcome, "color": colors[0] if colors else None,
+                "side": sides[0] if sides else None}
+    return None
+
+
+def caption_correct(text, event):
+    """True iff the caption states the event: the same action / outcome, colour, and block below or side."""
+    got = stated_event(text)
+    keys = ("world", "action", "color", "onto") if event["world"] == "stack" else ("world", "outcome", "color", "side")
+    return got is not None and all(got.get(k) == event.get(k) for k in keys if k in event)
+
+
+def _blob(frame, color, min_px):
+    """Centroid (x, y) of the pixels whose nearest palette colour is `color`, or None if fewer than min_px."""
+    palette = np.array([COLORS[color]] + [c for n, c in COLORS.items() if n != color] + [BACKGROUND, WALL], np.float32)
+    d = ((frame[:, :, None, :].astype(np.float32) - palette) ** 2).sum(-1)  # (H, W, colours)
+    ys, xs = np.nonzero((d.argmin(-1) == 0) & (d[..., 0] < 80 ** 2))
+    return (float(xs.mean()), float(ys.mean())) if len(xs) >= min_px else None
+
+
+def video_shows(frames, event):
+    """True iff the uint8 clip (T, H, W, 3) shows the event, by tracking the event's coloured blob
+    (pixels nearest that palette colour) against the generator's geometry: a placed block ends on
+    the tower at its height, a removed one on the table away from the tower; a bouncing ball comes
+    back from the side by at least its radius, a leaving ball is gone at the end, a stopping ball
+    is still in the last 5 frames and short of the side."""
+    T, H, W, _ = frames.shape
+    u = H / 16
+    track = [_blob(f, event["color"], min_px=max(4, int(u * u))) for f in frames]
+    end = track[-1]
+    if event["world"] == "stack":
+        if end is None:
+            return False
+        if event["action"] == "place":
+            return abs(end[0] - W * 0.22) < u and abs(end[1] - (H * 14 / 16 - u - 2 * u * event["height"])) < u
+        return abs(end[1] - (H * 14 / 16 - u)) < u and abs(end[0] - W * 0.22) > 2 * u
+    d = 1 if event["side"] == "right" else -1
+    xs = [p[0] for p in track if p is not None]
+    if event["outcome"] == "leave":
+        return end is None and len(xs) > 0 and d * (xs[-1] - xs[0]) > 0
+    if end is None or not xs:
+        return False
+    if event["outcome"] == "bounce":
+        return d * (max(xs, key=lambda x: d * x) - end[0]) > u
+    last = [p for p in track[-5:] if p is not None]
+    still = len(last) == 5 and max(abs(p[0] - end[0]) for p in last) < u / 4
+    return still and (W - end[0] if d > 0 else end[0]) > u
+
+
+def caption_reward(completions, samples):
+    """A stage-1 reward: 1.0 where the completion's caption states the sample's event, else 0.0.
+    Not the paper's reward: a verifier, to tell a weak reward from a weak optimiser."""
+    import model
+    return [float(caption_correct(model.caption_of(c), s["event"])) for c, s in zip(completions, samples)]
+
+
+def video_reward(videos, samples):
+    """A stage-2 reward: 1.0 where the uint8 video (T, H, W, 3) shows the sample's event, else 0.0."""
+    return [float(video_shows(v, s["event"])) for v, s in zip(videos, samples)]
+
+
+# -----------------------------------------------------------------------------
+# writing the world
+
+def _write_scene(job):
+    seed, split, i, H, W, out = job
+    x, answers = scene(seed, split, i, H, W)
+    rel = lambda name: os.path.join("videos", split, name)
+    data.write_video(os.path.join(out, rel(f"{i:06d}_in.mp4")), x)
+    rows = []
+    for a, (q, think, caption, y, event) in enumerate(answers):
+        data.write_video(os.path.join(out, rel(f"{i:06d}_{a}.mp4")), y)
+        rows.append({"id": f"{split}{i:06d}_{a}", "kind": "procedural" if event["world"] == "stack" else "predictive",
+                     "input_video": rel(f"{i:06d}_in.mp4"), "question": q, "think": think, "caption": caption,
+                     "target_video": rel(f"{i:06d}_{a}.mp4"), "event": event})
+    return rows
+
+
+def make_shapes(out, n_train, n_val, n_test, height=64, width=112, seed=0, workers=2):
+    """Write out/{train,val,test}.jsonl and their clips; n_* count samples (a multi-future scene gives 2)."""
+    import multiprocessing
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        os.makedirs(os.path.join(out, "videos", split), exist_ok=True)
+        scenes, count = 0, 0
+        while count < n:
+            count += 2 if scenes % 4 == 3 else 1  # a multi-future scene may give 1 (a stopping ball): topped up below
+            scenes += 1
+        jobs = [(seed, split, i, height, width, out) for i in range(scenes)]
+        with multiprocessing.Pool(workers) as pool:
+            rows = [r for rs in pool.imap(_write_scene, jobs, chunksize=16) for r in rs]
+        while len(rows) < n:  # a few scenes gave one answer instead of two: add scenes
+            rows += _write_scene((seed, split, scenes, height, width, out))
+            scenes += 1
+        with open(os.path.join(out, f"{split}.jsonl.tmp"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows[:n])
+        os.replace(os.path.join(out, f"{split}.jsonl.tmp"), os.path.join(out, f"{split}.jsonl"))
+        print(f"{split}: {n} samples from {scenes} scenes -> {os.path.join(out, split + '.jsonl')}")
+
+
+# -----------------------------------------------------------------------------
+# the models: the preset's tokenizer, the VAE's start, a tiny CLIP
+
+def bpe_tokenizer(texts, vocab_size):
+    """Qwen2's byte-level BPE fitted to `texts` (merges up to vocab_size, every byte kept, so any
+    text encodes) plus Qwen's special tokens. Deterministic for the same texts."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    from model import QWEN_SPECIAL
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fitted = json.loads(bpe.to_str())["model"]
+    vocab = {**fitted["vocab"], **{s: len(fitted["vocab"]) + i for i, s in enumerate(QWEN_SPECIAL)}}
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in fitted["merges"]]
+    return Qwen2Tokenizer(vocab=vocab, merges=merges, additional_special_tokens=QWEN_SPECIAL[1:])
+
+
+def tokenizer():
+    """The "shapes" preset's tokenizer: BPE fitted to the system prompt and the questions and
+    answers of 1000 Shapes scenes (the generator's own text, no files)."""
+    import model
+    c = model.CONFIGS["shapes"]
+    corpus = [c["system_prompt"]] + [q + model.answer_text(t, a) for q, t, a in texts(1000)]
+    return bpe_tokenizer(corpus, c["bpe_vocab"])
+
+
+def keyframe_init(vae):
+    """Start a random AutoencoderKLWan as a per-frame autoencoder: each causal 3x3x3 kernel sees
+    only the current frame, the encoder's temporal downsampling keeps the last frame of every
+    2 (so of every 4-frame chunk) and the decoder's temporal upsampling repeats each frame.
+    Trained on single frames (sft_vdm --train-vae), which use no other weight, it encodes a
+    1 + 4k clip as its frames 0, 4, ..., 4k and decodes each later latent frame as 4 copies.
+    (From random time kernels the tiny VAE takes many times longer to learn the objects' colours.)"""
+    import torch
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanResample
+    with torch.no_grad():
+        for m in vae.modules():
+            if isinstance(m, WanResample) and hasattr(m, "time_conv"):  # (c_out, c, 3, 1, 1), c_out = c or 2c
+                w = m.time_conv.weight
+                w.zero_()
+                m.time_conv.bias.zero_()
+                w[:, :, -1, 0, 0] = torch.eye(w.shape[1]).repeat(w.shape[0] // w.shape[1], 1)
+        for name, m in vae.named_modules():
+            if isinstance(m, WanCausalConv3d) and m.kernel_size[0] == 3 and not name.endswith("time_conv"):
+                m.weight[:, :, :-1] = 0  # the earlier frames' taps
+                m.weight[:, :, -1] *= 3 ** 0.5  # the fan-in of a 3x3 kernel, as a 2D init would have
+
+
+def vae_loss(vae, clips, fg_weight, kl_weight, device, generator=None):
+    """sft_vdm --train-vae: on one random frame of each uint8 clip (B, T, H, W, 3), the MSE in [-1, 1]
+    pixels of the posterior mean's reconstruction (the latents the DiT sees), with foreground pixels
+    (off the frame's median colour by more than 0.1) weighted 1 + fg_weight, + kl_weight *
+    KL(posterior || N(0, I)) per element. A frame is a whole chunk of the causal VAE: it trains every
+    weight that keyframe_init leaves to train."""
+    import torch
+    pick = torch.randint(clips.shape[1], (clips.shape[0],), generator=generator)
+    x = data.to_tensor(clips[torch.arange(clips.shape[0]), pick, None]).to(device)  # (B, 3, 1, H, W)
+    post = vae.encode(x).latent_dist
+    rec = vae.decode(post.mode()).sample
+    median = x.flatten(2).median(-1).values[:, :, None, None, None]
+    w = 1 + fg_weight * ((x - median).abs().amax(1, keepdim=True) > 0.1).float()
+    kl = 0.5 * (post.mean ** 2 + post.var - 1 - post.logvar).mean()
+    return (w * (rec - x) ** 2).mean() / w.mean() + kl_weight * kl
+
+
+def latent_stats(vae, clips, device):
+    """Per-channel mean and std of a VAE's latents over uint8 clips (T, H, W, 3), this rank's, pooled
+    over all ranks: what normalises a VAE trained here, as Wan's ships its own in its config."""
+    import torch
+
+    import common
+    with torch.no_grad():
+        z = torch.cat([vae.encode(data.to_tensor(c[None]).to(device)).latent_dist.mode() for c in clips])
+    z = z.transpose(0, 1).flatten(1).double()  # (C, N)
+    s, s2, n = (torch.tensor(t, dtype=torch.float64) for t in
+                common.all_sum([z.sum(1).tolist(), (z ** 2).sum(1).tolist(), [z.shape[1]] * len(z)]))
+    mean = s / n
+    return mean.tolist(), (s2 / n - mean ** 2).clamp_min(1e-12).sqrt().tolist()
+
+
+# A CLIP small enough to train on a CPU, for worlds (Shapes) OpenAI's CLIP never saw: open_clip's
+# own CLIP class, whole frames at image_size (no crop), byte tokens. Saved as <dir>/clip.json + clip.safetensors.
+TINY_CLIP = dict(embed_dim=64, quick_gelu=False,
+                 vision_cfg=dict(image_size=[64, 112], patch_size=8, width=64, layers=3, head_width=32),
+                 text_cfg=dict(context_length=96, vocab_size=259, width=64, heads=2, layers=2))
+
+
+def byte_tokens(texts, length=96):
+    """The tiny CLIP's tokenizer: 257 (start), UTF-8 bytes + 1, 258 (end, the largest id: open_clip
+    pools the text at its argmax), zero padding, cut to `length`. -> long (N, length)"""
+    import torch
+    out = torch.zeros(len(texts), length, dtype=torch.long)
+    for i, t in enumerate(texts):
+        ids = [257] + [b + 1 for b in t.encode("utf-8")][:length - 2] + [258]
+        out[i, :len(ids)] = torch.tensor(ids)
+    return out
+
+
+def build_tiny_clip(cfg=TINY_CLIP):
+    import open_clip
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+    return open_clip.CLIP(cfg["embed_dim"], CLIPVisionCfg(**cfg["vision_cfg"]), CLIPTextCfg(**cfg["text_cfg"]),
+                          quick_gelu=cfg["quick_gelu"])
+
+
+def load_tiny_clip(path):
+    from rewards import CLIPError
+    from safetensors.torch import load_file
+    files = [os.path.join(path, f) for f in ("clip.json", "clip.safetensors")]
+    if not all(os.path.isfile(f) for f in files):
+        raise CLIPError(f"{path}: not a tiny-CLIP directory (needs clip.json and clip.safetensors)")
+    with open(files[0]) as f:
+        net = build_tiny_clip(json.load(f))
+    sd = load_file(files[1])
+    own = net.state_dict()
+    bad = sorted(set(own) ^ set(sd)) + sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
+    if bad:
+        raise CLIPError(f"{files[1]}: {len(bad)} keys missing, unexpected or misshapen (e.g. {bad[0]})")
+    net.load_state_dict(sd)
+    return net
+
+
+def train_clip(manifest, out, steps=1000, batch_size=64, lr=1e-3, frames_per_clip=5, seed=0, height=64, width=112,
+               save_every=100):
+    """Contrastive training of a tiny CLIP on (target frame, caption) pairs of a manifest: CLIP-V
+    then compares what this world's frames show, CLIP-T whether a frame fits a caption. Writes
+    out/clip.json + out/clip.safetensors at the end (clip.safetensors, written last, means done),
+    and out/train_state.pt every save_every steps and when Ctrl-C or SIGTERM stops it: a rerun
+    resumes from there exactly. -> the losses of this call's steps."""
+    import torch
+    import torch.nn.functional as F
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    import common
+    import model
+    from rewards import CLIP
+    samples, _ = data.read_manifest(manifest)
+    frames = torch.stack([torch.from_numpy(data.load_clip(s["target_video"], frames_per_clip, height, width))
+                          for s in samples])  # (N, K, H, W, 3) uint8, K frames spread over each target
+    cfg = {**TINY_CLIP, "vision_cfg": {**TINY_CLIP["vision_cfg"], "image_size": [height, width]}}
+    torch.manual_seed(seed)
+    net = build_tiny_clip(cfg)
+    clip = CLIP.__new__(CLIP)  # only its preprocessing, on this model
+    clip.model, clip.crop, clip.size, clip.device, clip.dtype = net, False, (height, width), torch.device("cpu"), torch.float32
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.1)
+    os.makedirs(out, exist_ok=True)
+    state_path, start = os.path.join(out, "train_state.pt"), 0
+    if os.path.isfile(state_path):
+        state = torch.load(state_path, weights_only=True)
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        start = state["step"]
+        print(f"resumed from {state_path} at step {start}", flush=True)
+
+    def save_state(step):
+        torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
+                    "step": step}, state_path + ".tmp")
+        os.replace(state_path + ".tmp", state_path)
+
+    stop, losses = common.Stop(), []
+    try:
+        progress = tqdm(range(start, steps), initial=start, total=steps, desc="train-clip")
+        for step in progress:
+            for g in opt.param_groups:
+                g["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
+            i = torch.randint(len(samples), (batch_size,))
+            img = clip.preprocess(frames[i, torch.randint(frames_per_clip, (batch_size,))])
+            a = F.normalize(net.encode_image(img), dim=-1)
+            b = F.normalize(net.encode_text(byte_tokens([samples[j]["caption"] for j in i.tolist()])), dim=-1)
+            same = torch.tensor([[samples[j]["caption"] == samples[k]["caption"] for k in i.tolist()] for j in i.tolist()])
+            logits = net.logit_scale.exp() * a @ b.T
+            target = same.float() / same.sum(1, keepdim=True)  # identical captions are all positives
+            loss = (-(target * logits.log_softmax(1)).sum(1).mean() - (target.T * logits.log_softmax(0)).sum(0).mean()) / 2
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            progress.set_postfix(loss=f"{loss.item():.4f}")
+            if (step + 1) % save_every == 0 or stop.asked:
+                save_state(step + 1)
+            if stop.asked:
+                print(f"stopped at step {step + 1} of {steps}; rerun the command to resume", flush=True)
+                return losses
+    finally:
+        stop.close()
+    with open(os.path.join(out, "clip.json"), "w") as f:
+        json.dump(cfg, f)
+    path = os.path.join(out, "clip.safetensors")  # written last and atomically: its presence means done
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path + ".tmp")
+    model.respect_umask(path + ".tmp")
+    os.replace(path + ".tmp", path)
+    if os.path.isfile(state_path):
+        os.remove(state_path)
+    return losses
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="The Shapes world: its data, and a tiny CLIP for it.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sh = sub.add_parser("data", help="generate the world: clips and a manifest per split")
+    sh.add_argument("--out", default="data/shapes", help="output directory")
+    # the defaults are what config/shapes.py and the shipped Shapes models were made with
+    sh.add_argument("--n-train", type=int, default=4000, help="training samples")
+    sh.add_argument("--n-val", type=int, default=100, help="validation samples")
+    sh.add_argument("--n-test", type=int, default=200, help="test samples")
+    sh.add_argument("--height", type=int, default=64, help="frame height")
+    sh.add_argument("--width", type=int, default=112, help="frame width")
+    sh.add_argument("--seed", type=int, default=0, help="the world's seed")
+    sh.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes")
+    tc = sub.add_parser("train-clip", help="contrastive training of a tiny CLIP on a manifest's target frames and captions")
+    tc.add_argument("--train", default="data/shapes/train.jsonl", help="training manifest")
+    tc.add_argument("--out", default="data/shapes/clip", help="output directory (clip.json + clip.safetensors)")
+    tc.add_argument("--steps", type=int, default=1000, help="optimizer steps")
+    tc.add_argument("--batch-size", type=int, default=64, help="pairs per step")
+    tc.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    tc.add_argument("--height", type=int, default=64, help="frame height the CLIP sees")
+    tc.add_argument("--width", type=int, default=112, help="frame width the CLIP sees")
+    tc.add_argument("--seed", type=int, default=0, help="seed")
+    tc.add_argument("--save-every", type=int, default=100, help="write <out>/train_state.pt every N steps (a rerun resumes)")
+    a = parser.parse_args()
+    if a.cmd == "data":
+        make_shapes(a.out, a.n_train, a.n_val, a.n_test, a.height, a.width, a.seed, a.workers)
+    else:
+        try:
+            train_clip(a.train, a.out, a.steps, a.batch_size, a.lr, seed=a.seed, height=a.height, width=a.width,
+                       save_every=a.save_every)
+        except (data.ManifestError, data.VideoError) as e:
+            raise SystemExit(f"error: --train {e}")
