@@ -124,7 +124,7 @@ def size_warning(path, size, args):
     trained = tuple(model.CONFIGS["shapes"]["infer"][k] for k in ("height", "width"))
     if args.preset == "shapes" and tuple(size) != trained:
         print(f"warning: {path} is {size[1]}x{size[0]}; the Shapes models were trained on {trained[1]}x{trained[0]} "
-              "clips (python data.py shapes --height 64 --width 112), and answer others less well", file=sys.stderr)
+              "clips (python shapes.py data), and answer others less well", file=sys.stderr)
 
 
 def load_models(args):

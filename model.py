@@ -369,8 +369,8 @@ def sde_step_with_logprob(v, x, sigma, sigma_next, noise_level=0.7, prev_sample=
 
 def vae_chunk(h, w):
     """How many videos of latent size h x w the VAE takes at once: as many as fit in one 352x640
-    video's latent pixels (44 x 80). Its memory at the paper's size stays that of one video, and
-    small videos go in batches: 31 at 64x112, where 4 at once decode 1.7x and encode 2.8x faster."""
+    video's latent pixels (44 x 80): its memory at the paper's size stays that of one video, and
+    small videos go in batches (31 at 64x112), which is faster on a CPU (docs/design.md)."""
     return max(1, 44 * 80 // (h * w))
 
 
