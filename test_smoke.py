@@ -205,7 +205,8 @@ def test_reference_frames(tiny):
 
 def test_vae_batches_match_one_video_at_a_time(tiny, monkeypatch):
     """The VAE takes at most one 352x640 video's latent pixels at once (model.vae_chunk); a batch,
-    whole or in chunks, encodes and decodes as its videos do one at a time, to float rounding."""
+    whole or in chunks, encodes and decodes as its videos do one at a time, to float rounding.
+    Catches: videos of a batch mixed up or reordered."""
     _, vdm = tiny
     assert (model.vae_chunk(44, 80), model.vae_chunk(88, 160), model.vae_chunk(8, 14)) == (1, 1, 31)
     clips = torch.stack([data.to_tensor(moving_clip(seed=s, color=c)) for s, c in
@@ -227,7 +228,9 @@ def test_vae_batches_match_one_video_at_a_time(tiny, monkeypatch):
                                                               ("pipe.mllm.mllm_backbone.", True, True)])
 def test_official_checkpoint_round_trip(tmp_path, prefix, old_layout, adapter_name):
     """The last case is the layout the release's own loader needs:
-    pipe.mllm.mllm_backbone.base_model.model.<pre-4.52 layout>.lora_{A,B}.default.weight."""
+    pipe.mllm.mllm_backbone.base_model.model.<pre-4.52 layout>.lora_{A,B}.default.weight. Catches: a
+    layout whose keys load nothing (the release's own loader would drop them silently) or land in
+    the wrong modules."""
     from safetensors.torch import save_file
     # a "trained" VANS: a different DiT and a random LoRA on the tiny VLM
     src_vlm, src_vdm = model.load_tiny(seed=0)
@@ -338,7 +341,8 @@ def test_our_checkpoint_round_trip(tmp_path):
 
 @pytest.mark.parametrize("name", ["clip.mp4", "short.mp4", "two.mp4", "image.png"])
 def test_infer_tiny_end_to_end(files, tmp_path, name):
-    """The whole path on CPU for a 40-, 10- and 2-frame clip and an image (short clips are held to 33 frames)."""
+    """The whole path on CPU for a 40-, 10- and 2-frame clip and an image (short clips are held to
+    33 frames). Catches: a short clip or an image refused, or an answer of another size."""
     out = tmp_path / "answer.mp4"
     r = run_infer(files / name, "What happens next?", "--model", "tiny", "--height", H, "--width", W,
                   "--max-new-tokens", 16, "--out", out, "--json")
@@ -430,7 +434,8 @@ def test_infer_defaults_follow_the_model(tmp_path):
 
 @pytest.mark.slow
 def test_infer_tiny_at_paper_size(files, tmp_path):
-    """The default output size, 33 x 352 x 640 at 11 fps (tiny models: ~1 min for the VAE on 2 cores)."""
+    """The default output size, 33 x 352 x 640 at 11 fps (tiny models: ~1 min for the VAE on 2
+    cores). Catches: a path that only works at the test size."""
     out = tmp_path / "answer.mp4"
     r = run_infer(files / "clip.mp4", "What happens next?", "--model", "tiny", "--max-new-tokens", 8,
                   "--steps", 2, "--out", out)

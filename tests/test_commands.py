@@ -112,8 +112,9 @@ def test_files_respect_the_umask(tmp_path):
 
 
 def test_quiet_lora_and_ignored_outputs():
-    """Wrapping a model in a LoRA prints no deprecation warning, and what the commands write by default
-    (data/, out/, eval/, answer.mp4) is not tracked by git."""
+    """Wrapping a model in a LoRA prints no deprecation warning, and what the commands write by
+    default (data/, out/, eval/, answer.mp4) is not tracked by git. Catches: a warning on every
+    start that users cannot act on, run outputs committed by mistake."""
     import warnings
     vlm, _ = model.load_tiny(need=("vlm",))
     with warnings.catch_warnings(record=True) as caught:

