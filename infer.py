@@ -51,7 +51,7 @@ def add_flags(parser):
                              "DiffSynth's reader; shapes and our checkpoints: what the VDM was trained with)")
     parser.add_argument("--precision", default=None, choices=("release", "fp32"),
                         help="release: bf16 latents, timesteps and tiled VAE, as the release on a GPU; fp32: float32 "
-                             "sampler state and VAE (default: release on cuda, fp32 on cpu)")
+                             "sampler state and VAE (default: release for the full-size models on cuda, else fp32)")
     # weights and compute
     parser.add_argument("--qwen", default=None, help="local copy of Qwen/Qwen2.5-VL-3B-Instruct")
     parser.add_argument("--wan", default=None, help="local copy of Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
@@ -94,11 +94,9 @@ def settle_flags(args):
                 except model.CheckpointError as e:
                     raise model.CheckpointError(f"--{flag} {e}") from None
         preset = model.preset_of(args.model)
-        trained = model.meta_of(args.vdm or args.model).get("flags", {})
+        args.ref_clip = args.ref_clip or model.ref_clip_of(args.vdm or args.model)
     except model.CheckpointError as e:
         fail(e)
-    if args.ref_clip is None and trained.get("ref_clip"):
-        args.ref_clip = trained["ref_clip"]
     for k, v in model.CONFIGS[preset]["infer"].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -112,8 +110,8 @@ def settle_flags(args):
         fail(f"--device {args.device}: expected cuda, cuda:N or cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         fail(f"--device {args.device}: no CUDA GPU is available here (use --device cpu)")
-    if args.precision is None:
-        args.precision = "release" if device.type == "cuda" else "fp32"
+    if args.precision is None:  # the release's numerics are those of its own models on a GPU
+        args.precision = "release" if device.type == "cuda" and preset == "full" else "fp32"
     args.preset = preset
 
 
@@ -144,9 +142,10 @@ def load_models(args):
     vlm.model.to(device)
     for m in (vdm.dit, vdm.vae, vdm.text_encoder):
         m.to(device)
-    if args.precision == "release":  # the release runs its VAE in bf16 too
+    if args.precision == "release":  # everything in bf16, the VAE too (a small preset loads in float32)
         vdm.release = True
-        torch.nn.Module.to(vdm.vae, dtype)  # (diffusers' own .to warns about float32 modules this VAE does not have)
+        for m in (vlm.model, vdm.dit, vdm.text_encoder, vdm.vae):  # (diffusers' own .to warns about nothing here)
+            torch.nn.Module.to(m, dtype)
     return vlm, vdm
 
 

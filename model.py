@@ -889,6 +889,12 @@ def preset_of(name):
     return meta_of(name).get("preset") or RANDOM.get(name, "full")
 
 
+def ref_clip_of(name):
+    """The reference clip a --model's VDM was trained with (data.clip_indices): what its checkpoint's
+    run recorded (--ref-clip), else its preset's default."""
+    return meta_of(name).get("flags", {}).get("ref_clip") or CONFIGS[preset_of(name)]["infer"]["ref_clip"]
+
+
 def check_name(name):
     """A --model value must be a name load() knows or a checkpoint directory (whose meta.json is
     read); CheckpointError otherwise. Cheap: nothing is loaded."""
@@ -927,7 +933,8 @@ def pack(out, vlm_path, vdm_path, clip=None):
     vlm, _ = load_checkpoint(vlm_path, dtype=torch.float32, need=("vlm",))
     _, vdm = load_checkpoint(vdm_path, dtype=torch.float32, need=("vdm",))
     origin = {part: {k: v for k, v in m.items() if k in ("script", "step", "git")} for part, m in metas.items()}
-    save_checkpoint(out, vlm, vdm, {"preset": presets.pop(), "script": "pack", **origin})
+    flags = {"ref_clip": ref_clip_of(vdm_path)}  # how the VDM reads its reference clip goes with it
+    save_checkpoint(out, vlm, vdm, {"preset": presets.pop(), "script": "pack", "flags": flags, **origin})
     if clip:
         shutil.copytree(clip, os.path.join(out, "clip"))
 

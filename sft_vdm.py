@@ -67,7 +67,8 @@ parser.add_argument("--train", default="data/train.jsonl", help="training manife
 parser.add_argument("--val", default=None, help="validation manifest")
 parser.add_argument("--skip-bad", action="store_true", help="skip and count bad manifest lines / clips instead of stopping")
 parser.add_argument("--frames", type=int, default=33, help="frames of the reference and target clips (4k + 1)")
-parser.add_argument("--ref-clip", default="first", choices=data.REF_CLIPS, help="which input frames make the reference clip (data.clip_indices)")
+parser.add_argument("--ref-clip", default=None, choices=data.REF_CLIPS,
+                    help="which input frames make the reference clip (data.clip_indices; default: --model's, first for Wan)")
 parser.add_argument("--height", type=int, default=352, help="training height (multiple of 16)")
 parser.add_argument("--width", type=int, default=640, help="training width (multiple of 16)")
 parser.add_argument("--cache-latents", action="store_true", help="encode every sample once into <out>/cache and train from it")
@@ -112,6 +113,7 @@ if args.train_vae and (args.train_text_encoder or args.cache_latents or args.ema
 
 if not resume:
     common.check_models(model=args.model)
+args.ref_clip = args.ref_clip or model.ref_clip_of(last if resume else args.model)
 train, val = common.read_manifests(args, min_frames=args.frames)
 os.makedirs(args.out, exist_ok=True)
 clips = data.ClipDataset(train, ("clip", "target"), args.frames, args.height, args.width, ref_clip=args.ref_clip)
@@ -384,7 +386,7 @@ for step, batch in zip(range(start, end), loader):
     progress.update(1)
 
     done = step + 1
-    stopped = stop()
+    stopped = stop() and done < end  # asked to stop before the planned end: no validation, just save
     if stopped:
         end = done
     if done % args.log_every == 0 or done == end:

@@ -205,7 +205,7 @@ for step, batch in zip(range(start, end), loader):
     progress.update(1)
 
     done = step + 1
-    stopped = stop()
+    stopped = stop() and done < end  # asked to stop before the planned end: no validation, just save
     if stopped:
         end = done
     if done % args.log_every == 0 or done == end:

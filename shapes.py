@@ -460,6 +460,9 @@ def train_clip(manifest, out, steps=1000, batch_size=64, lr=1e-3, frames_per_cli
     clip.model, clip.crop, clip.size, clip.device, clip.dtype = net, False, (height, width), torch.device("cpu"), torch.float32
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.1)
     os.makedirs(out, exist_ok=True)
+    common.same_settings(os.path.join(out, "train_settings.json"),  # a state of other settings is not resumed
+                         dict(manifest=os.path.abspath(manifest), steps=steps, batch_size=batch_size, lr=lr,
+                              frames_per_clip=frames_per_clip, seed=seed, height=height, width=width))
     state_path, start = os.path.join(out, "train_state.pt"), 0
     if os.path.isfile(state_path):
         state = torch.load(state_path, weights_only=True)

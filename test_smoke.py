@@ -421,15 +421,23 @@ def test_infer_defaults_follow_the_model(tmp_path):
         infer.settle_flags(args)
         return args.decoding, args.ref_clip, args.precision, args.steps
 
+    assert set(infer.DECODINGS) == set(model.DECODING)  # infer names them before importing model
     assert settled("--model", "tiny", "--device", "cpu") == ("release", "first", "fp32", 50)
-    if torch.cuda.is_available():
-        assert settled("--model", "tiny", "--device", "cuda") == ("release", "first", "release", 50)
+    with pytest.MonkeyPatch.context() as mp:  # on a GPU, here or not: the release's numerics for its own models
+        mp.setattr(torch.cuda, "is_available", lambda: True)
+        assert settled("--model", "vans") == ("release", "first", "release", 50)
+        assert settled("--model", "shapes")[2] == "fp32"  # small models load in float32
     assert settled("--model", "shapes", "--device", "cpu") == ("sample", "uniform", "fp32", 20)
     assert settled("--model", "shapes", "--decoding", "greedy", "--ref-clip", "last") == ("greedy", "last", "fp32", 20)
     _, vdm = model.load_tiny(need=("vdm",))
     model.save_checkpoint(str(tmp_path / "ckpt"), None, vdm, {"preset": "tiny", "flags": {"ref_clip": "uniform"}})
     assert settled("--model", "tiny", "--vdm", str(tmp_path / "ckpt"))[1] == "uniform"
     assert settled("--model", str(tmp_path / "ckpt"), "--ref-clip", "first")[1] == "first"
+    # packed, the VDM's reference clip goes with it
+    vlm, _ = model.load_tiny(need=("vlm",))
+    model.save_checkpoint(str(tmp_path / "vlm"), vlm, None, {"preset": "tiny"}, ("vlm",))
+    model.pack(str(tmp_path / "packed"), str(tmp_path / "vlm"), str(tmp_path / "ckpt"))
+    assert settled("--model", str(tmp_path / "packed"))[1] == "uniform"
 
 
 @pytest.mark.slow

@@ -90,9 +90,9 @@ def test_stopped_runs_keep_their_work(shapes_small, tmp_path):
     one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}  # as stop_midway runs it: the same float sums
     subprocess.run(clip + ["--out", str(tmp_path / "clip_straight")], check=True, capture_output=True, cwd=ROOT, env=one_thread)
     stop_midway(clip + ["--out", str(tmp_path / "clip_split")], tmp_path / "clip.err", signal.SIGINT, None)
-    assert sorted(os.listdir(tmp_path / "clip_split")) == ["train_state.pt"]  # not done, its state kept
+    assert sorted(os.listdir(tmp_path / "clip_split")) == ["train_settings.json", "train_state.pt"]  # not done, kept
     subprocess.run(clip + ["--out", str(tmp_path / "clip_split")], check=True, capture_output=True, cwd=ROOT, env=one_thread)
-    assert sorted(os.listdir(tmp_path / "clip_split")) == ["clip.json", "clip.safetensors"]
+    assert sorted(os.listdir(tmp_path / "clip_split")) == ["clip.json", "clip.safetensors", "train_settings.json"]
     same_weights(tmp_path / "clip_straight", tmp_path / "clip_split")
 
 

@@ -181,3 +181,22 @@ def test_clip_dataset_and_workers(shapes_small, files, capfd):
                         capfd.readouterr().err)
     assert ds.try_load(broken) is None and ds.try_load(samples[0])["id"] == samples[0]["id"]  # validation's way
     assert re.fullmatch(r"warning: .*truncated\.mp4: not a readable video.*; left out\n", capfd.readouterr().err)
+
+
+def test_small_frames_are_refused_as_inputs_only(tmp_path):
+    """An input of 16x20 frames is refused (by probe and by a manifest's input_video), but the same file
+    as a target or a model's output reads as it is. Catches: eval failing on its own small outputs after
+    generating them, or a size check that lets an unusable input through."""
+    data.write_video(str(tmp_path / "small.mp4"), np.zeros((5, 16, 20, 3), np.uint8))
+    data.write_video(str(tmp_path / "ok.mp4"), np.zeros((5, 32, 48, 3), np.uint8))
+    with pytest.raises(data.VideoError, match=r"small\.mp4: frames of 20x16 pixels; need at least 28 a side"):
+        data.probe(str(tmp_path / "small.mp4"))
+    assert data.read_frames(str(tmp_path / "small.mp4")).shape == (5, 16, 20, 3)
+    row = {"question": "q", "think": "t", "caption": "c"}
+    for name, inp, tgt, ok in (("a", "small.mp4", "ok.mp4", False), ("b", "ok.mp4", "small.mp4", True)):
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps({**row, "input_video": inp, "target_video": tgt}) + "\n")
+        if ok:
+            assert len(data.read_manifest(str(tmp_path / f"{name}.jsonl"), check_videos=True)[0]) == 1
+        else:
+            with pytest.raises(data.ManifestError, match=r"a\.jsonl:1: .*small\.mp4: frames of 20x16 pixels"):
+                data.read_manifest(str(tmp_path / f"{name}.jsonl"), check_videos=True)
