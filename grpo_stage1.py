@@ -21,18 +21,26 @@ One step, on every rank, for each of its --prompts prompts (video, question):
      ground-truth video); each normalised (--norm, see rewards.normalise) and summed with the
      lambda weights of --rewards;
   4. A = (r - mean_group) / (std_group + eps) of the sum (rewards.group_advantages);
-  5. the old and reference log-probs of every completion token are computed, then
-     --updates-per-rollout optimizer steps on the clipped surrogate + beta k3 KL
-     (rewards.grpo_loss), averaged per sequence then over the batch (--loss-mean token:
-     over all tokens).
+  5. the old and reference log-probs of every completion token are computed, then the
+     completions are split into --minibatches (2) parts and each part is one optimizer step on
+     the clipped surrogate + beta k3 KL (rewards.grpo_loss), averaged per sequence then over
+     the part (--loss-mean token: over its tokens); --updates-per-rollout passes over them.
+     As in Flow-GRPO, the second part is scored by a policy the first step has moved, so its
+     ratio differs from 1 and the clip range acts. With --minibatches 1 and one pass the ratio
+     is exactly 1 and the objective is REINFORCE with a group baseline, plus the KL.
 
 Choices the paper leaves open, made here:
 - The SFT LoRA is merged into the base weights and a fresh LoRA (r 8, alpha 32) is trained on
   top, so the KL reference, "the model with the adapter disabled", is the SFT model. The
-  checkpoint therefore holds the merged VLM (vlm.safetensors), the new adapter (vlm_lora/, peft
-  format) and the frozen VDM: `infer.py --model <out>/last` runs it as is.
+  checkpoint therefore holds the merged VLM (vlm.safetensors) and the new adapter (vlm_lora/,
+  peft format); the frozen VDM is not copied, its meta.json names --vdm instead, and
+  `infer.py --model <out>/last` loads it from there.
 - Dropout is off (LoRA dropout is an SFT regulariser): the recomputed old log-probs equal the
-  policy's, so the ratio is exactly 1 at the first update of a rollout.
+  policy's, so the ratio is exactly 1 at the first optimizer step of a rollout, and the log's
+  approx_kl (mean of (log ratio)^2 / 2) measures how far the later ones moved.
+- Each reward is normalised by its within-group spread pooled over the whole step, all ranks
+  (--norm pooled, rewards.normalise): a reward whose in-group differences are noise then counts
+  little there, where a per-group z-score (--norm group) would give noise full weight.
 - Log-probs are taken at the sampling temperature (logits / T); top_p defaults to 1 so the
   distribution sampled is the distribution scored. Top-k and the repetition penalty are off
   (model.sampling): the release's generate call, on Qwen's generation_config.json (top_k 1),
@@ -92,11 +100,14 @@ parser.add_argument("--render-batch", type=int, default=8, help="videos per VDM 
 # rewards and loss
 parser.add_argument("--rewards", default="format=1,rouge_l=1,clip_v=1",
                     help="name=lambda list: format, rouge_l, clip_v, or module:function (fn(completions, samples) -> floats)")
-parser.add_argument("--norm", default="group", choices=rewards.NORMALISATIONS, help="how each reward is normalised before the sum")
+parser.add_argument("--norm", default="pooled", choices=rewards.NORMALISATIONS,
+                    help="how each reward is normalised before the sum (rewards.normalise)")
 parser.add_argument("--clip-range", type=float, default=1e-3, help="epsilon of the clipped ratio")
 parser.add_argument("--beta", type=float, default=0.004, help="weight of the k3 KL to the reference (SFT) model")
 parser.add_argument("--loss-mean", default="sequence", choices=["sequence", "token"], help="average per sequence, or over all tokens")
-parser.add_argument("--updates-per-rollout", type=int, default=1, help="optimizer steps on each rollout")
+parser.add_argument("--minibatches", type=int, default=2, help="optimizer steps per pass over a rollout, each on its share "
+                                                                   "of the completions (Flow-GRPO's 2: the later ones see a ratio != 1)")
+parser.add_argument("--updates-per-rollout", type=int, default=1, help="passes over each rollout")
 parser.add_argument("--log-samples", type=int, default=2, help="completions written to the log at each log step")
 common.add_run_flags(parser, out="out/grpo_stage1", steps=800)  # the paper's steps
 args = common.parse_flags(parser, "grpo_stage1")
@@ -104,6 +115,10 @@ args = common.parse_flags(parser, "grpo_stage1")
 # -----------------------------------------------------------------------------
 # compute
 
+n_rollout = args.prompts * args.group_size  # completions per rank and step
+if n_rollout % args.minibatches or (n_rollout // args.minibatches) % min(args.micro_batch, n_rollout // args.minibatches):
+    parser.error(f"--minibatches {args.minibatches} must split the {n_rollout} completions of a step (--prompts x "
+                 f"--group-size) into equal parts, each made of whole --micro-batch chunks")
 rank, world, device = common.compute_init(args.device)
 master = rank == 0
 amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
@@ -124,9 +139,8 @@ render = "clip_v" in reward_fns
 # data: each prompt's VLM frames, and (for CLIP-V) its reference clip and ground-truth video. Every
 # input is checked, and CLIP loaded, before any heavy work.
 
-if not resume:
-    common.check_models(init=args.init, vdm=args.vdm)
-args.ref_clip = args.ref_clip or model.ref_clip_of(last if resume else args.vdm)
+common.check_models(**({} if resume else {"init": args.init}), vdm=args.vdm)
+args.ref_clip = args.ref_clip or model.ref_clip_of(args.vdm)
 train, _ = common.read_manifests(args, min_frames=args.frames)
 clip = common.load_clip(args.clip, [args.vdm], device) if render else None
 os.makedirs(args.out, exist_ok=True)
@@ -155,8 +169,7 @@ params = [p for p in net.parameters() if p.requires_grad]
 ddp_net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else net
 common.print0(f"{preset} VLM: {sum(p.numel() for p in params):,} LoRA parameters trained")
 
-_, (_, vdm) = common.load_model(last if resume else args.vdm, qwen=args.qwen, wan=args.wan, vans=args.vans, dtype=dtype,
-                                need=("vdm",))
+_, (_, vdm) = common.load_model(args.vdm, qwen=args.qwen, wan=args.wan, vans=args.vans, dtype=dtype, need=("vdm",))
 for m in (vdm.dit, vdm.vae, vdm.text_encoder):
     m.to(device).eval().requires_grad_(False)
 
@@ -220,12 +233,13 @@ logger = common.Logger(args.out, args, rank, start)
 
 
 def save(step):
-    """<out>/last: merged VLM + GRPO LoRA + the frozen VDM + meta + training state, atomically."""
+    """<out>/last: merged VLM + GRPO LoRA + meta (naming --vdm, the frozen VDM, in "from") + training
+    state, atomically."""
     state = common.train_state(step, optimizer.state_dict(), {"skipped": int(common.all_sum(skipped))})
     if master:
-        parts = ("vlm", "vlm_lora", "dit") + (("vae", "text_encoder") if preset != "full" else ())
         meta = {"preset": preset, "script": "grpo_stage1", "step": step, "flags": vars(args), "git": common.git_hash()}
-        model.save_checkpoint(last, vlm, vdm, meta, parts, extra={"train_state.pt": state})
+        model.save_checkpoint(last, vlm, None, meta, ("vlm", "vlm_lora"), extra={"train_state.pt": state},
+                              sources={"vdm": args.vdm})
     if world > 1:
         torch.distributed.barrier()
 
@@ -246,7 +260,7 @@ for step, batch in zip(range(start, end), loader):
     skipped += batch["skipped"]
     rep = lambda xs: [x for x in xs for _ in range(G)]
     videos, questions = rep(batch["vlm"]), rep(batch["question"])
-    mb = args.micro_batch
+    mb = min(args.micro_batch, len(videos) // args.minibatches)  # a minibatch is made of whole micro-batches
 
     # 1. rollouts, in micro-batches: [(inputs of prompt + completion, completions)]
     net.eval()
@@ -256,7 +270,7 @@ for step, batch in zip(range(start, end), loader):
 
     # 2-4. rewards, their normalised lambda-weighted sum, and the group advantage
     raw, renders = score(completions, batch, step)
-    total = rewards.combine(raw, weights, G, args.norm)
+    total = rewards.combine(raw, weights, G, args.norm, common.all_sum)
     advantages = rewards.group_advantages(total, G).to(device)
 
     # 5. old and reference log-probs (no grad), then the updates
@@ -265,12 +279,14 @@ for step, batch in zip(range(start, end), loader):
         old = [vlm.completion_logprobs(inp, args.temperature) for inp, _ in chunks]
         with net.disable_adapter():
             ref = [vlm.completion_logprobs(inp, args.temperature) for inp, _ in chunks]
-    norm = len(completions) if args.loss_mean == "sequence" else sum(int(inp["completion_mask"].sum()) for inp, _ in chunks)
+    per_update = len(chunks) // args.minibatches  # micro-batches per optimizer step
     stats = []
-    for _ in range(args.updates_per_rollout):
-        for k, (inp, _) in enumerate(chunks):
-            no_sync = ddp_net.no_sync() if world > 1 and k < len(chunks) - 1 else contextlib.nullcontext()
-            with no_sync:
+    for part in [range(f, f + per_update) for f in range(0, len(chunks), per_update)] * args.updates_per_rollout:
+        norm = (sum(len(chunks[k][1]) for k in part) if args.loss_mean == "sequence"
+                else sum(int(chunks[k][0]["completion_mask"].sum()) for k in part))
+        for k in part:
+            inp = chunks[k][0]
+            with ddp_net.no_sync() if world > 1 and k < part[-1] else contextlib.nullcontext():
                 with amp:
                     logp = vlm.completion_logprobs(inp, args.temperature, ddp_net)
                 loss, st = rewards.grpo_loss(logp, old[k], ref[k], advantages[k * mb:(k + 1) * mb],
@@ -294,6 +310,7 @@ for step, batch in zip(range(start, end), loader):
                    **{f"rewards/{k}/mean": common.all_mean(v.tolist()) for k, v in raw.items()},
                    "kl": common.all_mean([s["kl"] for s in stats]),
                    "clip_ratio": common.all_mean([s["clip_ratio"] for s in stats]),
+                   "approx_kl": common.all_mean([s["approx_kl"] for s in stats]),  # to the rollout's policy: 0 at a first update
                    "completions/mean_length": common.all_mean(lengths),
                    "completions/think_length": common.all_mean([len(vlm.processor.tokenizer(model.extract(c, "Think") or "").input_ids)
                                                                 for c in completions]),  # tokens inside [Think]

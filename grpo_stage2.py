@@ -3,7 +3,8 @@ Joint-GRPO stage 2: the DiT learns videos faithful to the input clip and to the 
 VLM's captions, by Flow-GRPO through the ODE->SDE sampler. The VLM is frozen: it only
 writes the anchor captions.
 
-    # one GPU: the paper's 1000 steps from out/grpo_stage1/last (the stage-1 VLM and the SFT VDM) into out/grpo_stage2
+    # one GPU: the paper's 1000 steps, the stage-1 VLM out/grpo_stage1/last writing the anchors for the
+    # SFT VDM out/sft_vdm/last, into out/grpo_stage2
     python grpo_stage2.py --train data/train.jsonl
     # one node, 8 GPUs (the paper's settings)
     torchrun --standalone --nproc_per_node=8 grpo_stage2.py --config config/paper.py
@@ -27,15 +28,19 @@ writes the anchor captions.
 4. Update, on the first --train-fraction (99%) of the SDE steps, each step's
    rewards.flow_grpo_loss: ratio against the rollout's log-prob, clip range 1e-3, A clipped
    to +-5, beta 0.004 times the KL of the step means to the reference DiT (the starting
-   weights, frozen; with --lora, the adapter disabled). Gradients add up over steps and
-   samples; one optimizer step per pass (--updates-per-rollout passes per rollout).
+   weights, frozen; with --lora, the adapter disabled). The videos are split into
+   --minibatches (2) parts, as in Flow-GRPO; gradients add up over a part's videos and steps,
+   and each part is one optimizer step, so the second sees a ratio != 1 and the clip acts
+   (--updates-per-rollout passes over the parts).
 
 The anti-hacking guard: `motion`, the mean absolute frame-to-frame difference of the
 generated videos (pixels in [0, 1]), is logged beside the rewards with the ground truth's
 `motion_gt`. A DiT drifting to static frames to please CLIP shows as motion falling.
 Every --sample-every steps rank 0 writes a generated video beside its ground truth to
 <out>/samples. Checkpoints hold the DiT (merged, with --lora; the adapter rides along for
---resume), the rest of the VDM where the preset needs it, and the frozen VLM.
+--resume); the frozen VLM and the rest of the VDM are named in meta.json ("from"), not copied.
+The DiT trains, and takes its KL against, the weights --vdm holds (fp32 from sft_vdm), never a
+copy another run saved in bf16.
 """
 
 import argparse
@@ -64,7 +69,8 @@ parser.add_argument("--train", default="data/train.jsonl", help="training manife
 parser.add_argument("--skip-bad", action="store_true", help="skip and count bad manifest lines / clips instead of stopping")
 # models
 parser.add_argument("--vlm", default="out/grpo_stage1/last", help="the stage-1 VLM (anchor captions): a checkpoint, vans or tiny")
-parser.add_argument("--vdm", default="out/grpo_stage1/last", help="the VDM to tune, also the KL reference: a checkpoint, vans or tiny")
+parser.add_argument("--vdm", default="out/sft_vdm/last", help="the VDM to tune (as trained: fp32 from SFT), also the KL reference: "
+                                                             "a checkpoint, vans or tiny")
 parser.add_argument("--qwen", default=None, help="local copy of Qwen/Qwen2.5-VL-3B-Instruct")
 parser.add_argument("--wan", default=None, help="local copy of Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
 parser.add_argument("--vans", default=None, help="local copy of KlingTeam/VANS")
@@ -91,11 +97,14 @@ parser.add_argument("--train-fraction", type=float, default=0.99, help="train on
 # rewards and loss
 parser.add_argument("--rewards", default="clip_v=1,clip_t=1",
                     help="name=lambda list: clip_v, clip_t, or module:function (fn(videos, samples) -> floats)")
-parser.add_argument("--norm", default="group", choices=rewards.NORMALISATIONS, help="how each reward is normalised before the sum")
+parser.add_argument("--norm", default="pooled", choices=rewards.NORMALISATIONS,
+                    help="how each reward is normalised before the sum (rewards.normalise)")
 parser.add_argument("--clip-range", type=float, default=1e-3, help="epsilon of the clipped ratio")
 parser.add_argument("--adv-clip", type=float, default=5.0, help="advantages clipped to +-this")
 parser.add_argument("--beta", type=float, default=0.004, help="weight of the KL of the step means to the reference DiT")
-parser.add_argument("--updates-per-rollout", type=int, default=1, help="optimizer steps on each rollout")
+parser.add_argument("--minibatches", type=int, default=2, help="optimizer steps per pass over a rollout, each on its share "
+                                                                   "of the videos (Flow-GRPO's 2: the later ones see a ratio != 1)")
+parser.add_argument("--updates-per-rollout", type=int, default=1, help="passes over each rollout")
 parser.add_argument("--sample-every", type=int, default=50, help="write a generated video to <out>/samples every N steps")
 common.add_run_flags(parser, out="out/grpo_stage2", steps=1000)  # the paper's steps
 args = common.parse_flags(parser, "grpo_stage2")
@@ -103,6 +112,10 @@ args = common.parse_flags(parser, "grpo_stage2")
 # -----------------------------------------------------------------------------
 # compute
 
+n_rollout = args.prompts * args.group_size  # videos per rank and step
+if n_rollout % args.minibatches or (n_rollout // args.minibatches) % min(args.micro_batch, n_rollout // args.minibatches):
+    parser.error(f"--minibatches {args.minibatches} must split the {n_rollout} videos of a step (--prompts x "
+                 f"--group-size) into equal parts, each made of whole --micro-batch chunks")
 rank, world, device = common.compute_init(args.device)
 master = rank == 0
 amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
@@ -152,23 +165,17 @@ anchors = read_anchors()
 todo = [i for i in range(len(train))[rank::world] if key(i) not in anchors]
 with open(os.path.join(args.out, f"anchors.rank{rank}.jsonl"), "a") as f:
     for c in tqdm(range(0, len(todo), args.micro_batch), disable=not master or not todo, desc="anchors"):
-        idx, best = todo[c:c + args.micro_batch], {}
+        idx = todo[c:c + args.micro_batch]
         frames = {i: it["vlm"] for i in idx if (it := vlm_frames.try_load(train[i])) is not None}  # else no anchor
-        for attempt in range(args.anchor_tries):
-            need = [i for i in frames if best.get(i, (-1.0,))[0] < args.anchor_min_rouge]
-            if not need:
-                break
-            outs = vlm.generate([frames[i] for i in need], [train[i]["question"] for i in need],
-                                decoding="sample", max_new_tokens=args.max_new_tokens)  # a retry needs a new draw
-            for i, out in zip(need, outs):
-                caption = model.caption_of(out)
-                score = rewards.rouge_l(caption, train[i]["caption"])
-                if score > best.get(i, (-1.0,))[0]:
-                    best[i] = (score, caption, attempt + 1)
+        ok = list(frames)
+        sample = lambda need: [model.caption_of(out) for out in vlm.generate(  # a retry needs a new draw: sampled
+            [frames[ok[j]] for j in need], [train[ok[j]]["question"] for j in need], decoding="sample",
+            max_new_tokens=args.max_new_tokens)]
+        chosen = dict(zip(ok, rewards.choose_anchors(sample, [train[i]["caption"] for i in ok], args.anchor_min_rouge,
+                                                     args.anchor_tries)))
         for i in idx:
-            score, caption, found_at = best.get(i, (-1.0, None, 0))
-            keep = score >= args.anchor_min_rouge
-            r = {"key": key(i), "caption": caption if keep else None, "rouge_l": round(score, 4), "found_at": found_at}
+            caption, score, found_at = chosen.get(i, (None, -1.0, 0))
+            r = {"key": key(i), "caption": caption, "rouge_l": round(score, 4), "found_at": found_at}
             anchors[r["key"]] = r
             f.write(json.dumps(r) + "\n")
             f.flush()
@@ -180,7 +187,7 @@ common.print0(f"anchors: {len(usable)} of {len(train)} prompts kept, {len(train)
               f"(ROUGE-L < {args.anchor_min_rouge} after {args.anchor_tries} tries)")
 if not usable:
     raise SystemExit("error: no prompt has an anchor caption; lower --anchor-min-rouge or train stage 1 further")
-vlm.model.to("cpu")  # kept only to go into the checkpoint
+vlm = None  # freed: the checkpoint names it in "from"
 # training data: the prompts with an anchor. A clip that fails to decode is replaced by the next
 # such prompt, and item["index"] fetches the caption of the prompt actually loaded.
 clips = data.ClipDataset([train[i] for i in usable], ("vlm", "clip", "target"), args.frames, args.height, args.width,
@@ -230,16 +237,6 @@ def ref_velocity(x, sigma, text, neg, refs):
         dit.enable_adapters()
 
 
-def merged_dit_state():
-    """The DiT's weights with the LoRA folded in (W + scale B A): a plain DiT for every loader."""
-    from peft.tuners.lora import LoraLayer
-    sd = {k.replace(".base_layer.", "."): v for k, v in dit.state_dict().items() if ".lora_" not in k}
-    for name, m in dit.named_modules():
-        if isinstance(m, LoraLayer):
-            sd[f"{name}.weight"] = (m.base_layer.weight + m.get_delta_weight("default")).detach()
-    return sd
-
-
 def score(videos, captions, batch):
     """-> {reward name: raw values (P * G,)}, group after group."""
     rep = lambda xs: [x for x in xs for _ in range(G)]
@@ -277,15 +274,15 @@ logger = common.Logger(args.out, args, rank, start)
 
 
 def save(step):
-    """<out>/last: the tuned DiT (+ the tiny VAE and text encoder), the frozen VLM, meta and
-    training state, atomically."""
+    """<out>/last: the tuned DiT, meta (naming the frozen VLM and the rest of the VDM, --vlm and
+    --vdm, in "from") and training state, atomically."""
     state = common.train_state(step, optimizer.state_dict(), {"skipped": int(common.all_sum(skipped))})
     if master:
-        parts = ("dit", "vlm", "vlm_lora") + (("vae", "text_encoder") if preset != "full" else ())
-        weights = {"dit": merged_dit_state(), "dit_lora": get_peft_model_state_dict(dit)} if args.lora else {}
+        weights = {"dit": model.merged_lora_state(dit), "dit_lora": get_peft_model_state_dict(dit)} if args.lora else {}
         meta = {"preset": preset, "script": "grpo_stage2", "step": step, "flags": vars(args), "git": common.git_hash(),
                 "anchors_kept": len(usable), "anchors_skipped": len(train) - len(usable)}
-        model.save_checkpoint(last, vlm, vdm, meta, parts, weights=weights, extra={"train_state.pt": state})
+        model.save_checkpoint(last, None, vdm, meta, ("dit",), weights=weights, extra={"train_state.pt": state},
+                              sources={"vlm": args.vlm, "vdm": args.vdm})
     if world > 1:
         dist.barrier()
 
@@ -307,8 +304,8 @@ for step, batch in zip(range(start, end), loader):
     for g in optimizer.param_groups:
         g["lr"] = lr
     skipped += batch["skipped"]
-    mb = args.micro_batch
     captions = [anchor_captions[i] for i in batch["index"] for _ in range(G)]
+    mb = min(args.micro_batch, len(captions) // args.minibatches)  # a minibatch is made of whole micro-batches
     with torch.no_grad():
         text = vdm.encode_text(captions)  # (P * G, 512, D)
         refs = vdm.ref_latents(vdm.encode_video(data.to_tensor(batch["clip"]))) if vdm.n_refs else None
@@ -330,18 +327,20 @@ for step, batch in zip(range(start, end), loader):
 
     # 2-3. rewards, their normalised sum, the group advantage
     raw = score(videos, captions, batch)
-    total = rewards.combine(raw, weights, G, args.norm)
+    total = rewards.combine(raw, weights, G, args.norm, common.all_sum)
     advantages = rewards.group_advantages(total, G).to(device)
 
-    # 4. the update over the trained SDE steps, gradients accumulated, one optimizer step per pass
+    # 4. the update over the trained SDE steps, gradients accumulated over a minibatch's videos and steps
     dit.train()
-    norm = len(captions) * len(trained_steps)
+    per_update = len(rollouts) // args.minibatches  # micro-batches per optimizer step
     stats = []
-    for _ in range(args.updates_per_rollout):
-        for k, (xs, old_logp) in enumerate(rollouts):
+    for part in [range(f, f + per_update) for f in range(0, len(rollouts), per_update)] * args.updates_per_rollout:
+        norm = sum(len(rollouts[k][1]) for k in part) * len(trained_steps)
+        for k in part:
+            xs, old_logp = rollouts[k]
             c = k * mb
             for j in trained_steps:
-                sync = k == len(rollouts) - 1 and j == trained_steps[-1]
+                sync = k == part[-1] and j == trained_steps[-1]
                 with (contextlib.nullcontext() if sync or world == 1 else ddp_dit.no_sync()):
                     with amp:
                         v = vdm.guided_velocity(xs[:, j], sigmas[j], chunk(text, c), negs(c), chunk(refs, c), args.cfg,
@@ -357,7 +356,6 @@ for step, batch in zip(range(start, end), loader):
                     loss, st = rewards.flow_grpo_loss(logp, old_logp[:, j], advantages[c:c + mb], mean, ref_mean,
                                                       step_std, args.clip_range, args.beta, args.adv_clip, norm)
                     loss.backward()
-                st["approx_kl"] = 0.5 * ((logp.detach() - old_logp[:, j]) ** 2).mean().item()
                 stats.append(st)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
         optimizer.step()

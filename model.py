@@ -333,6 +333,28 @@ def training_schedule(shift=5.0, n=1000):
     return sigmas, w * (n / w.sum())
 
 
+def flow_matching_loss(vdm, x0, text, refs=None, generator=None, sigma=None, shift=5.0, weighted=True, dit=None):
+    """The VDM's SFT loss, as DiffSynth's Wan training (which the release's VDM came from) computes
+    it. Per sample: sigma drawn from the shifted 1000-step table (training_schedule) unless given,
+    noise eps, x_s = (1 - s) x0 + s eps, and the DiT's velocity on the target frames (the clean
+    refs in front, never noised) regressed on eps - x0, the direction sampling integrates along:
+        loss = mean_b w(s_b) mean (v - (eps - x0))^2
+    w: DiffSynth's weight in t (weighted), else 1; a given sigma (validation) is unweighted.
+    x0: (B, C, T, h, w) clean target latents; text: (B, L, D). -> scalar"""
+    B = x0.shape[0]
+    weight = torch.ones(B)
+    if sigma is None:
+        sigmas, weights = training_schedule(shift)
+        i = torch.randint(len(sigmas), (B,), generator=generator)
+        sigma, weight = sigmas[i], (weights[i] if weighted else weight)
+    eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+    sigma = torch.as_tensor(sigma, dtype=torch.float32).expand(B).to(x0.device)
+    s = sigma.view(-1, 1, 1, 1, 1)
+    v = vdm.velocity((1 - s) * x0 + s * eps, sigma, text, refs, dit=dit)
+    per_sample = ((v.float() - (eps - x0)) ** 2).flatten(1).mean(1)  # (B,)
+    return (weight.to(x0.device) * per_sample).mean()
+
+
 def euler_step(v, x, sigma, sigma_next):
     """Deterministic ODE step x' = x + v (s' - s), in x's dtype. As DiffSynth writes it, with the sigmas
     0-dim CPU tensors: in bf16 the product is then rounded once (s' - s first cast to bf16 is not)."""
@@ -615,6 +637,17 @@ def add_lora(model):
         return get_peft_model(model, LoraConfig(**LORA))
 
 
+def merged_lora_state(module):
+    """The state dict of a module with peft adapters injected (add_adapter), with each LoRA folded
+    into its base weight (W + scale B A): the plain module's keys, for every loader."""
+    from peft.tuners.lora import LoraLayer
+    sd = {k.replace(".base_layer.", "."): v for k, v in module.state_dict().items() if ".lora_" not in k}
+    for name, m in module.named_modules():
+        if isinstance(m, LoraLayer):
+            sd[f"{name}.weight"] = (m.base_layer.weight + m.get_delta_weight("default")).detach()
+    return sd
+
+
 def load_vans_lora(peft_model, sd, what="vlm.safetensors"):
     """Load official LoRA weights into a peft model: every LoRA weight of the model
     must be given and every given weight must land (the official loader drops mismatches)."""
@@ -729,7 +762,10 @@ def load_official(vlm, vdm, vans_dir):
 #   vlm_lora/               peft adapter (adapter_config.json + adapter_model.safetensors)
 #   dit.safetensors         DiT, diffusers naming
 #   vae.safetensors, text_encoder.safetensors   (tiny preset, when trained)
-# Every file is optional; whatever is present must match its model exactly.
+# Every file is optional; whatever is present must match its model exactly. A model a training
+# run kept frozen is not saved again: meta.json's "from" names where it comes from ({"vlm": ...,
+# "vdm": ...}: a named model, or a checkpoint directory relative to this one), and this
+# checkpoint's own parts go on top of it (stage 2's DiT onto the SFT VDM it started from).
 
 def respect_umask(path):
     """Give a file, or a directory and all in it, the permissions the umask gives new files:
@@ -755,11 +791,25 @@ def _save(sd, path):
     save_file(out, path)
 
 
+def source_of(name, ckpt):
+    """How checkpoint `ckpt` records the --model name a frozen model came from: a named model as
+    its name, a checkpoint directory relative to `ckpt` (so that an out/ tree can move whole)."""
+    if name in RANDOM or name in SHIPPED or name in ("base", "vans"):
+        return name
+    return os.path.relpath(os.path.abspath(name), os.path.abspath(ckpt))
+
+
+def _source_path(ckpt, source):
+    return source if source in RANDOM or source in SHIPPED or source in ("base", "vans") \
+        else os.path.normpath(os.path.join(ckpt, source))
+
+
 def save_checkpoint(path, vlm, vdm, meta, parts=("vlm", "vlm_lora", "dit", "vae", "text_encoder"),
-                    weights=None, extra=None):
+                    weights=None, extra=None, sources=None):
     """Write a checkpoint directory atomically (temp dir, then rename). vlm / vdm may be None.
     weights: {part: state dict} written instead of the module's (e.g. gathered FSDP weights).
-    extra: {file name: object} written with torch.save (training state)."""
+    extra: {file name: object} written with torch.save (training state). sources: {"vlm" or
+    "vdm": --model name} of the frozen models, recorded in meta.json as "from", not saved."""
     from peft import PeftModel
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
@@ -789,6 +839,8 @@ def save_checkpoint(path, vlm, vdm, meta, parts=("vlm", "vlm_lora", "dit", "vae"
         written.append(name)
     for name, obj in (extra or {}).items():
         torch.save(obj, os.path.join(tmp, name))
+    if sources:
+        meta = {**meta, "from": {m: source_of(name, path) for m, name in sources.items()}}
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump({**meta, "parts": sorted(written)}, f, indent=2)
     respect_umask(tmp)
@@ -829,27 +881,35 @@ def read_meta(path):
     return meta
 
 
-def load_checkpoint(path, qwen=None, wan=None, dtype=torch.bfloat16, need=("vlm", "vdm")):
-    """Our checkpoint directory -> (vlm, vdm); a model not in `need` is None. The parts the
-    checkpoint holds go onto the preset's base models. A needed model must have its weights
-    there (a full-size VLM: the LoRA at least; a full-size VDM: the DiT at least)."""
+def load_checkpoint(path, qwen=None, wan=None, vans=None, dtype=torch.bfloat16, need=("vlm", "vdm")):
+    """Our checkpoint directory -> (vlm, vdm); a model not in `need` is None. A model the
+    checkpoint records as coming from elsewhere ("from") is loaded from there; the parts the
+    checkpoint holds go on top, else onto the preset's base models. A needed model must have its
+    weights somewhere (a full-size VLM: the LoRA at least; a full-size VDM: the DiT at least)."""
     meta = read_meta(path)
     have = set(meta.get("parts", []))
+    sources = {m: _source_path(path, src) for m, src in meta.get("from", {}).items() if m in need}
+    own = [m for m in need if m not in sources]
     tiny = meta["preset"] != "full"  # random bases: every part must be here
     required = {"vlm": [{"vlm", "vlm_tokenizer"}] if tiny else [{"vlm"}, {"vlm_lora"}],
                 "vdm": [{"dit", "vae", "text_encoder"}] if tiny else [{"dit"}]}
-    for m in need:
+    for m in own:
         if not any(files <= have for files in required[m]):
             raise CheckpointError(f"{path}: has no {m.upper()} weights (needs {' or '.join('+'.join(sorted(f)) for f in required[m])}); "
                                   f"it holds {', '.join(sorted(have)) or 'nothing'}")
-    if tiny:
+    vlm = vdm = None
+    if own and tiny:
         from transformers import Qwen2Tokenizer
         # the VLM's own tokenizer; a VDM-only load builds a throwaway VLM, any tokenizer will do
-        tok = Qwen2Tokenizer.from_pretrained(os.path.join(path, "vlm_tokenizer")) if "vlm" in need else byte_tokenizer()
-        vlm, vdm = load_tiny(need=need, preset=meta["preset"], tokenizer=tok)
-    else:
-        given = {k: v for k, v in (("qwen", qwen), ("wan", wan)) if ("vlm" if k == "qwen" else "vdm") in need}
-        vlm, vdm = load_base(**hub_paths(**given), dtype=dtype, need=need)
+        tok = Qwen2Tokenizer.from_pretrained(os.path.join(path, "vlm_tokenizer")) if "vlm" in own else byte_tokenizer()
+        vlm, vdm = load_tiny(need=own, preset=meta["preset"], tokenizer=tok)
+    elif own:
+        given = {k: v for k, v in (("qwen", qwen), ("wan", wan)) if ("vlm" if k == "qwen" else "vdm") in own}
+        vlm, vdm = load_base(**hub_paths(**given), dtype=dtype, need=own)
+    _check_sources(path, meta, need)
+    for m, src in sources.items():
+        got = load(src, qwen, wan, vans, dtype, need=(m,))
+        vlm, vdm = (got[0], vdm) if m == "vlm" else (vlm, got[1])
     f = lambda name: os.path.join(path, name)
     if vlm is not None:
         if "vlm" in have:
@@ -895,14 +955,25 @@ def ref_clip_of(name):
     return meta_of(name).get("flags", {}).get("ref_clip") or CONFIGS[preset_of(name)]["infer"]["ref_clip"]
 
 
-def check_name(name):
+def check_name(name, need=("vlm", "vdm")):
     """A --model value must be a name load() knows or a checkpoint directory (whose meta.json is
-    read); CheckpointError otherwise. Cheap: nothing is loaded."""
+    read, and whose needed models from elsewhere are there); CheckpointError otherwise. Cheap:
+    nothing is loaded."""
     if name in RANDOM or name in SHIPPED or name in ("base", "vans"):
         return
     if not checkpoint_exists(name):
         raise CheckpointError(f"{name}: no such checkpoint directory (nor one of vans, base, shapes, tiny, random:shapes)")
-    read_meta(name)
+    _check_sources(name, read_meta(name), need)
+
+
+def _check_sources(path, meta, need=("vlm", "vdm")):
+    """The needed models a checkpoint takes from elsewhere ("from") must be there."""
+    for m, src in meta.get("from", {}).items():
+        src = _source_path(path, src)
+        if m in need and not (src in RANDOM or src in SHIPPED or src in ("base", "vans") or checkpoint_exists(src)):
+            raise CheckpointError(f"{path}: its {m.upper()} comes from {src} (meta.json \"from\"), which is not there "
+                                  f"(a training run records the frozen models it used instead of copying them: keep "
+                                  f"them where they were)")
 
 
 def load(name, qwen=None, wan=None, vans=None, dtype=torch.bfloat16, need=("vlm", "vdm")):
@@ -913,14 +984,14 @@ def load(name, qwen=None, wan=None, vans=None, dtype=torch.bfloat16, need=("vlm"
     if name in RANDOM:
         return load_tiny(need=need, preset=preset_of(name))
     if name in SHIPPED:
-        return load_checkpoint(SHIPPED[name], qwen, wan, dtype, need)
+        return load_checkpoint(SHIPPED[name], qwen, wan, vans, dtype, need)
     if name in ("base", "vans"):  # only the repos of the needed models are looked up
         given = {k: v for k, v in (("qwen", qwen), ("wan", wan)) if ("vlm" if k == "qwen" else "vdm") in need}
         p = hub_paths(**given, **({"vans": vans} if name == "vans" else {}))
         vlm, vdm = load_base(p.get("qwen"), p.get("wan"), dtype, need)
         return load_official(vlm, vdm, p["vans"]) if name == "vans" else (vlm, vdm)
-    check_name(name)
-    return load_checkpoint(name, qwen, wan, dtype, need)
+    check_name(name, need)
+    return load_checkpoint(name, qwen, wan, vans, dtype, need)
 
 
 def pack(out, vlm_path, vdm_path, clip=None):

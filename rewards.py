@@ -65,7 +65,23 @@ def rouge_l(candidate, reference, beta=1.2):
     return (1 + beta ** 2) * p * rec / (rec + beta ** 2 * p)
 
 
-# -----------------------------------------------------------------------------
+def choose_anchors(sample, references, min_rouge=0.6, tries=4):
+    """Stage 2's anchor filter. sample(indices) -> one fresh caption for each index given. Each
+    prompt gets up to `tries` draws and stops at the first with ROUGE-L >= min_rouge against its
+    reference; the best draw is kept if it reaches min_rouge (the prompt is skipped otherwise).
+    -> [(caption or None, its best ROUGE-L, the draw that gave it: 1..tries)] per reference"""
+    best = [(-1.0, None, 0)] * len(references)
+    for attempt in range(1, tries + 1):
+        need = [i for i, (score, _, _) in enumerate(best) if score < min_rouge]
+        if not need:
+            break
+        for i, caption in zip(need, sample(need)):
+            score = rouge_l(caption, references[i])
+            if score > best[i][0]:
+                best[i] = (score, caption, attempt)
+    return [(caption if score >= min_rouge else None, score, found_at) for score, caption, found_at in best]
+
+
 # -----------------------------------------------------------------------------
 # CLIP-V and CLIP-T
 
@@ -78,7 +94,8 @@ class CLIPError(ValueError):
 
 
 class CLIP:
-    """CLIP-V and CLIP-T: raw cosines, no grad, bf16 on GPU. weights: "openai" (open_clip ViT-B/32
+    """CLIP-V and CLIP-T: raw cosines, no grad, float32 on every device (rewards and published
+    metrics must not depend on the GPU's precision). weights: "openai" (open_clip ViT-B/32
     with QuickGELU, OpenAI's weights from the hub or its local cache), a local open_clip weights file
     for that model (.safetensors / .bin, open_clip's loader with weights_only), a tiny-CLIP directory
     (clip.json + clip.safetensors, see shapes.train_clip), or None (random ViT-B/32: tests only)."""
@@ -108,8 +125,7 @@ class CLIP:
             self.tokenizer, self.crop = open_clip.get_tokenizer("ViT-B-32-quickgelu"), True
         self.size = tuple(self.model.visual.image_size)
         self.device = torch.device(device)
-        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model.to(self.device, self.dtype).eval().requires_grad_(False)
+        self.model.to(self.device, torch.float32).eval().requires_grad_(False)
         self.batch_size = batch_size
 
     def preprocess(self, frames):
@@ -122,7 +138,7 @@ class CLIP:
             x = F.interpolate(x, size=self.size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 255) / 255.0
             mean = torch.tensor(CLIP_MEAN, device=self.device).view(1, 3, 1, 1)
             std = torch.tensor(CLIP_STD, device=self.device).view(1, 3, 1, 1)
-            return ((x - mean) / std).to(self.dtype)
+            return (x - mean) / std
         s = 224 / min(H, W)
         h, w = max(224, round(H * s)), max(224, round(W * s))
         x = F.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False).clamp(0, 255)
@@ -130,7 +146,7 @@ class CLIP:
         x = x[:, :, top:top + 224, left:left + 224] / 255.0
         mean = torch.tensor(CLIP_MEAN, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(CLIP_STD, device=self.device).view(1, 3, 1, 1)
-        return ((x - mean) / std).to(self.dtype)
+        return (x - mean) / std
 
     @torch.no_grad()
     def image_features(self, frames):
@@ -193,36 +209,49 @@ def parse(spec, builtin):
     return out
 
 
-NORMALISATIONS = ("group", "batch", "none")
+NORMALISATIONS = ("pooled", "group", "batch", "none")
 
 
-def normalise(r, group_size, mode="group", eps=1e-4):
+def normalise(r, group_size, mode="pooled", eps=1e-4, all_sum=None):
     """Put one reward on a common scale before the lambda-weighted sum (the paper sums
-    "normalised" rewards with all lambda = 1 but does not say how).
+    "normalised" rewards with all lambda = 1 but does not say how). r: (N,) laid out group after
+    group; all_sum sums a list of floats over ranks (common.all_sum), so that the statistics are
+    the whole step's, every rank's groups together.
 
-    group (default): z-score within each prompt's group of G samples. The rewards differ in
-        scale and spread by orders of magnitude (r_f is 0/1, ROUGE-L spreads ~0.1, CLIP-V
-        ~0.01 between samples of one prompt); summed raw, the widest one decides the ranking
-        and CLIP-V is noise. Within-group z-scores give each reward the same say in the ranking,
-        which is what lambda = 1 ("equal importance") asks, and the group is exactly what GRPO
-        compares. A reward equal across a group contributes 0.
-    batch: z-score over this rank's batch (P * G samples; the same as group when P = 1). The
-        group advantage removes between-prompt offsets afterwards anyway; what differs is the
-        scale: a reward whose spread lies mostly across prompts is down-weighted inside every group.
-    none: raw values (the sum is dominated by the reward with the widest spread).
+    pooled (default): r minus its group's mean, divided by the reward's within-group std pooled
+        over all groups of the step. The rewards differ in scale by orders of magnitude (r_f is
+        0/1, ROUGE-L spreads ~0.1 inside a group, CLIP-V ~0.01): summed raw, the widest one
+        decides and CLIP-V is noise. Pooling gives each reward the same say on average, which
+        is what lambda = 1 ("equal importance") asks, while a group where a reward barely varies
+        (its spread there is noise) gets a small contribution from it, not a full one.
+    group: z-score inside each group. Every reward gets unit spread in every group, so a reward
+        whose in-group spread is noise (1e-4 of CLIP-V between near-identical captions) gets as
+        much weight as a real difference: in a Shapes run this let CLIP-V's noise break the VLM
+        (docs/shapes.md, seed 1), where batch, from the same start, held.
+    batch: z-score over the step's batch. Also robust to noise, but the scale then includes the
+        spread between prompts, which the group advantage removes anyway: a reward that varies
+        mostly across prompts (CLIP-V: some clips are easier) is down-weighted inside every group.
+    none: raw values.
     """
+    reduce = all_sum or (lambda xs: xs)
     if mode == "none":
         return r
-    if mode == "batch":
-        return (r - r.mean()) / (r.std(unbiased=False) + eps)
     if mode == "group":
         return group_advantages(r, group_size, eps)  # the same z-score GRPO applies to the sum
-    raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {mode!r}")
+    if mode == "pooled":
+        centred = (r.view(-1, group_size) - r.view(-1, group_size).mean(1, keepdim=True)).view(-1)
+    elif mode == "batch":
+        total, n = reduce([float(r.double().sum()), float(len(r))])
+        centred = r - total / n
+    else:
+        raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {mode!r}")
+    squares, n = reduce([float(centred.double().pow(2).sum()), float(len(r))])
+    return centred / ((squares / n) ** 0.5 + eps)
 
 
-def combine(rewards, weights, group_size, mode="group"):
+def combine(rewards, weights, group_size, mode="pooled", all_sum=None):
     """sum_k lambda_k * normalise(r_k). rewards: name -> (N,) laid out group after group."""
-    return sum(weights.get(k, 1.0) * normalise(r.float(), group_size, mode) for k, r in rewards.items())
+    return sum(weights.get(k, 1.0) * normalise(r.float(), group_size, mode, all_sum=all_sum) for k, r in rewards.items())
 
 
 def group_advantages(rewards, group_size, eps=1e-4):
@@ -243,7 +272,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_range=1e-3, beta=
     mean="sequence": average over each sequence's masked tokens, then over sequences;
     "token": average over all masked tokens. norm: the number of sequences (or tokens) of the
     whole batch when it is processed in micro-batches (default: this call's).
-    -> (loss, {"kl", "clip_ratio"} as floats over the masked tokens)."""
+    -> (loss, {"kl", "clip_ratio", "approx_kl"} as floats over the masked tokens)."""
     m = mask.float()
     A = advantages.float()[:, None]
     ratio = torch.exp(logp - old_logp)
@@ -261,7 +290,9 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_range=1e-3, beta=
     # clipped: where the clip is what the min picks (the gradient is zero there)
     clipped = ((ratio < 1 - clip_range) & (A < 0)) | ((ratio > 1 + clip_range) & (A > 0))
     n = m.sum().clamp_min(1)
-    return loss, {"kl": ((kl * m).sum() / n).item(), "clip_ratio": ((clipped.float() * m).sum() / n).item()}
+    approx_kl = 0.5 * (logp.detach() - old_logp) ** 2  # how far the policy moved since the rollout
+    return loss, {"kl": ((kl * m).sum() / n).item(), "clip_ratio": ((clipped.float() * m).sum() / n).item(),
+                  "approx_kl": ((approx_kl * m).sum() / n).item()}
 
 
 def flow_grpo_loss(logp, old_logp, advantages, mean, ref_mean, step_std, clip_range=1e-3, beta=0.004, adv_clip=5.0,
@@ -272,7 +303,7 @@ def flow_grpo_loss(logp, old_logp, advantages, mean, ref_mean, step_std, clip_ra
     logp, old_logp, advantages: (B,); mean, ref_mean: (B, C, T, h, w); step_std = std sqrt(-dt)
     as model.sde_step_with_logprob returns it. ref_mean None = no KL. norm: the number of
     samples x steps the whole update averages over (default: B).
-    -> (loss, {"kl", "clip_ratio"})"""
+    -> (loss, {"kl", "clip_ratio", "approx_kl"})"""
     A = advantages.float().clamp(-adv_clip, adv_clip)
     ones = torch.ones_like(logp)[:, None]
     loss, stats = grpo_loss(logp[:, None], old_logp[:, None], None, A, ones, clip_range, mean="sequence",
@@ -281,4 +312,4 @@ def flow_grpo_loss(logp, old_logp, advantages, mean, ref_mean, step_std, clip_ra
     if ref_mean is not None:
         kl = ((mean.float() - ref_mean.float()) ** 2 / (2 * step_std.float() ** 2)).mean(dim=tuple(range(1, mean.dim())))
         loss = loss + beta * kl.sum() / (norm or len(logp))
-    return loss, {"kl": kl.mean().item(), "clip_ratio": stats["clip_ratio"]}
+    return loss, {"kl": kl.mean().item(), "clip_ratio": stats["clip_ratio"], "approx_kl": stats["approx_kl"]}

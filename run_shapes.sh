@@ -53,13 +53,13 @@ stage grpo_stage1 python grpo_stage1.py --config $C --init $OUT/sft_vlm/last \
 evaluate sft --model $OUT/sft_vlm/last --vdm $OUT/sft_vdm/last
 evaluate stage1 --model $OUT/grpo_stage1/last
 stage grpo_stage2 python grpo_stage2.py --config $C --vlm $OUT/grpo_stage1/last \
-    --vdm $OUT/grpo_stage1/last --clip $DATA/clip --out $OUT/grpo_stage2 --seed $SEED --resume
+    --vdm $OUT/sft_vdm/last --clip $DATA/clip --out $OUT/grpo_stage2 --seed $SEED --resume
 evaluate joint_grpo --model $OUT/grpo_stage2/last
 # the ablation differs in its reward only: it starts from stage 2's anchor captions (same VLM, same seed)
 mkdir -p $OUT/grpo_stage2_no_ct
 cp -n $OUT/grpo_stage2/anchors.* $OUT/grpo_stage2_no_ct/
 stage grpo_stage2_no_ct python grpo_stage2.py --config $C --vlm $OUT/grpo_stage1/last \
-    --vdm $OUT/grpo_stage1/last --clip $DATA/clip --rewards clip_v=1 --out $OUT/grpo_stage2_no_ct --seed $SEED --resume
+    --vdm $OUT/sft_vdm/last --clip $DATA/clip --rewards clip_v=1 --out $OUT/grpo_stage2_no_ct --seed $SEED --resume
 evaluate stage2_no_ct --model $OUT/grpo_stage2_no_ct/last
 evaluate untrained --model random:shapes
 

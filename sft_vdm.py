@@ -233,15 +233,9 @@ neg_text = vdm.encode_text([vdm.negative_prompt]) if not args.train_text_encoder
 # the losses
 
 
-SIGMAS, WEIGHTS = model.training_schedule(args.timestep_shift)
-if args.loss_weight == "none":
-    WEIGHTS = torch.ones_like(WEIGHTS)
-
-
 def flow_matching_loss(refs, x0, text, captions, generator=None, sigma=None, dropout=args.caption_dropout):
-    """Flow-matching MSE on the target latents (see the docstring), each sample's weighted by its
-    timestep's; a given sigma (validation) is unweighted. captions are encoded here when the text
-    encoder is trained."""
+    """model.flow_matching_loss on a batch, after caption dropout (captions are encoded here when
+    the text encoder is trained)."""
     B = x0.shape[0]
     drop = torch.rand(B, generator=generator) < dropout  # drawn always: same RNG stream either way
     captions = [vdm.negative_prompt if d else c for c, d in zip(captions, drop.tolist())]
@@ -250,17 +244,9 @@ def flow_matching_loss(refs, x0, text, captions, generator=None, sigma=None, dro
     else:
         text = text.to(device)
         text = torch.where(drop.to(device)[:, None, None], neg_text.to(text), text)
-    weight = torch.ones(B)
-    if sigma is None:
-        i = torch.randint(len(SIGMAS), (B,), generator=generator)
-        sigma, weight = SIGMAS[i], WEIGHTS[i]
-    eps = torch.randn(x0.shape, generator=generator).to(device)
-    x0, sigma = x0.to(device), sigma.to(device)
-    s = sigma.view(-1, 1, 1, 1, 1)
     with amp:
-        v = vdm.velocity((1 - s) * x0 + s * eps, sigma, text.to(device, torch.float32), refs, dit=dit)
-    per_sample = ((v.float() - (eps - x0)) ** 2).flatten(1).mean(1)  # (B,)
-    return (weight.to(device) * per_sample).mean()
+        return model.flow_matching_loss(vdm, x0.to(device), text.to(device, torch.float32), refs, generator, sigma,
+                                        args.timestep_shift, args.loss_weight == "diffsynth", dit=dit)
 
 
 def vae_loss(clip, target, generator=None):

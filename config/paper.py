@@ -13,7 +13,8 @@ ROUGE-L >= 0.6, 33 frames at 352x640, 6 reference latents. From Flow-GRPO's Wan2
 20 SDE steps, noise level 0.7, training on the first 99% of them, advantages clipped to 5.
 Not given, and chosen here: batch sizes, warmup, gradient clipping, the flow-matching
 timestep shift (the sampling schedule's 5), no EMA, one prompt (one group of 8) per GPU and
-20-step renders in stage 1, CFG 5 (the paper's inference scale) in stage 2's rollouts.
+20-step renders in stage 1, CFG 5 (the paper's inference scale) in stage 2's rollouts, two
+optimizer steps per rollout (Flow-GRPO's), each reward normalised by its pooled in-group spread.
 """
 
 data = dict(train="data/train.jsonl", frames=33)
@@ -29,7 +30,7 @@ grpo_stage1 = dict(data, init="out/sft_vlm/last", vdm="out/sft_vdm/last", lr=5e-
                    temperature=1.0, render_steps=20, render_cfg=5.0, height=352, width=640, clip_range=1e-3,
                    beta=0.004, grad_checkpointing=True, save_every=100, log_every=1)
 
-grpo_stage2 = dict(data, vlm="out/grpo_stage1/last", vdm="out/grpo_stage1/last", lr=5e-5, group_size=8, prompts=1,
+grpo_stage2 = dict(data, vlm="out/grpo_stage1/last", vdm="out/sft_vdm/last", lr=5e-5, group_size=8, prompts=1,
                    micro_batch=4, sample_steps=20, noise_level=0.7, cfg=5.0, train_fraction=0.99, height=352,
                    width=640, clip_range=1e-3, adv_clip=5.0, beta=0.004, anchor_min_rouge=0.6,
                    grad_checkpointing=True, save_every=100, log_every=1)

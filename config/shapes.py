@@ -41,7 +41,7 @@ grpo_stage1 = dict(data, init="out/shapes/sft_vlm/last", vdm="out/shapes/sft_vdm
                    steps=150, lr=1e-3, group_size=8, prompts=2, max_new_tokens=160, micro_batch=16, save_every=25,
                    log_every=1)
 
-# stage 2, from stage 1's checkpoint (its VLM writes the anchors, its VDM is tuned)
-grpo_stage2 = dict(data, vlm="out/shapes/grpo_stage1/last", vdm="out/shapes/grpo_stage1/last", clip="data/shapes/clip", ref_clip="uniform",
+# stage 2: stage 1's VLM writes the anchors, the SFT VDM is tuned
+grpo_stage2 = dict(data, vlm="out/shapes/grpo_stage1/last", vdm="out/shapes/sft_vdm/last", clip="data/shapes/clip", ref_clip="uniform",
                    height=64, width=112, cfg=3.0, max_new_tokens=160, steps=30, lr=1e-4, group_size=8, prompts=1,
                    micro_batch=8, save_every=10, sample_every=10, log_every=1)

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -47,9 +48,31 @@ def test_rouge_l_hand_computed():
     assert rewards.lcs(list("ABCBDAB"), list("BDCABA")) == 4  # the textbook example
 
 
+def on_two_ranks(fn):
+    """[fn(0, all_sum), fn(1, all_sum)] run side by side in two threads, with an all_sum that
+    adds both ranks' lists as common.all_sum does over torch.distributed."""
+    barrier, given, results = threading.Barrier(2), [None, None], [None, None]
+
+    def run(k):
+        def all_sum(xs):
+            given[k] = list(xs)
+            barrier.wait()
+            out = [a + b for a, b in zip(*given)]
+            barrier.wait()
+            return out
+        results[k] = fn(k, all_sum)
+    threads = [threading.Thread(target=run, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
 def test_group_advantages_and_normalisation():
-    """The group advantage and the reward normalisations against numpy. Catches: std with ddof 1,
-    normalising over the wrong axis, lambdas not applied, an unknown mode accepted."""
+    """The group advantage and the reward normalisations against numpy, with the statistics taken
+    over both ranks of a step. Catches: std with ddof 1, normalising over the wrong axis, lambdas
+    not applied, a rank's own statistics used where the step's are meant, an unknown mode accepted."""
     r = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 5.0, 5.0, 5.0])
     g = np.array([1.0, 2.0, 3.0, 4.0])
     expected = np.concatenate([(g - g.mean()) / (g.std(ddof=0) + 1e-4), np.zeros(4)])
@@ -57,16 +80,43 @@ def test_group_advantages_and_normalisation():
     # group z-scores give a tiny-spread reward (CLIP-like) the same say as a 0/1 reward
     r_f = torch.tensor([0.0, 1.0, 1.0, 0.0])
     r_v = torch.tensor([0.801, 0.800, 0.803, 0.802])
-    total = rewards.combine({"r_f": r_f, "r_v": r_v}, {}, group_size=4)
+    total = rewards.combine({"r_f": r_f, "r_v": r_v}, {}, group_size=4, mode="group")
     z = lambda x: (x - x.mean()) / (x.std(ddof=0) + 1e-4)
     np.testing.assert_allclose(total.numpy(), z(r_f.numpy()) + z(r_v.numpy()), rtol=1e-4, atol=1e-4)
     assert total.argmax() == 2  # both rewards agree on sample 2
     raw = rewards.combine({"r_f": r_f, "r_v": r_v}, {"r_v": 2.0}, group_size=4, mode="none")
     torch.testing.assert_close(raw, r_f + 2 * r_v)
-    batch = rewards.normalise(r, 4, mode="batch")
-    torch.testing.assert_close(batch, (r - r.mean()) / (r.std(unbiased=False) + 1e-4))
+    # two ranks, two groups of 4 each: pooled and batch use the step's statistics, both ranks' together
+    ranks = [torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 5.0, 5.0, 6.0]), torch.tensor([0.0, 0.0, 1.0, 1.0, 9.0, 7.0, 8.0, 8.0])]
+    whole = torch.cat(ranks).double().numpy()
+    centred = (whole.reshape(-1, 4) - whole.reshape(-1, 4).mean(1, keepdims=True)).ravel()
+    want = {"pooled": centred / (np.sqrt((centred ** 2).mean()) + 1e-4),
+            "batch": (whole - whole.mean()) / (whole.std(ddof=0) + 1e-4)}
+    for mode, w in want.items():
+        got = on_two_ranks(lambda k, all_sum: rewards.normalise(ranks[k], 4, mode, all_sum=all_sum))
+        np.testing.assert_allclose(torch.cat(got).numpy(), w, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="normalisation must be one of"):
         rewards.normalise(r, 4, mode="rank")
+
+
+def test_pooled_normalisation_keeps_noise_from_deciding():
+    """The default normalisation (pooled) lets a reward that is mere noise inside a group barely
+    move that group's advantages, where a group z-score gives the noise as much say as the other
+    reward's signal (the mechanism that broke a Shapes run, docs/shapes.md seed 1). Catches: a
+    default that amplifies in-group noise to full weight."""
+    G = 8
+    gen = torch.Generator().manual_seed(0)
+    # group 1: CLIP-V tells the captions apart (spread 0.05), ROUGE-L agrees; group 2: ROUGE-L
+    # tells them apart, CLIP-V only jitters (spread 0.001) against it
+    rouge = torch.cat([torch.linspace(0.2, 0.9, G), torch.linspace(0.2, 0.9, G)])
+    clip_v = torch.cat([torch.linspace(0.6, 0.75, G), 0.7 - 0.001 * torch.linspace(-1, 1, G)])
+    clip_v[G:] += 0.0002 * torch.randn(G, generator=gen)
+    for mode, follows_rouge in (("pooled", True), ("group", False)):
+        A = rewards.group_advantages(rewards.combine({"rouge_l": rouge, "clip_v": clip_v}, {}, G, mode), G)
+        # in group 2 the advantages rank the captions as ROUGE-L does only when the noise is kept small
+        order = torch.argsort(A[G:])
+        assert torch.equal(order, torch.arange(G)) == follows_rouge, mode
+        assert torch.equal(torch.argsort(A[:G]), torch.arange(G))  # group 1: both rewards agree
 
 
 def test_clip_preprocessing_and_scores(clip):

@@ -410,10 +410,12 @@ def test_grpo_stage1_update_points_the_right_way(shapes_small, tmp_path):
 @pytest.mark.slow
 def test_grpo_stage1_torchrun_with_renders_and_exact_resume(shapes_small, tmp_path):
     """Stage 1 under 2-rank DDP with renders: the field's metric names, a real ratio at the second
-    update, identical captions rendered once from one noise (all rewards equal), and exact resume.
-    Catches: a group rendered from different noises, a resume that changes the run."""
+    optimizer step of a rollout (--minibatches 2, the default) and exactly 1 with one step,
+    identical captions rendered once from one noise (all rewards equal), a checkpoint that names
+    the frozen VDM instead of copying it, and exact resume. Catches: a clip that never acts, a
+    group rendered from different noises, a resume that changes the run."""
     flags = _grpo_flags(shapes_small, ["--steps", "4", "--prompts", "1", "--group-size", "2", "--lr", "1e-2",
-                                       "--micro-batch", "2", "--updates-per-rollout", "2"])
+                                       "--micro-batch", "2"])
     r = train("grpo_stage1.py", flags, tmp_path / "ddp", nproc=2)
     assert "weights identical on all 2 ranks" in r.stdout
     logs = [json.loads(l) for l in open(tmp_path / "ddp" / "log.jsonl")]
@@ -421,19 +423,174 @@ def test_grpo_stage1_torchrun_with_renders_and_exact_resume(shapes_small, tmp_pa
              "rewards/clip_v/mean", "kl", "clip_ratio", "completions/mean_length", "completions/think_length"}
     assert names <= set(logs[0]) and any("samples" in l for l in logs)
     assert all(0 <= l["completions/think_length"] <= l["completions/mean_length"] for l in logs if "kl" in l)
-    assert any(l.get("clip_ratio", 0) > 0 for l in logs)  # the second update of a rollout sees a real ratio
-    vlm, vdm = model.load(str(tmp_path / "ddp" / "last"))  # merged VLM + LoRA + the frozen VDM: a --model
+    # the second optimizer step of a rollout sees a real ratio, which the 1e-3 clip acts on
+    assert any(l.get("clip_ratio", 0) > 0 for l in logs) and any(l.get("approx_kl", 0) > 0 for l in logs)
+    meta = json.load(open(tmp_path / "ddp" / "last" / "meta.json"))
+    assert meta["from"] == {"vdm": "tiny"} and "dit" not in meta["parts"]  # the frozen VDM is named, not copied
+    vlm, vdm = model.load(str(tmp_path / "ddp" / "last"))  # merged VLM + LoRA, the VDM from "from": a --model
     assert type(vlm.model).__name__ == "PeftModel" and vdm.n_refs == model.N_REFS
     # near-greedy sampling: a group's completions agree, so one render serves the group and,
-    # from one shared noise, every reward is equal within it
-    train("grpo_stage1.py", flags + ["--temperature", "0.01", "--steps", "2"], tmp_path / "sure")
+    # from one shared noise, every reward is equal within it; one optimizer step per rollout
+    # scores with the policy that sampled, ratio exactly 1
+    train("grpo_stage1.py", flags + ["--temperature", "0.01", "--steps", "2", "--minibatches", "1"], tmp_path / "sure")
     sure = [l for l in map(json.loads, open(tmp_path / "sure" / "log.jsonl")) if "kl" in l]
     assert len(sure) == 2 and all(l["renders"] == 1 and l["frac_reward_zero_std"] == 1 for l in sure), sure
+    assert all(l["approx_kl"] == 0 and l["clip_ratio"] == 0 for l in sure)
     no_clip = ["--rewards", "format=1,rouge_l=1"]
     train("grpo_stage1.py", flags + no_clip, tmp_path / "straight")
     train("grpo_stage1.py", flags + no_clip + ["--stop-at", "2"], tmp_path / "split")
     train("grpo_stage1.py", flags + no_clip + ["--resume"], tmp_path / "split")
     same_weights(tmp_path / "straight" / "last", tmp_path / "split" / "last")
+
+
+def test_flow_matching_loss_against_direct_computation(tiny):
+    """The VDM's SFT loss against a per-sample computation from the closed forms: sigma = 5u / (1 + 4u)
+    at u = 1 - i/1000, x_s = (1 - s) x0 + s eps, the DiT run on [refs, x_s] with timestep 1000 s,
+    its output on the target frames only regressed on eps - x0, weighted by DiffSynth's
+    exp(-2 ((t - 500) / 1000)^2) - min, mean 1. Catches: x0 and eps swapped, the target's sign
+    flipped, an unshifted table, the reference frames in the loss, weights not applied."""
+    _, vdm = tiny
+    B, C = 3, vdm.dit.config.in_channels
+    x0, refs = torch.randn(B, C, 3, 4, 6, generator=gen(1)), torch.randn(B, C, vdm.n_refs, 4, 6, generator=gen(2))
+    text = vdm.encode_text(["a red ball rolls left", "a blue cube", "nothing happens"])
+    for weighted in (True, False):
+        with torch.no_grad():
+            loss = model.flow_matching_loss(vdm, x0, text, refs, gen(0), shift=5.0, weighted=weighted)
+        g = gen(0)  # the same draws: an index into the 1000-step table per sample, then the noise
+        i, eps = torch.randint(1000, (B,), generator=g).double(), torch.randn(x0.shape, generator=g)
+        u = 1 - i / 1000
+        sigma = 5 * u / (1 + 4 * u)
+        table = 5 * (1 - torch.arange(1000).double() / 1000) / (1 + 4 * (1 - torch.arange(1000).double() / 1000))
+        y = torch.exp(-2 * ((table * 1000 - 500) / 1000) ** 2)
+        w = (y - y.min()) * (1000 / (y - y.min()).sum())
+        want = 0.0
+        for b in range(B):
+            s = float(sigma[b])
+            x_s = (1 - s) * x0[b] + s * eps[b]
+            with torch.no_grad():
+                out = vdm.dit(hidden_states=torch.cat([refs[b], x_s], dim=1)[None], timestep=torch.tensor([1000 * s]),
+                              encoder_hidden_states=text[b:b + 1], return_dict=False)[0][0, :, -3:]
+            mse = float(((out - (eps[b] - x0[b])) ** 2).mean())
+            want += (float(w[int(i[b])]) if weighted else 1.0) * mse / B
+        assert loss.item() == pytest.approx(want, rel=1e-4), weighted
+    # a given sigma is unweighted and used as given
+    with torch.no_grad():
+        at = model.flow_matching_loss(vdm, x0, text, refs, gen(0), sigma=torch.tensor([0.3]))
+    eps = torch.randn(x0.shape, generator=gen(0))
+    with torch.no_grad():
+        out = vdm.dit(hidden_states=torch.cat([refs, 0.7 * x0 + 0.3 * eps], dim=2), timestep=torch.full((B,), 300.0),
+                      encoder_hidden_states=text, return_dict=False)[0][:, :, -3:]
+    assert at.item() == pytest.approx(float(((out - (eps - x0)) ** 2).mean()), rel=1e-4)
+
+
+def test_choose_anchors_bar_and_best_of_tries():
+    """Stage 2's anchor filter: a caption at ROUGE-L exactly the bar (0.6) is kept at once, a prompt
+    draws again until one reaches it, and one that never does is skipped with its best score.
+    Catches: > for >=, a retry that keeps the last draw instead of the best, draws after a hit."""
+    assert rewards.rouge_l("a red ball rolls over", "the red ball rolls away") == 0.6  # exactly: P = R = 3/5
+    draws = {0: ["a red ball rolls over"],  # at the bar on the first draw
+             1: ["blue", "red ball", "green cube", "the red ball rolls away"],  # 0.53 at draw 2, the bar at 4
+             2: ["blue", "the red", "green", "cube"]}  # never: skipped, its best (draw 2) recorded
+    refs = ["the red ball rolls away"] * 3
+    calls = []
+
+    def sample(need):
+        calls.append(list(need))
+        return [draws[i][len(calls) - 1] for i in need]
+    got = rewards.choose_anchors(sample, refs, min_rouge=0.6, tries=4)
+    assert calls == [[0, 1, 2], [1, 2], [1, 2], [1, 2]]  # prompt 0 is not drawn again
+    assert got[0] == ("a red ball rolls over", 0.6, 1)
+    assert got[1] == ("the red ball rolls away", 1.0, 4)
+    best2 = rewards.rouge_l("the red", refs[2])
+    assert got[2] == (None, best2, 2) and 0 < best2 < 0.6
+
+
+def test_merged_lora_dit_gives_the_lora_models_outputs(tiny):
+    """Stage 2 with --lora saves the DiT with its adapter folded in (model.merged_lora_state): a plain
+    DiT with those weights gives the adapted DiT's outputs. Catches: the LoRA scale left out, B A
+    transposed, base_layer keys that a plain DiT does not load."""
+    import copy
+    from peft import LoraConfig
+    dit = copy.deepcopy(tiny[1].dit)
+    dit.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights=True,
+                               target_modules=["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]))
+    with torch.no_grad():  # a trained adapter: B away from its zero init
+        for n, p in dit.named_parameters():
+            if ".lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=gen(len(n))) * 0.5)
+    plain = copy.deepcopy(tiny[1].dit)
+    plain.load_state_dict(model.merged_lora_state(dit))  # strict: the plain DiT's keys exactly
+    x = torch.randn(2, dit.config.in_channels, 3, 4, 6, generator=gen(0))
+    text = torch.randn(2, 7, dit.config.text_dim, generator=gen(1))
+    with torch.no_grad():
+        a = dit(hidden_states=x, timestep=torch.tensor([300.0, 800.0]), encoder_hidden_states=text, return_dict=False)[0]
+        b = plain(hidden_states=x, timestep=torch.tensor([300.0, 800.0]), encoder_hidden_states=text, return_dict=False)[0]
+        base = tiny[1].dit(hidden_states=x, timestep=torch.tensor([300.0, 800.0]), encoder_hidden_states=text,
+                           return_dict=False)[0]
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    assert (a - base).abs().max() > 1e-2  # the adapter does change the outputs
+
+
+def test_checkpoints_name_their_frozen_models(tiny, tmp_path):
+    """A checkpoint that records where its frozen models come from ("from") loads them from there,
+    relative to itself (the tree can move), with its own parts on top; a missing source is one
+    error naming it. Catches: a frozen model silently replaced by a random one, absolute paths
+    that break when out/ moves, a stage-2 DiT not put on top of the SFT VDM."""
+    import shutil
+    vlm, vdm = model.load_tiny(seed=3)
+    model.save_checkpoint(str(tmp_path / "out" / "sft_vdm"), None, vdm, {"preset": "tiny"}, ("dit", "vae", "text_encoder"))
+    model.save_checkpoint(str(tmp_path / "out" / "stage1"), vlm, None, {"preset": "tiny"}, ("vlm",),
+                          sources={"vdm": str(tmp_path / "out" / "sft_vdm")})
+    tuned = model.load_tiny(seed=4, need=("vdm",))[1].dit  # stands in for the DiT stage 2 trained
+    vdm.dit.load_state_dict(tuned.state_dict())
+    model.save_checkpoint(str(tmp_path / "out" / "stage2"), None, vdm, {"preset": "tiny"}, ("dit",),
+                          sources={"vlm": str(tmp_path / "out" / "stage1"), "vdm": str(tmp_path / "out" / "sft_vdm")})
+    meta = json.load(open(tmp_path / "out" / "stage2" / "meta.json"))
+    assert meta["parts"] == ["dit"] and meta["from"] == {"vlm": "../stage1", "vdm": "../sft_vdm"}
+    shutil.move(tmp_path / "out", tmp_path / "moved")
+    v2, d2 = model.load(str(tmp_path / "moved" / "stage2"))
+    sft = model.load_tiny(seed=3)
+    for a, b in ((v2.model, sft[0].model), (d2.vae, sft[1].vae), (d2.text_encoder, sft[1].text_encoder), (d2.dit, tuned)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not torch.equal(d2.dit.state_dict()["proj_out.weight"], sft[1].dit.state_dict()["proj_out.weight"])
+    shutil.rmtree(tmp_path / "moved" / "sft_vdm")
+    with pytest.raises(model.CheckpointError, match=r"stage2: its VDM comes from .*moved/sft_vdm \(meta.json \"from\"\), "
+                                                    r"which is not there"):
+        model.load(str(tmp_path / "moved" / "stage2"))
+    assert model.load(str(tmp_path / "moved" / "stage1"), need=("vlm",))[0] is not None  # what it holds still loads
+
+
+def test_grpo_stage1_from_an_sft_lora(shapes_small, tmp_path, monkeypatch):
+    """Stage 1 from an SFT LoRA checkpoint merges the SFT adapter into the VLM, trains a fresh one on
+    top, and takes the SFT model as its reference: with the adapter off, the stage-1 checkpoint
+    computes the SFT model's logits exactly, with it on (trained) other logits. Catches: the SFT
+    adapter dropped or trained further, a reference that is the pre-SFT base."""
+    vlm, _ = model.load_tiny(need=("vlm",))
+    vlm.model = model.add_lora(vlm.model)
+    with torch.no_grad():  # a trained SFT adapter
+        for n, p in vlm.model.named_parameters():
+            if ".lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=gen(len(n))) * 0.3)
+    model.save_checkpoint(str(tmp_path / "sft"), vlm, None, {"preset": "tiny"}, ("vlm", "vlm_lora"))
+    (tmp_path / "word.py").write_text(  # a reward that differs between a group's completions
+        "def length(completions, samples):\n    return [len(c) / 100 for c in completions]\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    flags = _grpo_flags(shapes_small, ["--init", str(tmp_path / "sft"), "--rewards", "word:length=1",
+                                       "--steps", "2", "--group-size", "4", "--micro-batch", "4", "--lr", "1e-2"])
+    train("grpo_stage1.py", flags, tmp_path / "run")
+    sft, _ = model.load(str(tmp_path / "sft"), need=("vlm",))
+    stage1, _ = model.load(str(tmp_path / "run" / "last"), need=("vlm",))
+    inp = sft.inputs([moving_clip(6, 56, 56)], ["What happens next?"], ["[Think]x[/Think][Ans]y[/Ans]"])
+    with torch.no_grad():
+        want = sft.model(**inp).logits
+        with stage1.model.disable_adapter():
+            ref = stage1.model(**inp).logits
+        policy = stage1.model(**inp).logits
+        base = model.load_tiny(need=("vlm",))[0].model(**inp).logits
+    torch.testing.assert_close(ref, want, rtol=1e-4, atol=1e-4)
+    assert (want - base).abs().max() > 1e-2  # the SFT adapter matters
+    assert (policy - want).abs().max() > 1e-4  # the fresh adapter was trained
 
 
 def test_flow_grpo_loss_against_direct_formula():
@@ -521,20 +678,22 @@ def test_grpo_stage2_toy_reward_moves_the_right_way(shapes_small, tmp_path, fn, 
 
 @pytest.mark.slow
 def test_grpo_stage2_torchrun_lora_anchors_and_exact_resume(shapes_small, tmp_path):
-    """Stage 2 under 2-rank DDP with a LoRA DiT: the metric names, a moved ratio on the second pass,
-    a merged DiT checkpoint, anchors computed once, exact resume, anchors of other flags refused,
+    """Stage 2 under 2-rank DDP with a LoRA DiT: the metric names, a moved ratio at the second
+    optimizer step of a rollout, a merged DiT checkpoint that names the frozen models instead of
+    copying them, anchors computed once, exact resume, anchors of other flags refused,
     all-skipped prompts one error. Catches: stale anchors reused, a resume that changes the run."""
     flags = _stage2_flags(shapes_small, ["--steps", "4", "--prompts", "1", "--group-size", "2", "--micro-batch", "2",
-                                         "--lr", "1e-2", "--cfg", "2", "--updates-per-rollout", "2"])
+                                         "--lr", "1e-2", "--cfg", "2"])
     r = train("grpo_stage2.py", flags + ["--lora", "4"], tmp_path / "ddp", nproc=2)
     assert "weights identical on all 2 ranks" in r.stdout and "anchors: 16 of 16 prompts kept" in r.stdout
     logs = [json.loads(l) for l in open(tmp_path / "ddp" / "log.jsonl")]
     names = {"reward", "reward_std", "frac_reward_zero_std", "rewards/clip_v/mean", "rewards/clip_t/mean", "kl",
              "clip_ratio", "approx_kl", "motion", "motion_gt"}
-    assert names <= set(logs[0]) and logs[-1]["approx_kl"] > 0  # the second pass over a rollout moved the ratio
+    assert names <= set(logs[0]) and logs[-1]["approx_kl"] > 0  # the second optimizer step saw a moved ratio
     assert os.listdir(tmp_path / "ddp" / "samples")
     _, vdm = model.load(str(tmp_path / "ddp" / "last"))  # the merged DiT, a plain --model
-    assert "dit_lora" in json.load(open(tmp_path / "ddp" / "last" / "meta.json"))["parts"]
+    meta = json.load(open(tmp_path / "ddp" / "last" / "meta.json"))
+    assert meta["parts"] == ["dit", "dit_lora"] and meta["from"] == {"vlm": "tiny", "vdm": "tiny"}
     # full fine-tuning: N straight == N/2 + resume + N/2; the anchors are computed once
     no_clip = ["--rewards", "clip_t=1"]
     train("grpo_stage2.py", flags + no_clip, tmp_path / "straight")
