@@ -335,20 +335,25 @@ def score(samples, preds, clip, i3d, gt_cache=None):
     per = [{"id": s["id"], "kind": s["kind"], "question": s["question"], "caption": p["caption"],
             "think": p.get("think"), "gt_caption": s["caption"], "rouge_l": r, "clip_v": v, "clip_t": t}
            for s, p, r, v, t in zip(samples, preds, rl, cv, ct)]
-    # Shapes: event accuracy against the generator's own record of the event (shapes.caption_correct, shapes.video_shows)
-    row["event_caption"] = row["event_video"] = None
-    if all(s.get("event") for s in samples):
-        for s, p, q in zip(samples, preds, per):
-            q["event_caption"] = bool(shapes.caption_correct(p["caption"], s["event"]))
-            q["event_video"] = bool(shapes.video_shows(p["video"], s["event"]))
-        row["event_caption"] = float(np.mean([q["event_caption"] for q in per]))
-        row["event_video"] = float(np.mean([q["event_video"] for q in per]))
+    # Shapes, against the generator's own record of the event: the caption states the outcome
+    # (shapes.caption_event), it also names the object that acts (shapes.caption_specific), the
+    # video shows that object doing it (shapes.video_shows)
+    checks = {"event_caption": lambda p, e: shapes.caption_event(p["caption"], e),
+              "specific_caption": lambda p, e: shapes.caption_specific(p["caption"], e),
+              "event_video": lambda p, e: shapes.video_shows(p["video"], e)}
+    for k, check in checks.items():
+        row[k] = None
+        if all(s.get("event") for s in samples):
+            for s, p, q in zip(samples, preds, per):
+                q[k] = bool(check(p, s["event"]))
+            row[k] = float(np.mean([q[k] for q in per]))
     return row, per
 
 
 COLUMNS = [("BLEU@1", "bleu1", 4), ("BLEU@2", "bleu2", 4), ("BLEU@3", "bleu3", 4), ("BLEU@4", "bleu4", 4),
            ("ROUGE-L", "rouge_l", 4), ("FVD", "fvd", 2), ("CLIP-V", "clip_v", 4), ("CLIP-T", "clip_t", 4),
-           ("event (caption)", "event_caption", 3), ("event (video)", "event_video", 3)]
+           ("event (caption)", "event_caption", 3), ("specific (caption)", "specific_caption", 3),
+           ("event (video)", "event_video", 3)]
 
 
 def table(rows):
@@ -402,8 +407,9 @@ def write_report(path, samples, per, row, name):
         form = "".join(f'<div class="crit">{label}: ' + "".join(
             f'<label><input type="radio" name="{sid}|{key}" value="{v}">{v}</label>' for v in range(1, 6)) + "</div>"
             for key, label in crit)
-        events = "".join(f" &middot; event in the {w}: {'yes' if p[f'event_{w}'] else 'no'}" for w in ("caption", "video")
-                         if f"event_{w}" in p)
+        events = "".join(f" &middot; {label}: {'yes' if p[k] else 'no'}" for k, label in
+                         (("event_caption", "event in the caption"), ("specific_caption", "object named"),
+                          ("event_video", "event in the video")) if k in p)
         cards.append(f"""<section class="sample" data-id="{sid}">
 <h2>{sid} <small>{html.escape(p["kind"] or "")}</small></h2>
 <p class="q"><b>Question:</b> {html.escape(p["question"])}</p>

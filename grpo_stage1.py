@@ -316,8 +316,11 @@ for step, batch in zip(range(start, end), loader):
                                                                 for c in completions]),  # tokens inside [Think]
                    "completions/clipped_ratio": common.all_mean([float(n >= args.max_new_tokens) for n in lengths]),
                    **({"renders": common.all_mean([renders])} if render else {}),
-                   # the Shapes world: the share of completions that state the generator's event
-                   **({"event_accuracy": common.all_mean(shapes.caption_reward(completions, rep([{"event": e} for e in batch["event"]])))}
+                   # the Shapes world: the share of captions that state the generator's event, and that name its object
+                   **({"event_accuracy": common.all_mean([float(shapes.caption_event(model.caption_of(c), e))
+                                                          for c, e in zip(completions, rep(batch["event"]))]),
+                       "specific_accuracy": common.all_mean([float(shapes.caption_specific(model.caption_of(c), e))
+                                                             for c, e in zip(completions, rep(batch["event"]))])}
                       if all(batch["event"]) else {}),
                    "grad_norm": float(grad_norm), "lr": lr, "skipped": int(common.all_sum(skipped)),
                    "sec_per_step": (time.time() - t0) / (done - start)}

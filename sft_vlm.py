@@ -161,21 +161,22 @@ def validate():
     mine = lambda n: [(s, it) for s in val[:n][rank::world] if (it := dataset.try_load(s)) is not None]
     chunks = lambda xs: [xs[i:i + args.batch_size] for i in range(0, len(xs), args.batch_size)]
     losses = [batch_loss(data.collate([it for _, it in c]), net).item() for c in chunks(mine(args.val_loss_samples))]
-    fmt, rouge, event = [], [], []
+    fmt, rouge, event, specific = [], [], [], []
     for c in chunks(mine(args.val_generate)):
         outs = vlm.generate([it["vlm"] for _, it in c], [s["question"] for s, _ in c], decoding="greedy",
                             max_new_tokens=args.max_new_tokens)
         for (s, _), out in zip(c, outs):
             fmt.append(rewards.format_reward(out))
             rouge.append(rewards.rouge_l(model.caption_of(out), s["caption"]))
-            if s["event"]:  # the Shapes world: does the caption state the generator's event?
-                event.append(float(shapes.caption_correct(model.caption_of(out), s["event"])))
+            if s["event"]:  # the Shapes world: does the caption state the generator's event, and name its object?
+                event.append(float(shapes.caption_event(model.caption_of(out), s["event"])))
+                specific.append(float(shapes.caption_specific(model.caption_of(out), s["event"])))
     net.train()
     metrics = {"val/loss": common.all_mean(losses), "val/format_reward": common.all_mean(fmt),
                "val/rouge_l": common.all_mean(rouge)}
-    event = common.all_mean(event)  # every rank joins the all-reduce; nan where no sample has an event
+    event, specific = common.all_mean(event), common.all_mean(specific)  # every rank joins; nan without events
     if not math.isnan(event):
-        metrics["val/event_accuracy"] = event
+        metrics.update({"val/event_accuracy": event, "val/specific_accuracy": specific})
     return metrics
 
 

@@ -25,15 +25,21 @@ import data
 # -----------------------------------------------------------------------------
 # the world
 #
-#   procedural  a tower is built block by block; the input clip shows the last block
-#               placed, the row on the table holds the rest in order. "What should I
-#               do next?" -> the leftmost waiting block goes on top.
-#   predictive  a ball rolls along the ground: toward a wall (it bounces), toward an
-#               open side (it leaves the frame), or slowing down (it stops).
-#   multi-future every 4th scene asks a second, hypothetical question about the same
-#               input clip whose answer differs: "...if I want to take the tower
-#               apart?" (the top block goes back), "...if the wall is removed?" (the
-#               ball leaves), "...if a wall appears on the <side>?" (it bounces).
+# Every scene holds two or more objects of different colours that could each do the event; the
+# question says which one does. The VDM never sees the question, only the caption and the
+# reference frames, so a caption that does not name the object leaves it guessing.
+#   procedural  a tower is built from the blocks waiting on the table; the input clip shows
+#               the last block placed. "I want the blue block on the tower next. What should
+#               I do?" -> that block goes on top.
+#   predictive  two or three balls rest one above the other, each on its own ground line, with
+#               or without a wall at each side. "What happens if the red ball is pushed to the
+#               left?" -> it rolls left and bounces back off the wall, or leaves the frame.
+#   two futures every 4th scene asks a second question, about another object, of the same input.
+# Annotations are written as people write them: with probability --vague a training caption
+# states the event without naming the object ("The ball rolls to the left and out of the
+# frame."), otherwise it names it. Every line keeps the named caption and the event too.
+# The "classic" world (one ball; blocks taken left to right, so the input decides) is the one
+# the shipped weights/shapes models were trained on.
 # Everything is scaled to the frame height, so any size renders the same scene.
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30),
@@ -80,8 +86,106 @@ def _path(a, b, n, lift):
     return out
 
 
-def stack_scene(rng, H, W, hypothetical):
-    """-> (input frames, [(question, think, caption, target frames, event), ...])."""
+def pick_scene(rng, H, W, questions):
+    """A tower built from 4 or 5 blocks; the input clip shows the k-th placed (k = 1..n-2, so 2 or
+    more wait); each question names a waiting block, which goes on top.
+    -> (input frames, [(question, think, caption, target frames, event), ...])"""
+    u = H / 16
+    half, floor_y = u, H * 14 / 16
+    names = [str(c) for c in rng.permutation(list(COLORS))[:rng.integers(4, 6)]]
+    n = len(names)
+    k = int(rng.integers(1, n - 1))
+    tower_x = W * 0.22
+    slot_x = [W * 0.45 + j * (2 * half + u) for j in range(n)]  # block j waits at slot j
+    on_tower = lambda i: (tower_x, floor_y - half - 2 * half * i)
+    on_table = lambda j: (slot_x[j], floor_y - half)
+
+    def frames(moving, path, placed, waiting, count):
+        f = _canvas(count, H, W)
+        for t in range(count):
+            for i, c in enumerate(placed):
+                _box(f[t], *on_tower(i), half, COLORS[c])
+            for j in waiting:
+                _box(f[t], *on_table(j), half, COLORS[names[j]])
+            _box(f[t], *path[t], half, COLORS[moving])
+        return f
+
+    hold = 8  # still frames at the start and the end of a move
+    p = _path(on_table(k - 1), on_tower(k - 1), N_IN - 2 * hold, 3 * half)
+    x = frames(names[k - 1], [p[0]] * hold + p + [p[-1]] * hold, names[:k - 1], range(k, n), N_IN)
+    think = (f"A tower is being built from the blocks on the table. It holds {k} block{'s' * (k > 1)} "
+             f"({', '.join(names[:k])}, bottom to top); the {names[k - 1]} block was just put on top. "
+             f"Waiting on the table: {', '.join(names[k:])}.")
+    out = []
+    for j in sorted(rng.choice(range(k, n), size=questions, replace=False).tolist()):
+        p = _path(on_table(j), on_tower(k), N_OUT - hold, 3 * half)
+        y = frames(names[j], p + [p[-1]] * hold, names[:k], [w for w in range(k, n) if w != j], N_OUT)
+        out.append((f"I want the {names[j]} block on the tower next. What should I do?",
+                    think + f" The {names[j]} block is wanted next, so it goes on top of the {names[k - 1]} one.",
+                    f"Pick up the {names[j]} block and put it on top of the {names[k - 1]} block.", y,
+                    {"world": "stack", "action": "place", "color": names[j], "onto": names[k - 1], "height": k,
+                     "others": [names[w] for w in range(k, n) if w != j]}))
+    return x, out
+
+
+def push_scene(rng, H, W, questions):
+    """Two or three balls at rest, one above the other (each on its own ground line, so none is in
+    another's way), a wall at each side or not; each question pushes one ball to one side: it
+    bounces back off the wall there, or leaves the frame. The input clip is still: only the
+    question says which ball moves, and where. -> as pick_scene"""
+    u = H / 16
+    r, wall_w = u, u / 2
+    names = [str(c) for c in rng.permutation(list(COLORS))[:rng.integers(2, 4)]]
+    ground = [H * (14 - 4 * i) / 16 for i in range(len(names))]  # bottom up
+    x0 = [float(rng.uniform(0.3, 0.7)) * W for _ in names]
+    walls = {side: bool(rng.random() < 0.5) for side in ("left", "right")}
+    v = W / float(rng.uniform(30, 36))  # px per frame: a bounce comes back by 0.2 W or more, a leaving ball is gone
+
+    def frames(count, moving=None, side=None):
+        d = 1 if side == "right" else -1
+        edge = W - wall_w - r if d > 0 else wall_w + r  # where the ball touches the wall
+        f = _canvas(count, H, W)
+        for t in range(count):
+            for s_, there in walls.items():
+                if there:
+                    f[t, :round(ground[0]), round(W - wall_w) if s_ == "right" else 0:W if s_ == "right" else round(wall_w)] = WALL
+            for i, c in enumerate(names):
+                x = x0[i]
+                if i == moving:
+                    x = x0[i] + d * v * t
+                    x = edge - (x - edge) if walls[side] and d * (x - edge) > 0 else x
+                _disc(f[t], x, ground[i] - r, r, COLORS[c])
+        return f
+
+    x = frames(N_IN)
+    said = lambda s_: f"there is a wall on the {s_}" if walls[s_] else f"nothing blocks the {s_} side"
+    think = (f"{len(names)} balls rest on the ground, one above the other: {', '.join(names)}, bottom to top. "
+             f"{said('left').capitalize()}, and {said('right')}.")
+    out = []
+    pairs = [(i, s_) for i in range(len(names)) for s_ in ("left", "right")]
+    for m in sorted(rng.choice(len(pairs), size=questions, replace=False).tolist()):
+        i, side = pairs[m]
+        outcome = "bounce" if walls[side] else "leave"
+        caption = (f"The {names[i]} ball rolls to the {side}, hits the wall and bounces back." if outcome == "bounce"
+                   else f"The {names[i]} ball rolls to the {side} and out of the frame.")
+        reason = "the wall will push it back." if outcome == "bounce" else "nothing will stop it, so it keeps going past the edge."
+        out.append((f"What happens if the {names[i]} ball is pushed to the {side}?",
+                    think + f" The {names[i]} ball is pushed to the {side}: {reason}", caption, frames(N_OUT, i, side),
+                    {"world": "ball", "outcome": outcome, "color": names[i], "side": side,
+                     "others": [c for c in names if c != names[i]]}))
+    return x, out
+
+
+def vague_caption(caption, event):
+    """The caption as a vague annotator writes it: the event, without naming the object."""
+    if event["world"] == "stack":
+        return ("Pick up the next block and put it on top of the tower." if event["action"] == "place" else
+                "Take the block off the top of the tower and put it back on the table.")
+    return caption.replace(f"The {event['color']} ball", "The ball", 1)
+
+
+def classic_stack_scene(rng, H, W, hypothetical):
+    """The classic world's tower: the leftmost waiting block goes next. -> as pick_scene."""
     u = H / 16
     half, floor_y = u, H * 14 / 16
     names = [str(c) for c in rng.permutation(list(COLORS))[:rng.integers(3, 6)]]
@@ -127,7 +231,8 @@ def stack_scene(rng, H, W, hypothetical):
     return x, out
 
 
-def ball_scene(rng, H, W, hypothetical):
+def classic_ball_scene(rng, H, W, hypothetical):
+    """The classic world's ball: one ball rolls toward a wall or an open side, or slows down."""
     u = H / 16
     r, floor_y, wall_w = u, H * 14 / 16, u / 2
     color = str(rng.choice(list(COLORS)))
@@ -182,17 +287,24 @@ def ball_scene(rng, H, W, hypothetical):
     return x, out
 
 
-def scene(seed, split, i, H, W):
-    """Scene i of a split, deterministic for (seed, split, i). Every 4th scene is multi-future."""
+WORLDS = ("question", "classic")
+
+
+def scene(seed, split, i, H, W, world="question"):
+    """Scene i of a split, deterministic for (seed, split, i). Every 4th scene asks two questions."""
     rng = np.random.default_rng([seed, ["train", "val", "test"].index(split), i])
-    make = stack_scene if rng.random() < 0.5 else ball_scene
-    return make(rng, H, W, hypothetical=(i % 4 == 3))
+    if world == "classic":
+        make = classic_stack_scene if rng.random() < 0.5 else classic_ball_scene
+        return make(rng, H, W, hypothetical=(i % 4 == 3))
+    make = pick_scene if rng.random() < 0.5 else push_scene
+    return make(rng, H, W, questions=2 if i % 4 == 3 else 1)
 
 
 def texts(n_scenes, seed=0):
-    """(question, think, caption) of the first n_scenes training scenes (rendered at 16x28: cheap)."""
-    return [(q, think, caption) for i in range(n_scenes)
-            for q, think, caption, _, _ in scene(seed, "train", i, 16, 28)[1]]
+    """(question, think, caption) of the first n_scenes training scenes, named and vague captions
+    both (rendered at 16x28: cheap)."""
+    return [(q, think, c) for i in range(n_scenes) for q, think, caption, _, event in scene(seed, "train", i, 16, 28)[1]
+            for c in (caption, vague_caption(caption, event))]
 
 
 # -----------------------------------------------------------------------------
@@ -217,11 +329,23 @@ def stated_event(text):
     return None
 
 
-def caption_correct(text, event):
-    """True iff the caption states the event: the same action / outcome, colour, and block below or side."""
+def caption_event(text, event):
+    """True iff the caption states the event's outcome: the same action (and, if it names one, the
+    same block below) or the same outcome and side. Which object acts is not asked: eval.py's
+    event_caption."""
     got = stated_event(text)
-    keys = ("world", "action", "color", "onto") if event["world"] == "stack" else ("world", "outcome", "color", "side")
-    return got is not None and all(got.get(k) == event.get(k) for k in keys if k in event)
+    if got is None or got["world"] != event["world"]:
+        return False
+    if event["world"] == "stack":
+        return got["action"] == event["action"] and got.get("onto") in (None, event.get("onto"))
+    return got["outcome"] == event["outcome"] and got["side"] == event["side"]
+
+
+def caption_specific(text, event):
+    """True iff the caption states the event and names the object that does it (and the block it
+    goes onto): eval.py's specific_caption."""
+    got = stated_event(text)
+    return caption_event(text, event) and got["color"] == event["color"] and got.get("onto") == event.get("onto")
 
 
 def _blob(frame, color, min_px):
@@ -233,13 +357,19 @@ def _blob(frame, color, min_px):
 
 
 def video_shows(frames, event):
-    """True iff the uint8 clip (T, H, W, 3) shows the event, by tracking the event's coloured blob
-    (pixels nearest that palette colour) against the generator's geometry: a placed block ends on
-    the tower at its height, a removed one on the table away from the tower; a bouncing ball comes
-    back from the side by at least its radius, a leaving ball is gone at the end, a stopping ball
-    is still in the last 5 frames and short of the side."""
+    """True iff the uint8 clip (T, H, W, 3) shows the event done by its object, by tracking each
+    object's coloured blob (pixels nearest that palette colour) against the generator's geometry:
+    a placed block ends on the tower at its height, a removed one on the table away from the tower;
+    a bouncing ball comes back from the side by at least its radius, a leaving ball is gone at the
+    end, a stopping ball is still in the last 5 frames and short of the side. The other objects
+    (event["others"]) must end within a radius of where they started: the wrong one moving, or
+    changing colour, is not the event."""
     T, H, W, _ = frames.shape
     u = H / 16
+    for c in event.get("others", []):
+        first, last = (_blob(frames[t], c, min_px=max(4, int(u * u))) for t in (0, -1))
+        if first is None or last is None or max(abs(first[0] - last[0]), abs(first[1] - last[1])) > u:
+            return False
     track = [_blob(f, event["color"], min_px=max(4, int(u * u))) for f in frames]
     end = track[-1]
     if event["world"] == "stack":
@@ -262,10 +392,10 @@ def video_shows(frames, event):
 
 
 def caption_reward(completions, samples):
-    """A stage-1 reward: 1.0 where the completion's caption states the sample's event, else 0.0.
-    Not the paper's reward: a verifier, to tell a weak reward from a weak optimiser."""
+    """A stage-1 reward: 1.0 where the completion's caption states the sample's event and names its
+    object, else 0.0. Not the paper's reward: a verifier, to tell a weak reward from a weak optimiser."""
     import model
-    return [float(caption_correct(model.caption_of(c), s["event"])) for c, s in zip(completions, samples)]
+    return [float(caption_specific(model.caption_of(c), s["event"])) for c, s in zip(completions, samples)]
 
 
 def video_reward(videos, samples):
@@ -277,33 +407,35 @@ def video_reward(videos, samples):
 # writing the world
 
 def _write_scene(job):
-    seed, split, i, H, W, out = job
-    x, answers = scene(seed, split, i, H, W)
+    seed, split, i, H, W, out, world, vague = job
+    x, answers = scene(seed, split, i, H, W, world)
     rel = lambda name: os.path.join("videos", split, name)
     data.write_video(os.path.join(out, rel(f"{i:06d}_in.mp4")), x)
     rows = []
     for a, (q, think, caption, y, event) in enumerate(answers):
         data.write_video(os.path.join(out, rel(f"{i:06d}_{a}.mp4")), y)
+        annotation = vague_caption(caption, event) if np.random.default_rng([seed, ["train", "val", "test"].index(split), i, a, 17]).random() < vague else caption
         rows.append({"id": f"{split}{i:06d}_{a}", "kind": "procedural" if event["world"] == "stack" else "predictive",
-                     "input_video": rel(f"{i:06d}_in.mp4"), "question": q, "think": think, "caption": caption,
-                     "target_video": rel(f"{i:06d}_{a}.mp4"), "event": event})
+                     "input_video": rel(f"{i:06d}_in.mp4"), "question": q, "think": think, "caption": annotation,
+                     "caption_specific": caption, "target_video": rel(f"{i:06d}_{a}.mp4"), "event": event})
     return rows
 
 
-def make_shapes(out, n_train, n_val, n_test, height=64, width=112, seed=0, workers=2):
-    """Write out/{train,val,test}.jsonl and their clips; n_* count samples (a multi-future scene gives 2)."""
+def make_shapes(out, n_train, n_val, n_test, height=64, width=112, seed=0, workers=2, world="question", vague=0.5):
+    """Write out/{train,val,test}.jsonl and their clips; n_* count samples (a two-question scene
+    gives 2). vague: the probability that a line's caption (its annotation) leaves the object unnamed."""
     import multiprocessing
     for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
         os.makedirs(os.path.join(out, "videos", split), exist_ok=True)
         scenes, count = 0, 0
         while count < n:
-            count += 2 if scenes % 4 == 3 else 1  # a multi-future scene may give 1 (a stopping ball): topped up below
+            count += 2 if scenes % 4 == 3 else 1  # a classic two-future scene may give 1 (a stopping ball): topped up below
             scenes += 1
-        jobs = [(seed, split, i, height, width, out) for i in range(scenes)]
+        jobs = [(seed, split, i, height, width, out, world, vague) for i in range(scenes)]
         with multiprocessing.Pool(workers) as pool:
             rows = [r for rs in pool.imap(_write_scene, jobs, chunksize=16) for r in rs]
         while len(rows) < n:  # a few scenes gave one answer instead of two: add scenes
-            rows += _write_scene((seed, split, scenes, height, width, out))
+            rows += _write_scene((seed, split, scenes, height, width, out, world, vague))
             scenes += 1
         with open(os.path.join(out, f"{split}.jsonl.tmp"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows[:n])
@@ -527,6 +659,9 @@ if __name__ == "__main__":
     sh.add_argument("--height", type=int, default=64, help="frame height")
     sh.add_argument("--width", type=int, default=112, help="frame width")
     sh.add_argument("--seed", type=int, default=0, help="the world's seed")
+    sh.add_argument("--world", default="question", choices=WORLDS,
+                    help="question: the question decides which object acts; classic: the world of the shipped models")
+    sh.add_argument("--vague", type=float, default=0.5, help="probability that a caption leaves the object unnamed")
     sh.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes")
     tc = sub.add_parser("train-clip", help="contrastive training of a tiny CLIP on a manifest's target frames and captions")
     tc.add_argument("--train", default="data/shapes/train.jsonl", help="training manifest")
@@ -540,7 +675,7 @@ if __name__ == "__main__":
     tc.add_argument("--save-every", type=int, default=100, help="write <out>/train_state.pt every N steps (a rerun resumes)")
     a = parser.parse_args()
     if a.cmd == "data":
-        make_shapes(a.out, a.n_train, a.n_val, a.n_test, a.height, a.width, a.seed, a.workers)
+        make_shapes(a.out, a.n_train, a.n_val, a.n_test, a.height, a.width, a.seed, a.workers, a.world, a.vague)
     else:
         try:
             train_clip(a.train, a.out, a.steps, a.batch_size, a.lr, seed=a.seed, height=a.height, width=a.width,

@@ -82,72 +82,126 @@ def test_shapes_deterministic_and_loadable(tmp_path):
 
 
 def test_shapes_captions_match_target_clips():
-    """Each Shapes caption describes its target clip: a block ends where the caption puts it, a ball
-    bounces back, leaves or stops as said, multi-future scenes give two different futures. Catches:
-    a generator whose text and video disagree."""
+    """Each Shapes caption describes its target clip, in both worlds: a block ends where the caption
+    puts it, a ball bounces back, leaves or stops as said, and (the question world) every other
+    object stays where it was; a two-question scene gives two futures of one input. Catches: a
+    generator whose text and video disagree."""
     H, W = 96, 176
     u = H / 16
     floor_y, seen = H * 14 / 16, collections.Counter()
-    for i in range(40):
-        x, answers = shapes.scene(0, "test", i, H, W)
-        assert x.shape == (shapes.N_IN, H, W, 3)
-        if i % 4 == 3 and len(answers) == 2:  # multi-future: one input clip, two questions, two futures
-            (q1, _, c1, _, e1), (q2, _, c2, _, e2) = answers
-            assert q1 != q2 and c1 != c2 and e1 != e2
+    for world in shapes.WORLDS:
+        for i in range(40):
+            x, answers = shapes.scene(0, "test", i, H, W, world)
+            assert x.shape == (shapes.N_IN, H, W, 3)
+            if i % 4 == 3 and len(answers) == 2:  # one input clip, two questions, two futures
+                (q1, _, c1, _, e1), (q2, _, c2, _, e2) = answers
+                assert q1 != q2 and c1 != c2 and e1 != e2
+            for q, think, caption, y, event in answers:
+                assert y.shape == (shapes.N_OUT, H, W, 3) and event["color"] in caption
+                seen[(world, event["world"], event.get("action") or event["outcome"])] += 1
+                for c in event.get("others", []):  # the other objects do not move
+                    assert c != event["color"] and _centroid(x[-1], c) is not None
+                    assert all(_centroid(f, c) == _centroid(x[-1], c) for f in y), (world, i, c)
+                if world == "question":  # the question names the object, the input clip does not move it
+                    assert event["color"] in q and all(c not in q for c in event["others"])
+                last = _centroid(y[-1], event["color"])
+                if event["world"] == "stack":  # the block ends where the caption says
+                    want_y = floor_y - u - 2 * u * event["height"] if event["action"] == "place" else floor_y - u
+                    assert last is not None and abs(last[1] - want_y) <= 1
+                    assert (abs(last[0] - W * 0.22) <= 1) == (event["action"] == "place")
+                    assert event["color"] in think or event["action"] == "remove"
+                    continue
+                d = 1 if event["side"] == "right" else -1
+                first = _centroid(y[0], event["color"])
+                if event["outcome"] == "leave":
+                    assert last is None  # out of the frame
+                elif event["outcome"] == "bounce":  # came back: further from the wall than at its closest
+                    xs = [_centroid(f, event["color"])[0] for f in y]
+                    assert d * (max(xs, key=lambda v: d * v) - xs[-1]) > u
+                else:  # stopped: the last frames are identical, and it never reached the side
+                    assert _centroid(y[-5], event["color"]) == last and first is not None
+                    assert (W - last[0] if d > 0 else last[0]) > u
+    assert set(seen) == {("classic", "stack", "place"), ("classic", "stack", "remove"), ("classic", "ball", "bounce"),
+                         ("classic", "ball", "leave"), ("classic", "ball", "stop"), ("question", "stack", "place"),
+                         ("question", "ball", "bounce"), ("question", "ball", "leave")}
+
+
+def test_question_world_input_does_not_give_the_answer_away():
+    """In the question world the input clip does not say which object acts: the balls' input is
+    still, the block wanted next is any waiting one (the leftmost about as often as chance), and the
+    actor is spread over the objects. Catches: a world where the VDM could read the actor off the
+    reference frames, so that a vague caption would cost nothing."""
+    leftmost, chance, n = 0, 0.0, 0
+    ball_pos = collections.Counter()
+    for i in range(300):
+        x, answers = shapes.scene(0, "train", i, 32, 56)
         for q, think, caption, y, event in answers:
-            assert y.shape == (shapes.N_OUT, H, W, 3) and event["color"] in caption
-            seen[(event["world"], event.get("action") or event["outcome"])] += 1
-            last = _centroid(y[-1], event["color"])
-            if event["world"] == "stack":  # the block ends where the caption says
-                want_y = floor_y - u - 2 * u * event["height"] if event["action"] == "place" else floor_y - u
-                assert last is not None and abs(last[1] - want_y) <= 1
-                assert (abs(last[0] - W * 0.22) <= 1) == (event["action"] == "place")
-                assert event["color"] in think or event["action"] == "remove"
-                continue
-            d = 1 if event["side"] == "right" else -1
-            first = _centroid(y[0], event["color"])
-            if event["outcome"] == "leave":
-                assert last is None  # out of the frame
-            elif event["outcome"] == "bounce":  # came back: further from the wall than at its closest
-                xs = [_centroid(f, event["color"])[0] for f in y]
-                assert d * (max(xs, key=lambda v: d * v) - xs[-1]) > u
-            else:  # stopped: the last frames are identical, and it never reached the side
-                assert _centroid(y[-5], event["color"]) == last and first is not None
-                assert (W - last[0] if d > 0 else last[0]) > u
-    assert set(seen) == {("stack", "place"), ("stack", "remove"), ("ball", "bounce"), ("ball", "leave"),
-                         ("ball", "stop")}
+            if event["world"] == "ball":
+                assert (x == x[0]).all()  # nothing moves before the push
+                ball_pos[sorted([event["color"]] + event["others"], key=lambda c: -_centroid(x[0], c)[1]).index(event["color"])] += 1
+            else:
+                waiting = sorted([event["color"]] + event["others"], key=lambda c: _centroid(x[0], c)[0])
+                leftmost += waiting[0] == event["color"]
+                chance += 1 / len(waiting)
+                n += 1
+    assert n > 100 and abs(leftmost - chance) < 0.1 * n, (leftmost, chance, n)
+    assert len(ball_pos) == 3 and min(ball_pos.values()) > 0.15 * sum(ball_pos.values()), ball_pos  # bottom, middle, top
 
 
 def test_shapes_event_accuracy_checks():
-    """The event readers say yes to every ground truth and no when the outcome, action, colour or
-    side is changed, or when the input is held still. Catches: a verifier that passes anything or
-    misses what it should see."""
+    """The event readers say yes to every ground truth and no when the outcome, action or side is
+    changed, or when the input is held still; a vague caption states the event but does not name
+    the object; a video in which another object does the thing is not the event. Catches: a
+    verifier that passes anything or misses what it should see."""
     wrong = {"bounce": "leave", "leave": "stop", "stop": "bounce", "place": "remove", "remove": "place"}
-    n = 0
-    for H, W, scenes in ((64, 112, 40), (96, 176, 12)):
-        for i in range(scenes):
-            x, answers = shapes.scene(0, "val", i, H, W)
-            for _, _, caption, y, event in answers:
-                n += 1
-                key = "action" if event["world"] == "stack" else "outcome"
-                other = {**event, key: wrong[event[key]]}
-                assert shapes.caption_correct(caption, event) and not shapes.caption_correct(caption, other)
-                assert shapes.video_shows(y, event), (H, i, event)
-                assert not shapes.video_shows(y, other), (H, i, other)
-                recolored = caption.replace(event["color"], "red" if event["color"] != "red" else "blue", 1)
-                assert not shapes.caption_correct(recolored, event)
-                if event["world"] == "ball":
-                    flipped = caption.replace(event["side"], "left" if event["side"] == "right" else "right")
-                    assert not shapes.caption_correct(flipped, event)
-                # the input clip's last frame held still does not show a placed, removed, bounced or left event
-                if event.get("action") or event["outcome"] != "stop":
-                    assert not shapes.video_shows(np.repeat(x[-1:], len(y), 0), event), (H, i, event)
-    assert n > 60
+    n, wrong_actor = 0, 0
+    for world in shapes.WORLDS:
+        for H, W, scenes in ((64, 112, 40), (96, 176, 12)):
+            for i in range(scenes):
+                x, answers = shapes.scene(0, "val", i, H, W, world)
+                for _, _, caption, y, event in answers:
+                    n += 1
+                    key = "action" if event["world"] == "stack" else "outcome"
+                    other = {**event, key: wrong[event[key]]}
+                    assert shapes.caption_specific(caption, event) and shapes.caption_event(caption, event)
+                    assert not shapes.caption_event(caption, other) and not shapes.caption_specific(caption, other)
+                    vague = shapes.vague_caption(caption, event)
+                    assert event["color"] not in vague and shapes.caption_event(vague, event)
+                    assert not shapes.caption_specific(vague, event)
+                    assert shapes.video_shows(y, event), (world, H, i, event)
+                    assert not shapes.video_shows(y, other), (world, H, i, other)
+                    recolored = caption.replace(event["color"], "red" if event["color"] != "red" else "blue", 1)
+                    assert shapes.caption_event(recolored, event) and not shapes.caption_specific(recolored, event)
+                    if event["world"] == "ball":
+                        flipped = caption.replace(event["side"], "left" if event["side"] == "right" else "right")
+                        assert not shapes.caption_event(flipped, event)
+                    # the input clip's last frame held still does not show a placed, removed, bounced or left event
+                    if event.get("action") or event["outcome"] != "stop":
+                        assert not shapes.video_shows(np.repeat(x[-1:], len(y), 0), event), (H, i, event)
+                if world == "question" and len(answers) == 2 and answers[0][4]["color"] != answers[1][4]["color"]:
+                    wrong_actor += 1  # the other question's future: another object acts
+                    assert not shapes.video_shows(answers[1][3], answers[0][4]), (H, i)
+    assert n > 120 and wrong_actor >= 5
     assert shapes.stated_event("Nothing happens.") is None
     # the same checks as the Shapes-only rewards, on whole completions and videos (the last scene)
-    completions = [f"[Think]t[/Think][Ans]{c}[/Ans]" for c in (caption, recolored)]
-    assert shapes.caption_reward(completions, [{"event": event}] * 2) == [1.0, 0.0]
+    completions = [f"[Think]t[/Think][Ans]{c}[/Ans]" for c in (caption, recolored, vague)]
+    assert shapes.caption_reward(completions, [{"event": event}] * 3) == [1.0, 0.0, 0.0]
     assert shapes.video_reward([y, y], [{"event": event}, {"event": other}]) == [1.0, 0.0]
+
+
+def test_vague_annotations_at_the_rate_asked(tmp_path):
+    """shapes.py data --vague p: about p of the lines' captions leave the object unnamed, every line
+    keeps the named caption and the event, and p = 0 names it everywhere. Catches: the flag ignored,
+    a line that loses what the metrics need."""
+    for p in (0.5, 0.0):
+        shapes.make_shapes(str(tmp_path / str(p)), 80, 0, 0, height=32, width=56, seed=0, workers=2, vague=p)
+        rows = [json.loads(l) for l in open(tmp_path / str(p) / "train.jsonl")]
+        unnamed = [r["event"]["color"] not in r["caption"] for r in rows]
+        assert all(r["event"]["color"] in r["caption_specific"] and shapes.caption_event(r["caption"], r["event"])
+                   for r in rows)
+        assert all(r["caption"] in (r["caption_specific"], shapes.vague_caption(r["caption_specific"], r["event"]))
+                   for r in rows)
+        assert (0.35 < np.mean(unnamed) < 0.65) if p else not any(unnamed), (p, np.mean(unnamed))
 
 
 def test_tiny_clip_trains_and_loads(shapes_small, tmp_path):
@@ -208,7 +262,8 @@ def test_shipped_shapes_models_stay_above_a_floor(tmp_path):
     """`--model shapes` on 16 fresh Shapes test samples (world seed 1, which no model trained on):
     the caption and the video must still state and show the event as often as the floor says.
     Catches: a change that breaks the shipped models' path (preprocessing, settings, loading)."""
-    shapes.make_shapes(str(tmp_path / "data"), 0, 0, 16, height=64, width=112, seed=1, workers=2)
+    # the shipped models were trained on the classic world, with every caption naming its object
+    shapes.make_shapes(str(tmp_path / "data"), 0, 0, 16, height=64, width=112, seed=1, workers=2, world="classic", vague=0.0)
     r = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--manifest", str(tmp_path / "data" / "test.jsonl"),
                         "--model", "shapes",  # no --clip: the shipped models bring theirs (weights/shapes/clip)
                         "--out", str(tmp_path / "eval"), "--batch-size", "8"],

@@ -114,7 +114,8 @@ def test_sft_vlm_torchrun_loss_decreases(shapes_small, tmp_path):
                         "greedy", max_new_tokens=16)
     want = {"val/format_reward": [rewards.format_reward(o) for o in outs],
             "val/rouge_l": [rewards.rouge_l(model.caption_of(o), s["caption"]) for o, s in zip(outs, samples)],
-            "val/event_accuracy": [float(shapes.caption_correct(model.caption_of(o), s["event"])) for o, s in zip(outs, samples)]}
+            "val/event_accuracy": [float(shapes.caption_event(model.caption_of(o), s["event"])) for o, s in zip(outs, samples)],
+            "val/specific_accuracy": [float(shapes.caption_specific(model.caption_of(o), s["event"])) for o, s in zip(outs, samples)]}
     for k, v in want.items():
         assert val[k] == pytest.approx(sum(v) / 2, abs=1e-6), (k, val[k], v, outs)
 
