@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
-# The whole of VANS trained from nothing on the Shapes world, on a CPU (or a GPU when there is one):
+# The whole of VANS trained from nothing on the Shapes world, on a CPU (or a GPU when there is one),
+# and the table of docs/shapes.md, one seed at a time:
 #
 #   bash run_shapes.sh                        # seed 0 into out/shapes
-#   SEED=1 bash run_shapes.sh out/shapes-1    # another seed (the data and the CLIP stay the same)
+#   SEED=1 bash run_shapes.sh out/shapes-1    # another seed (the data, the CLIP and the VAE stay the same)
 #
-# data -> a CLIP for this world -> VLM -> VAE -> DiT + text encoder -> Joint-GRPO stage 1 -> stage 2
-# (and stage 2 without r_c2), each row of the table evaluated on the test split once its models
-# exist -> curves.
+# data -> a CLIP and a VAE for this world -> SFT of the VLM and of the DiT, then the rows, each
+# evaluated on the test split once its models exist:
+#   sft            1. the SFT VLM and VDM
+#   sft_more       2. the SFT VLM trained on for as long as stage 1 took (the fair control)
+#   stage1_text    3. stage 1 with r_f + r_t1 only
+#   stage1         4. stage 1 with r_f + r_t1 + r_v1
+#   joint_grpo     5. row 4 + stage 2 (r_v2 + r_c2): Joint-GRPO
+#   stage2_no_ct   6. row 4 + stage 2 without r_c2 (the paper's ablation)
+#   stage2_random     row 4 + stage 2 on a random reward, the same steps (stage 2's control)
 # Every stage's settings are in config/shapes.py; each prints its time and appends it to
 # OUT/times.txt, the record of finished stages: a rerun skips those and resumes an
 # interrupted training stage from its last checkpoint (--resume).
@@ -27,41 +34,59 @@ stage() {  # stage NAME COMMAND...: run COMMAND unless OUT/times.txt records NAM
     "$@"
     echo "$name $((SECONDS - t0)) s" | tee -a "$OUT/times.txt"
 }
-
-# the data are the same for every seed; test.jsonl is written last
-if [ ! -e $DATA/test.jsonl ]; then
-    stage data python shapes.py data --out $DATA --n-train 4000 --n-val 100 --n-test 200 --height 64 --width 112
-fi
-# so is the CLIP of this world, trained once (seed 0): the rewards and the metrics of every seed
-# use the same one, as the paper's use OpenAI's CLIP
-if [ ! -e $DATA/clip/clip.safetensors ]; then
-    stage clip python shapes.py train-clip --train $DATA/train.jsonl --out $DATA/clip --seed 0
-fi
-# each row of the table (untrained, SFT, + stage 1, + stage 2 = Joint-GRPO, stage 2 without r_c2)
-# is evaluated on the test split as soon as its models exist
 evaluate() {  # evaluate ROW --model ... : eval.py on the test split into OUT/eval/ROW
     local row=$1
     shift
     stage "eval $row" python eval.py --manifest $DATA/test.jsonl --clip $DATA/clip --gt-cache $DATA/gt_i3d \
         --seed $SEED --out $OUT/eval/$row "$@"
 }
+
+# the world's data, its CLIP and its VAE are made once (seed 0) and shared by every seed, as the
+# paper's rewards and metrics all use OpenAI's CLIP; test.jsonl is written last
+W=$DATA/times
+mkdir -p $W
+if [ ! -e $DATA/test.jsonl ]; then
+    OUT=$W stage data python shapes.py data --out $DATA --n-train 4000 --n-val 100 --n-test 200 --height 64 --width 112
+fi
+OUT=$W stage clip python shapes.py train-clip --train $DATA/train.jsonl --out $DATA/clip --seed 0
+OUT=$W stage vae python sft_vdm.py --config $C:sft_vae --out $DATA/vae --seed 0 --resume
+
 stage sft_vlm python sft_vlm.py --config $C --out $OUT/sft_vlm --seed $SEED --resume
-stage vae python sft_vdm.py --config $C:sft_vae --out $OUT/vae --seed $SEED --resume
-stage sft_vdm python sft_vdm.py --config $C --model $OUT/vae/last --out $OUT/sft_vdm --seed $SEED --resume
-stage grpo_stage1 python grpo_stage1.py --config $C --init $OUT/sft_vlm/last \
-    --vdm $OUT/sft_vdm/last --clip $DATA/clip --out $OUT/grpo_stage1 --seed $SEED --resume
+stage sft_vdm python sft_vdm.py --config $C --model $DATA/vae/last --out $OUT/sft_vdm --seed $SEED --resume
 evaluate sft --model $OUT/sft_vlm/last --vdm $OUT/sft_vdm/last
+
+stage grpo_stage1 python grpo_stage1.py --config $C --init $OUT/sft_vlm/last --vdm $OUT/sft_vdm/last \
+    --out $OUT/grpo_stage1 --seed $SEED --resume
 evaluate stage1 --model $OUT/grpo_stage1/last
-stage grpo_stage2 python grpo_stage2.py --config $C --vlm $OUT/grpo_stage1/last \
-    --vdm $OUT/sft_vdm/last --clip $DATA/clip --out $OUT/grpo_stage2 --seed $SEED --resume
+stage grpo_stage1_text python grpo_stage1.py --config $C --init $OUT/sft_vlm/last --vdm $OUT/sft_vdm/last \
+    --rewards format=1,rouge_l=1 --out $OUT/grpo_stage1_text --seed $SEED --resume
+evaluate stage1_text --model $OUT/grpo_stage1_text/last
+
+# row 2: as many more SFT steps as fit in stage 1's time, at SFT's measured time per step
+steps=$(python -c "
+import json
+t = [int(l.split()[-2]) for l in open('$OUT/times.txt') if l.startswith('grpo_stage1 ')][0]
+rows = [json.loads(l) for l in open('$OUT/sft_vlm/log.jsonl')]
+per_step = [r['sec_per_step'] for r in rows if 'sec_per_step' in r][-1]
+print(max(1, round(t / per_step)))")
+stage sft_more python sft_vlm.py --config $C --model $OUT/sft_vlm/last --steps "$steps" --stop-at-accuracy 0 \
+    --out $OUT/sft_more --seed $SEED --resume
+evaluate sft_more --model $OUT/sft_more/last --vdm $OUT/sft_vdm/last
+
+stage grpo_stage2 python grpo_stage2.py --config $C --vlm $OUT/grpo_stage1/last --vdm $OUT/sft_vdm/last \
+    --out $OUT/grpo_stage2 --seed $SEED --resume
 evaluate joint_grpo --model $OUT/grpo_stage2/last
-# the ablation differs in its reward only: it starts from stage 2's anchor captions (same VLM, same seed)
-mkdir -p $OUT/grpo_stage2_no_ct
-cp -n $OUT/grpo_stage2/anchors.* $OUT/grpo_stage2_no_ct/
-stage grpo_stage2_no_ct python grpo_stage2.py --config $C --vlm $OUT/grpo_stage1/last \
-    --vdm $OUT/sft_vdm/last --clip $DATA/clip --rewards clip_v=1 --out $OUT/grpo_stage2_no_ct --seed $SEED --resume
+# the ablation and the control differ in their reward only: they start from stage 2's anchor captions
+for run in grpo_stage2_no_ct grpo_stage2_random; do
+    mkdir -p $OUT/$run
+    cp -n $OUT/grpo_stage2/anchors.* $OUT/$run/
+done
+stage grpo_stage2_no_ct python grpo_stage2.py --config $C --vlm $OUT/grpo_stage1/last --vdm $OUT/sft_vdm/last \
+    --rewards clip_v=1 --out $OUT/grpo_stage2_no_ct --seed $SEED --resume
 evaluate stage2_no_ct --model $OUT/grpo_stage2_no_ct/last
-evaluate untrained --model random:shapes
+stage grpo_stage2_random python grpo_stage2.py --config $C --vlm $OUT/grpo_stage1/last --vdm $OUT/sft_vdm/last \
+    --rewards shapes:random_reward=1 --out $OUT/grpo_stage2_random --seed $SEED --resume
+evaluate stage2_random --model $OUT/grpo_stage2_random/last
 
 python plot_curves.py $OUT/grpo_stage1 $OUT/grpo_stage2 --out $OUT/curves.png
-python eval.py --table $OUT/eval/{untrained,sft,stage1,joint_grpo,stage2_no_ct}/results.json
+python eval.py --table $OUT/eval/{sft,sft_more,stage1_text,stage1,joint_grpo,stage2_no_ct,stage2_random}/results.json

@@ -403,6 +403,12 @@ def video_reward(videos, samples):
     return [float(video_shows(v, s["event"])) for v, s in zip(videos, samples)]
 
 
+def random_reward(videos, samples):
+    """A stage-2 control: a reward in [0, 1) that says nothing about the event, drawn from a hash
+    of each video's pixels (so a rerun draws the same)."""
+    return [float(np.random.default_rng(int(np.asarray(v, np.uint64).sum())).random()) for v in videos]
+
+
 # -----------------------------------------------------------------------------
 # writing the world
 
