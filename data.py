@@ -16,6 +16,7 @@ import contextlib
 import csv
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -390,3 +391,355 @@ class StepSampler:
 
     def __len__(self):
         return self.steps - self.start
+
+
+# -----------------------------------------------------------------------------
+# building training data from raw videos: python data.py build
+#
+#   predictive  --videos DIR: every video cut into shots (shot_starts), each shot paired with the
+#               next; the input clip is the end of the first (its last --input-seconds), the target
+#               the start of the second (its first --target-seconds)
+#   procedural  --annotations FILE --videos DIR: COIN's or YouCook2's JSON, each step paired with
+#               the next, cut the same way
+# An annotator sees both clips, as the paper's did, and writes the question, the reasoning and the
+# caption of the second (annotate). Rank r of a torchrun job takes every r-th video; every pair is
+# appended to <out>/pairs.rank<r>.jsonl as it is done, so a rerun skips it; at the end rank 0
+# splits the pairs by source video into train / val / test manifests.
+
+VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v")
+
+# Our prompt, written for this job (the release's Gemini prompts are not reused). {hint} carries the
+# step labels of an annotated video, or nothing for two consecutive shots.
+ANNOTATION_PROMPT = """Video 1 shows what has happened so far; Video 2 shows what happens right after it.{hint}
+Write training data for a model that watches only Video 1, reads a user's question, and must answer with
+a description of what happens next, which a video generator then turns into a clip like Video 2.
+- Question: what a user watching Video 1 would ask, {ask}. It must not reveal what happens in Video 2.
+- Think: two to four sentences of reasoning from what Video 1 shows (people, objects, where things
+  are, what was just done) to what must come next. Do not mention Video 2 or any clip.
+- Caption: one or two sentences describing the event of Video 2 as a camera sees it: who does what,
+  to which objects, where. Name the objects and their look (colour, shape) so that the event could be
+  filmed from the caption alone.
+Answer in exactly this form:
+[Question]...[/Question][Think]...[/Think][Caption]...[/Caption]"""
+ASK = {"procedural": "such as what to do next toward the task's goal",
+       "predictive": "such as what will happen next, or what would happen if something changed"}
+LEAKS = ("video 1", "video 2", "second video", "first video", "the clip", "next clip")
+
+
+def parse_annotation(text):
+    """An annotator's reply -> {"question", "think", "caption"}, or None if it is not in the asked
+    form: every tag present once, every part non-empty, no mention of the videos themselves in
+    the question or the reasoning, at most 80 words a part."""
+    parts = {}
+    for key, tag in (("question", "Question"), ("think", "Think"), ("caption", "Caption")):
+        found = re.findall(rf"\[{tag}\](.*?)\[/{tag}\]", text, re.S)
+        if len(found) != 1 or not found[0].strip() or len(found[0].split()) > 80:
+            return None
+        parts[key] = " ".join(found[0].split())
+    if any(leak in parts[k].lower() for k in ("question", "think") for leak in LEAKS):
+        return None
+    return parts
+
+
+class TemplateAnnotator:
+    """--annotator tiny: no model; writes the three parts from what the pair is given (the step
+    labels of an annotated video, else the shot numbers). For tests and dry runs of the pipeline."""
+
+    def __call__(self, pairs):
+        out = []
+        for p in pairs:
+            if p["steps"]:
+                done, todo = p["steps"]
+                out.append(f"[Question]What should I do next?[/Question][Think]The step just done is: {done}."
+                           f"[/Think][Caption]{todo[:1].upper() + todo[1:]}.[/Caption]")
+            else:
+                out.append(f"[Question]What happens next?[/Question][Think]This is shot {p['index'] + 1} of "
+                           f"{p['source']}.[/Think][Caption]Shot {p['index'] + 2} of {p['source']} begins.[/Caption]")
+        return out
+
+
+class VLMAnnotator:
+    """A Qwen2.5-VL instruct model through transformers (hub id or local directory, loaded with
+    safetensors, no remote code), shown both clips: 8 frames each at their own frame rate."""
+
+    def __init__(self, name, device, frames=8, max_new_tokens=400, temperature=0.7, seed=0):
+        import torch
+        from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(name, dtype=dtype, use_safetensors=True).to(device).eval()
+        self.processor = AutoProcessor.from_pretrained(name)
+        self.processor.tokenizer.padding_side = "left"
+        self.frames, self.max_new_tokens, self.temperature = frames, max_new_tokens, temperature
+        self.generator_seed = seed
+
+    def prompt(self, p):
+        hint = (f" The steps, as annotated: Video 1 is \"{p['steps'][0]}\", Video 2 is \"{p['steps'][1]}\"."
+                if p["steps"] else "")
+        task = f" The task: {p['task']}." if p.get("task") else ""
+        text = ANNOTATION_PROMPT.format(hint=hint + task, ask=ASK[p["kind"]])
+        return ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                "Video 1: <|vision_start|><|video_pad|><|vision_end|>\n"
+                "Video 2: <|vision_start|><|video_pad|><|vision_end|>\n"
+                f"{text}<|im_end|>\n<|im_start|>assistant\n")
+
+    def __call__(self, pairs):
+        import torch
+        videos, meta = [], []
+        for p in pairs:
+            for clip, fps in ((p["input_frames"], p["fps"]), (p["target_frames"], p["fps"])):
+                idx = uniform_indices(len(clip), min(self.frames, len(clip)))
+                videos.append(np.ascontiguousarray(clip[idx]))
+                meta.append({"fps": fps * len(idx) / len(clip), "total_num_frames": len(idx)})
+        inp = self.processor(text=[self.prompt(p) for p in pairs], videos=videos, video_metadata=meta, padding=True,
+                             return_tensors="pt").to(self.model.device)
+        tok = self.processor.tokenizer
+        with torch.no_grad():
+            out = self.model.generate(**inp, max_new_tokens=self.max_new_tokens, do_sample=True,
+                                      temperature=self.temperature, top_p=0.9, top_k=0,
+                                      eos_token_id=tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]),
+                                      pad_token_id=tok.pad_token_id)
+        return tok.batch_decode(out[:, inp["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def shot_starts(path, min_shot=0.5, min_score=4.0, ratio=3.0, window=12, height=64):
+    """The frames where a new shot begins (frame 0 first). Each frame is compared with the one
+    before on a small copy (height px): the mean absolute difference of their pixels, 0..255.
+    A cut is a difference of at least min_score that is also `ratio` times the mean difference
+    (+1) around it (window frames each side): a sudden jump, not steady motion or a camera pan.
+    Shots shorter than min_shot seconds are merged into the one before. -> (starts, n_frames, fps)"""
+    import decord
+    try:
+        with _quiet_stderr():
+            vr = decord.VideoReader(path, num_threads=1)
+            n, fps, (h, w) = len(vr), float(vr.get_avg_fps()), vr[0].shape[:2]
+            small = decord.VideoReader(path, num_threads=1, height=height, width=max(2, round(w * height / h / 2) * 2))
+    except Exception:
+        raise VideoError(f"{path}: not a readable video (corrupt, truncated, or not a video file)") from None
+    scores, prev = np.zeros(n), None
+    for first in range(0, n, 256):
+        try:
+            with _quiet_stderr():
+                chunk = small.get_batch(list(range(first, min(n, first + 256)))).asnumpy().astype(np.float32)
+        except Exception:
+            raise VideoError(f"{path}: decoding failed at frame {first} (the file is corrupt or truncated)") from None
+        frames = chunk if prev is None else np.concatenate([prev[None], chunk])
+        d = np.abs(np.diff(frames, axis=0)).mean(axis=(1, 2, 3))
+        scores[first + (prev is None):first + len(chunk)] = d
+        prev = chunk[-1]
+    starts = [0]
+    for t in range(1, n):
+        around = np.concatenate([scores[max(1, t - window):t], scores[t + 1:t + 1 + window]])
+        if scores[t] >= min_score and scores[t] >= ratio * ((around.mean() if len(around) else 0) + 1):
+            starts.append(t)
+    ends = starts[1:] + [n]
+    return [s for i, (s, e) in enumerate(zip(starts, ends)) if i == 0 or e - s >= min_shot * fps], n, fps
+
+
+def read_steps(path):
+    """COIN's or YouCook2's annotation JSON -> {video id: {"task", "steps": [(start s, end s, text), ...]}}
+    ({"database": {id: {"annotation" | "annotations": [{"segment": [s, e], "label" | "sentence": text}]}}})."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            db = json.load(f)["database"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ManifestError(f"{path}: not a COIN or YouCook2 annotation file ({type(e).__name__}: expected "
+                            "{\"database\": {video id: {\"annotation(s)\": [...]}}})") from None
+    out = {}
+    for vid, v in db.items():
+        steps = []
+        for a in v.get("annotation", v.get("annotations", [])):
+            text = a.get("label", a.get("sentence"))
+            seg = a.get("segment")
+            if isinstance(text, str) and isinstance(seg, list) and len(seg) == 2:
+                steps.append((float(seg[0]), float(seg[1]), text.strip()))
+        out[vid] = {"task": v.get("class") or v.get("recipe_type"), "steps": sorted(steps)}
+    return out
+
+
+def build(args):
+    """python data.py build: see the section's comment. -> the number of things skipped."""
+    import fractions
+    import zlib
+
+    import torch
+    from tqdm import tqdm
+
+    import common
+    rank, world, device = common.compute_init(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    os.makedirs(os.path.join(args.out, "clips"), exist_ok=True)
+    steps = read_steps(args.annotations) if args.annotations else None
+    files = {}
+    for root, _, names in os.walk(args.videos):
+        for name in sorted(names):
+            if name.lower().endswith(VIDEO_EXTS):
+                files.setdefault(os.path.splitext(name)[0], os.path.join(root, name))
+    sources = sorted(steps) if steps is not None else sorted(files)
+    done = {}
+    for name in os.listdir(args.out):
+        if name.startswith("pairs.rank") and name.endswith(".jsonl"):
+            with open(os.path.join(args.out, name)) as f:
+                done.update((r["key"], r) for r in map(json.loads, f))
+    annotator = TemplateAnnotator() if args.annotator == "tiny" else \
+        VLMAnnotator(args.annotator, device, temperature=args.temperature, seed=args.seed + rank)
+    torch.manual_seed(args.seed + rank)
+    skipped = {}  # kind -> count
+
+    def skip(kind, message):
+        skipped[kind] = skipped.get(kind, 0) + 1
+        tqdm.write(f"skipped: {message}", file=sys.stderr)
+
+    log = open(os.path.join(args.out, f"pairs.rank{rank}.jsonl"), "a")
+    for source in tqdm(sources[rank::world], disable=rank != 0, desc="videos"):
+        path = files.get(source)
+        if path is None:
+            skip("videos not found", f"{source}: no video file {args.videos}/{source}.*")
+            continue
+        try:
+            if steps is None:
+                starts, n, fps = shot_starts(path, args.min_shot)
+                spans = [(a, b, None) for a, b in zip(starts, starts[1:] + [n])]
+            else:
+                n, fps = video_info(path)
+                spans = []
+                for s, e, text in steps[source]["steps"]:
+                    if not 0 <= s < e <= n / fps + 0.5:
+                        skip("steps outside their video", f"{args.annotations}: {source}: step {text!r} at {s:g}-{e:g} s, "
+                                                          f"outside the video's 0-{n / fps:.1f} s")
+                        continue
+                    spans.append((round(s * fps), min(n, round(e * fps)), text))
+            read = _open(path)[0]
+        except VideoError as e:
+            skip("videos that do not decode", str(e))
+            continue
+        todo = []
+        for i, ((a0, a1, t0), (b0, b1, t1)) in enumerate(zip(spans, spans[1:])):
+            key = f"{source}_{i:03d}"
+            if key in done:
+                continue
+            if (a1 - a0) < args.min_input_seconds * fps or (b1 - b0) < max(args.min_target_seconds * fps, args.min_target_frames):
+                skip("pairs too short", f"{key}: {(a1 - a0) / fps:.1f} s then {(b1 - b0) / fps:.1f} s; need "
+                                        f"{args.min_input_seconds:g} s, then {args.min_target_seconds:g} s and "
+                                        f"{args.min_target_frames} frames")
+                done[key] = {"key": key, "dropped": "too short"}
+                log.write(json.dumps(done[key]) + "\n")
+                continue
+            a0 = max(a0, a1 - round(args.input_seconds * fps))  # the end of the first
+            b1 = min(b1, b0 + round(args.target_seconds * fps))  # the start of the second
+            todo.append({"key": key, "source": source, "index": i, "fps": fps, "steps": (t0, t1) if steps else None,
+                         "task": steps[source]["task"] if steps else None,
+                         "kind": "procedural" if steps else "predictive",
+                         "input_frames": read(range(a0, a1)), "target_frames": read(range(b0, b1))})
+        for c in range(0, len(todo), args.batch_size):
+            batch, parsed = todo[c:c + args.batch_size], {}
+            for attempt in range(1 + args.retries):
+                need = [p for p in batch if p["key"] not in parsed]
+                if not need:
+                    break
+                for p, reply in zip(need, annotator(need)):
+                    if (fields := parse_annotation(reply)) is not None:
+                        parsed[p["key"]] = fields
+            for p in batch:
+                rel = lambda part: os.path.join("clips", f"{p['key']}_{part}.mp4")
+                if p["key"] not in parsed:
+                    skip("replies not in the asked form", f"{p['key']}: the annotator's reply was not in the asked "
+                                                            f"form after {1 + args.retries} tries")
+                    row = {"key": p["key"], "dropped": "unparsed"}
+                else:
+                    for part, frames in (("in", p["input_frames"]), ("out", p["target_frames"])):
+                        tmp = os.path.join(args.out, rel(part) + ".tmp.mp4")
+                        write_video(tmp, frames[:, :frames.shape[1] // 2 * 2, :frames.shape[2] // 2 * 2],
+                                    fps=fractions.Fraction(p["fps"]).limit_denominator(1001))
+                        os.replace(tmp, os.path.join(args.out, rel(part)))
+                    row = {"key": p["key"], "id": p["key"], "kind": p["kind"], "source": p["source"],
+                           "input_video": rel("in"), "target_video": rel("out"), **parsed[p["key"]]}
+                    if p["steps"]:
+                        row["steps"] = list(p["steps"])
+                done[p["key"]] = row
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+    log.close()
+    kinds = ["videos not found", "videos that do not decode", "steps outside their video", "pairs too short",
+             "replies not in the asked form"]
+    counts = dict(zip(kinds, map(int, common.all_sum([float(skipped.get(k, 0)) for k in kinds]))))
+    if world > 1:
+        torch.distributed.barrier()
+    if rank == 0:  # every rank's pairs, split by source video
+        rows = {}
+        for name in sorted(os.listdir(args.out)):
+            if name.startswith("pairs.rank") and name.endswith(".jsonl"):
+                with open(os.path.join(args.out, name)) as f:
+                    rows.update((r["key"], r) for r in map(json.loads, f))
+        kept = [r for _, r in sorted(rows.items()) if "dropped" not in r]
+        split_of = lambda s: ("test" if (h := zlib.crc32(s.encode()) / 2 ** 32) < args.test_fraction
+                              else "val" if h < args.test_fraction + args.val_fraction else "train")
+        for split in ("train", "val", "test"):
+            mine = [{k: v for k, v in r.items() if k != "key"} for r in kept if split_of(r["source"]) == split]
+            with open(os.path.join(args.out, f"{split}.jsonl.tmp"), "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in mine)
+            os.replace(os.path.join(args.out, f"{split}.jsonl.tmp"), os.path.join(args.out, f"{split}.jsonl"))
+            if args.csv:
+                with open(os.path.join(args.out, f"{split}.csv"), "w", newline="", encoding="utf-8-sig") as f:
+                    w = csv.writer(f)
+                    w.writerow(list(CSV_FIELDS))
+                    w.writerows([[r[CSV_FIELDS[c]] for c in CSV_FIELDS] for r in mine])
+            print(f"{split}: {len(mine)} samples -> {os.path.join(args.out, split + '.jsonl')}")
+        said = ", ".join(f"{v} {k}" for k, v in counts.items() if v) or "none"
+        print(f"{len(kept)} pairs from {len(sources)} videos in all; skipped in this run: {said}")
+    return sum(counts.values())
+
+
+def video_info(path):
+    """-> (frames, frame rate) of a video; VideoError if it does not open."""
+    import decord
+    try:
+        with _quiet_stderr():
+            vr = decord.VideoReader(path, num_threads=1)
+            return len(vr), float(vr.get_avg_fps())
+    except Exception:
+        raise VideoError(f"{path}: not a readable video (corrupt, truncated, or not a video file)") from None
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="VANS data tools.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="training pairs from raw videos (shots) or step-annotated videos (COIN, YouCook2)")
+    b.add_argument("--videos", required=True, help="directory of videos (searched recursively; a file's name without "
+                                                   "its extension is its video id)")
+    b.add_argument("--annotations", default=None, help="COIN or YouCook2 annotation JSON (procedural pairs); "
+                                                       "without it, consecutive shots (predictive pairs)")
+    b.add_argument("--out", required=True, help="output directory: clips/, pairs.rank*.jsonl, {train,val,test}.jsonl")
+    b.add_argument("--annotator", default="Qwen/Qwen2.5-VL-7B-Instruct",
+                   help="a Qwen2.5-VL instruct model (hub id or local directory), or tiny (no model: tests)")
+    b.add_argument("--input-seconds", type=float, default=10.0, help="longest input clip (the end of the first shot or step)")
+    b.add_argument("--target-seconds", type=float, default=4.0, help="longest target clip (the start of the next)")
+    b.add_argument("--min-input-seconds", type=float, default=2.0, help="shortest input clip kept")
+    b.add_argument("--min-target-seconds", type=float, default=2.0, help="shortest target clip kept")
+    b.add_argument("--min-target-frames", type=int, default=33, help="fewest target frames kept (the VDM trains on 33)")
+    b.add_argument("--min-shot", type=float, default=0.5, help="shortest shot, in seconds (shorter ones join the one before)")
+    b.add_argument("--val-fraction", type=float, default=0.05, help="share of source videos whose pairs go to val")
+    b.add_argument("--test-fraction", type=float, default=0.05, help="share of source videos whose pairs go to test")
+    b.add_argument("--csv", action="store_true", help="also write the official CSV ({split}.csv, utf-8-sig)")
+    b.add_argument("--batch-size", type=int, default=4, help="pairs per annotator call")
+    b.add_argument("--retries", type=int, default=2, help="new draws for a reply not in the asked form, then it is dropped")
+    b.add_argument("--temperature", type=float, default=0.7, help="the annotator's sampling temperature")
+    b.add_argument("--seed", type=int, default=0, help="sampling seed (plus the rank)")
+    b.add_argument("--device", default=None, help="where the annotator runs (default: cuda when there is a GPU, under "
+                                                  "torchrun each rank its own)")
+    a = parser.parse_args()
+    for flag, value in (("--videos", a.videos), ("--annotations", a.annotations)):
+        if value is not None and not os.path.exists(value):
+            sys.exit(f"error: {flag} {value}: no such file or directory")
+    try:
+        n_skipped = build(a)
+    except ManifestError as e:
+        sys.exit(f"error: --annotations {e}")
+    code = 1 if n_skipped else 0  # the exit status says whether anything was skipped
+    import torch.distributed as dist
+    if dist.is_initialized():  # as common.compute_cleanup: gloo's threads must not meet interpreter shutdown
+        dist.barrier()
+        dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
