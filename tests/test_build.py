@@ -157,3 +157,28 @@ def test_vlm_annotator_path_retries_then_drops(raw, tmp_path, tiny):
                               return_tensors="pt")
     assert len(inp["video_grid_thw"]) == 2  # both clips, one prompt
     assert len(annotator([pair])) == 1
+
+
+def test_build_shards_over_ranks_and_reads_youcook2(raw, tmp_path):
+    """Under torchrun each rank takes every other video and writes its own pairs file; the manifests
+    are those of one process. YouCook2's format reads as COIN's; an annotation file of neither is one
+    error line. Catches: ranks doing the same videos twice, or a rank's pairs missing from the split."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    build("--videos", raw, "--out", one, "--annotator", "tiny", check=1)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(ROOT, "data.py"), "build", "--videos", str(raw), "--out", str(two), "--annotator",
+                        "tiny", "--device", "cpu"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode != 0 and "3 pairs from 3 videos in all" in r.stdout, r.stdout + r.stderr
+    assert {x["key"] for x in rows(two / "pairs.rank0.jsonl")} == {"a_000", "a_001"}  # rank 0: a.mp4 (and bad.mp4)
+    assert {x["key"] for x in rows(two / "pairs.rank1.jsonl")} == {"b_000", "b_001"}  # rank 1: b.mp4
+    for split in ("train", "val", "test"):
+        assert (one / f"{split}.jsonl").read_text() == (two / f"{split}.jsonl").read_text()
+    yc = {"database": {"v": {"recipe_type": "113", "annotations": [{"segment": [5, 9], "id": 1, "sentence": "add salt"},
+                                                                   {"segment": [0, 4], "id": 0, "sentence": "cut onions"}]}}}
+    (tmp_path / "yc.json").write_text(json.dumps(yc))
+    assert data.read_steps(str(tmp_path / "yc.json")) == {"v": {"task": "113", "steps": [(0.0, 4.0, "cut onions"),
+                                                                                        (5.0, 9.0, "add salt")]}}
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    r = build("--videos", raw, "--annotations", tmp_path / "bad.json", "--out", tmp_path / "x", "--annotator", "tiny")
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(
+        "error: --annotations ") and "not a COIN or YouCook2 annotation file" in r.stderr
