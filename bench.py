@@ -1,0 +1,194 @@
+"""
+VANS against its peer, stage by stage, in one process on the same weights: our inference path (the
+stages of infer.answer) against the paper's Qwen-Wan baseline as its libraries run it (transformers'
+generate, diffusers' WanPipeline), and one optimizer step of the VDM's SFT.
+
+    python bench.py                  # tiny random models on this machine, answers of 33x64x112, 10 steps
+    python bench.py --suite gpu      # the paper's size on one GPU: random full-size weights in bf16,
+                                     # 33x352x640, 50 steps, CFG 5
+
+One table: stage, ours (s), peer (s), ours / peer, peak memory (GB: CUDA memory allocated on a GPU,
+the process's resident set on a CPU; the peak during that stage). Every stage runs once to warm up,
+then --repeats times; the median is shown. The peer has no reference frames: `dit` is our sampler
+with the 6 reference latents in front, `dit, no refs` the same work as the peer's.
+"""
+
+import argparse
+import statistics
+import threading
+import time
+
+import numpy as np
+import torch
+
+import model
+
+parser = argparse.ArgumentParser(description="VANS against diffusers' WanPipeline and transformers' generate.")
+parser.add_argument("--suite", default="cpu", choices=("cpu", "gpu"), help="cpu: tiny models; gpu: the paper's size")
+parser.add_argument("--repeats", type=int, default=3, help="timed runs of each stage (after one warm-up)")
+parser.add_argument("--max-new-tokens", type=int, default=None, help="VLM tokens (cpu 32, gpu 256)")
+
+
+class PeakMemory:
+    """Peak memory during a `with` block, in GB: CUDA memory allocated, or (on a CPU) the resident
+    set, read from /proc every 2 ms."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.peak, self.done = 0, False
+            self.thread = threading.Thread(target=self._poll, daemon=True)
+            self.thread.start()
+        return self
+
+    def _poll(self):
+        page = 4096
+        while not self.done:
+            with open("/proc/self/statm") as f:
+                self.peak = max(self.peak, int(f.read().split()[1]) * page)
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.gb = torch.cuda.max_memory_allocated() / 1e9
+        else:
+            self.done = True
+            self.thread.join()
+            self.gb = self.peak / 1e9
+
+
+def timed(fn, device, repeats):
+    """-> (median seconds over `repeats` runs after a warm-up, peak GB, fn's last result)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    out = fn()
+    times = []
+    with PeakMemory(device) as mem:
+        for _ in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            out = fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times), mem.gb, out
+
+
+def build(suite, device):
+    """-> (vlm, vdm, answer size (frames, height, width), steps, VLM tokens): random weights of the suite's size."""
+    if suite == "cpu":
+        vlm, vdm = model.load_tiny()
+        return vlm, vdm, (33, 64, 112), 10, 32
+    from transformers import ByT5Tokenizer
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(device):  # built on the GPU in bf16: no host copy of the 5.7B-parameter umT5 in fp32
+        tok = model.byte_tokenizer()
+        net = model.build_vlm_net("full", tok).eval()
+        dit, vae, te = model.build_vdm_nets("full")
+    torch.set_default_dtype(torch.float32)
+    vlm = model.VLM(net, model.vlm_processor(tok, "full"))
+    vdm = model.VDM(dit.eval(), vae.float().eval(), te.eval(), ByT5Tokenizer())
+    return vlm, vdm, (33, 352, 640), 50, 256
+
+
+def peer_pipeline(vdm):
+    """diffusers' WanPipeline on our modules, with the release's schedule (shifted linspace, shift 5)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    class Schedule(FlowMatchEulerDiscreteScheduler):
+        def set_timesteps(self, num_inference_steps, device=None, **kw):
+            super().set_timesteps(sigmas=np.linspace(1, 0, num_inference_steps + 1)[:-1], device=device)
+    return WanPipeline(tokenizer=vdm.tokenizer, text_encoder=vdm.text_encoder, vae=vdm.vae, transformer=vdm.dit,
+                       scheduler=Schedule(shift=5.0))
+
+
+def sft_step(vdm, x0, text, refs):
+    """One optimizer step of sft_vdm on the DiT: the flow-matching loss (bf16 autocast on a GPU, gradient
+    checkpointing), backward, AdamW. -> (seconds, peak GB, FLOPs of the step)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    dit = vdm.dit.float()  # trained in float32 under bf16 autocast, as sft_vdm trains it
+    x0, text = x0.float(), text.float()
+    dit.train().requires_grad_(True)
+    if x0.device.type == "cuda":
+        dit.enable_gradient_checkpointing()
+    opt = torch.optim.AdamW(dit.parameters(), lr=1e-5)
+    amp = torch.autocast("cuda", torch.bfloat16) if x0.device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def step():
+        with amp:
+            loss = model.flow_matching_loss(vdm, x0, text, refs, torch.Generator().manual_seed(0))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    with FlopCounterMode(display=False) as counter:
+        with amp:
+            model.flow_matching_loss(vdm, x0, text, refs, torch.Generator().manual_seed(0)).backward()
+    opt.zero_grad(set_to_none=True)
+    seconds, gb, _ = timed(step, x0.device, args.repeats)
+    dit.eval().requires_grad_(False)
+    return seconds, gb, counter.get_total_flops()
+
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s of the GPUs' data sheets
+
+if __name__ == "__main__":
+    args = parser.parse_args()
+    device = torch.device("cuda" if args.suite == "gpu" else "cpu")
+    if args.suite == "gpu" and not torch.cuda.is_available():
+        raise SystemExit("error: --suite gpu: no CUDA GPU is available here")
+    torch.manual_seed(0)
+    vlm, vdm, (T, H, W), steps, tokens = build(args.suite, device)
+    tokens = args.max_new_tokens or tokens
+    vlm.model.to(device)
+    for m in (vdm.dit, vdm.vae, vdm.text_encoder):
+        m.to(device)
+    pipe = peer_pipeline(vdm)
+    pipe.set_progress_bar_config(disable=True)
+    rng = np.random.default_rng(0)
+    clip = rng.integers(0, 256, (T, H, W, 3), dtype=np.uint8)
+    frames = clip[np.linspace(0, T - 1, model.VLM_FRAMES).round().astype(int)]
+    question, caption = "What happens next?", "A red ball rolls to the left and bounces off the wall."
+    neg_prompt = vdm.negative_prompt
+    rows = []  # (stage, ours s, peer s or None, GB)
+
+    def stage(name, ours, peer=None):
+        s, gb, out = timed(ours, device, args.repeats)
+        p = timed(peer, device, args.repeats)[0] if peer else None
+        rows.append((name, s, p, gb))
+        return out
+
+    inp = vlm.inputs([frames], [question])
+    stop = vlm.stop_ids()
+    stage("vlm", lambda: vlm.generate([frames], [question], "greedy", tokens),
+          lambda: vlm.model.generate(**inp, do_sample=False, max_new_tokens=tokens, eos_token_id=stop,
+                                     pad_token_id=vlm.processor.tokenizer.pad_token_id))
+    with torch.no_grad():
+        text, neg = stage("text", lambda: (vdm.encode_text([caption]), vdm.encode_text([neg_prompt])),
+                          lambda: pipe.encode_prompt(caption, neg_prompt, True, max_sequence_length=512, device=device))
+        refs = stage("refs", lambda: vdm.ref_latents(vdm.encode_video(
+            torch.from_numpy(clip).permute(3, 0, 1, 2)[None].float().div(127.5).sub(1).to(device))))
+        gen = lambda: torch.Generator().manual_seed(0)
+        latents = stage("dit", lambda: vdm.sample(text, neg, refs, T, H, W, steps=steps, cfg=5.0, generator=gen()),
+                        lambda: pipe(prompt_embeds=text.to(vdm.dit.dtype), negative_prompt_embeds=neg.to(vdm.dit.dtype),
+                                     num_frames=T, height=H, width=W, num_inference_steps=steps, guidance_scale=5.0,
+                                     output_type="latent", generator=gen()).frames)
+        stage("dit, no refs", lambda: vdm.sample(text, neg, None, T, H, W, steps=steps, cfg=5.0, generator=gen()))
+        mean = torch.tensor(pipe.vae.config.latents_mean).view(1, -1, 1, 1, 1).to(latents)
+        std = torch.tensor(pipe.vae.config.latents_std).view(1, -1, 1, 1, 1).to(latents)
+        stage("vae", lambda: vdm.decode(latents), lambda: pipe.vae.decode(latents.to(pipe.vae.dtype) * std + mean).sample)
+    total = sum(r[1] for r in rows if r[0] != "dit, no refs")
+    peer_total = sum(r[2] for r in rows if r[2] is not None)
+    rows.append(("answer (sum)", total, peer_total, max(r[3] for r in rows)))
+    seconds, gb, flops = sft_step(vdm, latents[:1], text, refs.float())
+    rows.append(("sft_vdm step", seconds, None, gb))
+
+    print(f"{args.suite} suite on {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}: answers of "
+          f"{T}x{H}x{W}, {steps} steps, CFG 5, {tokens} VLM tokens at most; median of {args.repeats}")
+    print("| stage | ours (s) | peer (s) | ours / peer | peak memory (GB) |\n|---|---|---|---|---|")
+    for name, s, p, g in rows:
+        print(f"| {name} | {s:.3f} | {'-' if p is None else f'{p:.3f}'} | {'-' if not p else f'{s / p:.2f}'} | {g:.2f} |")
+    peak = next((v for k, v in PEAK_BF16.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
+    print(f"sft_vdm step: {flops / 1e12:.2f} TFLOP" + (f", MFU {flops / seconds / peak:.1%} of {peak / 1e12:.0f} TFLOP/s bf16"
+                                                      if peak else ""))
