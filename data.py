@@ -462,7 +462,7 @@ class VLMAnnotator:
     """A Qwen2.5-VL instruct model through transformers (hub id or local directory, loaded with
     safetensors, no remote code), shown both clips: 8 frames each at their own frame rate."""
 
-    def __init__(self, name, device, frames=8, max_new_tokens=400, temperature=0.7, seed=0):
+    def __init__(self, name, device, frames=8, max_new_tokens=400, temperature=0.7):
         import torch
         from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -470,7 +470,6 @@ class VLMAnnotator:
         self.processor = AutoProcessor.from_pretrained(name)
         self.processor.tokenizer.padding_side = "left"
         self.frames, self.max_new_tokens, self.temperature = frames, max_new_tokens, temperature
-        self.generator_seed = seed
 
     def prompt(self, p):
         hint = (f" The steps, as annotated: Video 1 is \"{p['steps'][0]}\", Video 2 is \"{p['steps'][1]}\"."
@@ -580,8 +579,8 @@ def build(args):
             with open(os.path.join(args.out, name)) as f:
                 done.update((r["key"], r) for r in map(json.loads, f))
     annotator = TemplateAnnotator() if args.annotator == "tiny" else \
-        VLMAnnotator(args.annotator, device, temperature=args.temperature, seed=args.seed + rank)
-    torch.manual_seed(args.seed + rank)
+        VLMAnnotator(args.annotator, device, temperature=args.temperature)
+    torch.manual_seed(args.seed + rank)  # the annotator's draws
     skipped = {}  # kind -> count
 
     def skip(kind, message):

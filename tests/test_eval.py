@@ -357,7 +357,7 @@ def test_eval_table_mean_and_spread(tmp_path):
     assert [l.split(" | ")[0] for l in lines[2:]] == ["| sft", "| joint_grpo"]  # rows in order of appearance
     sft = lines[2].split(" | ")
     assert sft[1] == "0.5000 ± 0.1414" and sft[6] == "50.00 ± 14.14" and sft[9] == "0.500 ± 0.141"  # std with ddof 1
-    assert sft[10] == "-" and sft[11:] == ["200", "2 |"]
+    assert sft[10] == "0.500 ± 0.141" and sft[11] == "-" and sft[12:] == ["200", "2 |"]  # specific_caption, event_video
     assert lines[3].split(" | ")[5] == "0.7000 ± 0.1414"
     assert "± " not in ev.table_of_files(paths[:2])  # one seed: no spread
     other = tmp_path / "s2" / "eval" / "sft" / "results.json"
