@@ -28,7 +28,8 @@ def test_shapes_preset_tokens_pixels_and_checkpoint(tmp_path):
     vlm, vdm = model.load_tiny(seed=0, preset="shapes")
     tok = vlm.processor.tokenizer
     # BPE fitted to the Shapes text: its words are single tokens, any other text still round-trips
-    x, answers = shapes.scene(0, "test", 3, H, W, "classic")  # the world the shipped models read
+    _, answers = shapes.scene(0, "test", 3, H, W)  # the tokenizer is fitted to the question world's text
+    x = shapes.scene(0, "test", 3, H, W, "classic")[0]  # the frames the shipped models read
     q, think, caption, _, _ = answers[0]
     answer = model.answer_text(think, caption)
     assert len(tok(answer).input_ids) < len(answer.split()) * 1.6 < len(answer) / 3
