@@ -86,17 +86,14 @@ def _path(a, b, n, lift):
     return out
 
 
-def pick_scene(rng, H, W, questions):
-    """A tower built from 4 or 5 blocks; the input clip shows the k-th placed (k = 1..n-2, so 2 or
-    more wait); each question names a waiting block, which goes on top.
-    -> (input frames, [(question, think, caption, target frames, event), ...])"""
+def _tower(H, W, names):
+    """The tower scenes' geometry and painter: blocks of half-size `half` on the tower (position i from
+    the bottom) or waiting on the table (slot j, block names[j]). -> (half, on_tower(i), on_table(j),
+    frames(moving block, its path, placed names, waiting slots, count) -> uint8 (count, H, W, 3))"""
     u = H / 16
     half, floor_y = u, H * 14 / 16
-    names = [str(c) for c in rng.permutation(list(COLORS))[:rng.integers(4, 6)]]
-    n = len(names)
-    k = int(rng.integers(1, n - 1))
     tower_x = W * 0.22
-    slot_x = [W * 0.45 + j * (2 * half + u) for j in range(n)]  # block j waits at slot j
+    slot_x = [W * 0.45 + j * (2 * half + u) for j in range(len(names))]  # block j waits at slot j
     on_tower = lambda i: (tower_x, floor_y - half - 2 * half * i)
     on_table = lambda j: (slot_x[j], floor_y - half)
 
@@ -109,7 +106,17 @@ def pick_scene(rng, H, W, questions):
                 _box(f[t], *on_table(j), half, COLORS[names[j]])
             _box(f[t], *path[t], half, COLORS[moving])
         return f
+    return half, on_tower, on_table, frames
 
+
+def pick_scene(rng, H, W, questions):
+    """A tower built from 4 or 5 blocks; the input clip shows the k-th placed (k = 1..n-2, so 2 or
+    more wait); each question names a waiting block, which goes on top.
+    -> (input frames, [(question, think, caption, target frames, event), ...])"""
+    names = [str(c) for c in rng.permutation(list(COLORS))[:rng.integers(4, 6)]]
+    n = len(names)
+    k = int(rng.integers(1, n - 1))
+    half, on_tower, on_table, frames = _tower(H, W, names)
     hold = 8  # still frames at the start and the end of a move
     p = _path(on_table(k - 1), on_tower(k - 1), N_IN - 2 * hold, 3 * half)
     x = frames(names[k - 1], [p[0]] * hold + p + [p[-1]] * hold, names[:k - 1], range(k, n), N_IN)
@@ -186,25 +193,10 @@ def vague_caption(caption, event):
 
 def classic_stack_scene(rng, H, W, hypothetical):
     """The classic world's tower: the leftmost waiting block goes next. -> as pick_scene."""
-    u = H / 16
-    half, floor_y = u, H * 14 / 16
     names = [str(c) for c in rng.permutation(list(COLORS))[:rng.integers(3, 6)]]
     n = len(names)
     k = int(rng.integers(1, n))  # blocks on the tower after the input clip (1..n-1)
-    tower_x = W * 0.22
-    slot_x = [W * 0.45 + j * (2 * half + u) for j in range(n)]  # block j waits at slot j
-    on_tower = lambda i: (tower_x, floor_y - half - 2 * half * i)
-    on_table = lambda j: (slot_x[j], floor_y - half)
-
-    def frames(moving, path, placed, waiting, count):
-        f = _canvas(count, H, W)
-        for t in range(count):
-            for i, c in enumerate(placed):
-                _box(f[t], *on_tower(i), half, COLORS[c])
-            for j in waiting:
-                _box(f[t], *on_table(j), half, COLORS[names[j]])
-            _box(f[t], *path[t], half, COLORS[moving])
-        return f
+    half, on_tower, on_table, frames = _tower(H, W, names)
 
     # input: block k-1 is carried from its slot onto the tower (still at the start and the end)
     hold = 8
