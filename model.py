@@ -791,17 +791,19 @@ def _save(sd, path):
     save_file(out, path)
 
 
+def _named(name):
+    """Whether a --model value names a model (rather than a checkpoint directory)."""
+    return name in RANDOM or name in SHIPPED or name in ("base", "vans")
+
+
 def source_of(name, ckpt):
     """How checkpoint `ckpt` records the --model name a frozen model came from: a named model as
     its name, a checkpoint directory relative to `ckpt` (so that an out/ tree can move whole)."""
-    if name in RANDOM or name in SHIPPED or name in ("base", "vans"):
-        return name
-    return os.path.relpath(os.path.abspath(name), os.path.abspath(ckpt))
+    return name if _named(name) else os.path.relpath(os.path.abspath(name), os.path.abspath(ckpt))
 
 
 def _source_path(ckpt, source):
-    return source if source in RANDOM or source in SHIPPED or source in ("base", "vans") \
-        else os.path.normpath(os.path.join(ckpt, source))
+    return source if _named(source) else os.path.normpath(os.path.join(ckpt, source))
 
 
 def save_checkpoint(path, vlm, vdm, meta, parts=("vlm", "vlm_lora", "dit", "vae", "text_encoder"),
@@ -887,6 +889,7 @@ def load_checkpoint(path, qwen=None, wan=None, vans=None, dtype=torch.bfloat16, 
     checkpoint holds go on top, else onto the preset's base models. A needed model must have its
     weights somewhere (a full-size VLM: the LoRA at least; a full-size VDM: the DiT at least)."""
     meta = read_meta(path)
+    _check_sources(path, meta, need)
     have = set(meta.get("parts", []))
     sources = {m: _source_path(path, src) for m, src in meta.get("from", {}).items() if m in need}
     own = [m for m in need if m not in sources]
@@ -906,7 +909,6 @@ def load_checkpoint(path, qwen=None, wan=None, vans=None, dtype=torch.bfloat16, 
     elif own:
         given = {k: v for k, v in (("qwen", qwen), ("wan", wan)) if ("vlm" if k == "qwen" else "vdm") in own}
         vlm, vdm = load_base(**hub_paths(**given), dtype=dtype, need=own)
-    _check_sources(path, meta, need)
     for m, src in sources.items():
         got = load(src, qwen, wan, vans, dtype, need=(m,))
         vlm, vdm = (got[0], vdm) if m == "vlm" else (vlm, got[1])
@@ -959,7 +961,7 @@ def check_name(name, need=("vlm", "vdm")):
     """A --model value must be a name load() knows or a checkpoint directory (whose meta.json is
     read, and whose needed models from elsewhere are there); CheckpointError otherwise. Cheap:
     nothing is loaded."""
-    if name in RANDOM or name in SHIPPED or name in ("base", "vans"):
+    if _named(name):
         return
     if not checkpoint_exists(name):
         raise CheckpointError(f"{name}: no such checkpoint directory (nor one of vans, base, shapes, tiny, random:shapes)")
@@ -970,7 +972,7 @@ def _check_sources(path, meta, need=("vlm", "vdm")):
     """The needed models a checkpoint takes from elsewhere ("from") must be there."""
     for m, src in meta.get("from", {}).items():
         src = _source_path(path, src)
-        if m in need and not (src in RANDOM or src in SHIPPED or src in ("base", "vans") or checkpoint_exists(src)):
+        if m in need and not (_named(src) or checkpoint_exists(src)):
             raise CheckpointError(f"{path}: its {m.upper()} comes from {src} (meta.json \"from\"), which is not there "
                                   f"(a training run records the frozen models it used instead of copying them: keep "
                                   f"them where they were)")
