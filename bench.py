@@ -106,7 +106,8 @@ def peer_pipeline(vdm):
 
 def sft_step(vdm, x0, text, refs):
     """One optimizer step of sft_vdm on the DiT: the flow-matching loss (bf16 autocast on a GPU, gradient
-    checkpointing), backward, AdamW. -> (seconds, peak GB, FLOPs of the step)."""
+    checkpointing), backward, AdamW. -> (seconds, peak GB, FLOPs of the step). The FLOPs are counted
+    as run, the recompute of gradient checkpointing included: the MFU printed is the hardware's."""
     from torch.utils.flop_counter import FlopCounterMode
     dit = vdm.dit.float()  # trained in float32 under bf16 autocast, as sft_vdm trains it
     x0, text = x0.float(), text.float()

@@ -93,6 +93,22 @@ def check_models(**flags):
             sys.exit(f"error: --{flag.replace('_', '-')} {e}")
 
 
+def check_frozen(last, resume, **flags):
+    """The frozen models a GRPO run names in its checkpoint instead of saving them ({"vlm" | "vdm":
+    --model name}): never the checkpoint it writes, and on --resume the ones it started from (the
+    KL reference and a LoRA's base must not change under a run). One error line otherwise."""
+    import model
+    for flag, name in flags.items():
+        try:
+            recorded = model.source_of(name, last)
+        except model.CheckpointError as e:
+            sys.exit(f"error: --{flag} {e}")
+        was = model.read_meta(last).get("from", {}).get(flag) if resume else None
+        if was is not None and was != recorded:
+            sys.exit(f"error: --{flag} {name}: {last} was trained from {model._source_path(last, was)}; resume with "
+                     f"that --{flag}, or change --out")
+
+
 def load_model(name, **kw):
     """(preset, model.load(name, ...)) for the training scripts: a bad checkpoint is one error line."""
     import model

@@ -573,11 +573,12 @@ def build(args):
             if name.lower().endswith(VIDEO_EXTS):
                 files.setdefault(os.path.splitext(name)[0], os.path.join(root, name))
     sources = sorted(steps) if steps is not None else sorted(files)
-    done = {}
-    for name in os.listdir(args.out):
-        if name.startswith("pairs.rank") and name.endswith(".jsonl"):
-            with open(os.path.join(args.out, name)) as f:
-                done.update((r["key"], r) for r in map(json.loads, f))
+    common.same_settings(os.path.join(args.out, "settings.json"), {  # a rerun must cut and pair the same way
+        k: getattr(args, k) for k in ("annotations", "input_seconds", "target_seconds", "min_input_seconds",
+                                      "min_target_seconds", "min_target_frames", "min_shot")})
+    done = read_pairs(args.out)
+    if world > 1:
+        torch.distributed.barrier()  # no rank appends before every rank has read
     annotator = TemplateAnnotator() if args.annotator == "tiny" else \
         VLMAnnotator(args.annotator, device, temperature=args.temperature)
     torch.manual_seed(args.seed + rank)  # the annotator's draws
@@ -587,7 +588,13 @@ def build(args):
         skipped[kind] = skipped.get(kind, 0) + 1
         tqdm.write(f"skipped: {message}", file=sys.stderr)
 
-    log = open(os.path.join(args.out, f"pairs.rank{rank}.jsonl"), "a")
+    path = os.path.join(args.out, f"pairs.rank{rank}.jsonl")
+    log = open(path, "a")
+    if log.tell():  # a killed run may have cut its last line short: ours start on a new one
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read() != b"\n":
+                log.write("\n")
     for source in tqdm(sources[rank::world], disable=rank != 0, desc="videos"):
         path = files.get(source)
         if path is None:
@@ -610,7 +617,7 @@ def build(args):
         except VideoError as e:
             skip("videos that do not decode", str(e))
             continue
-        todo = []
+        todo = []  # spans only: a batch's frames are read when it is annotated, and let go after
         for i, ((a0, a1, t0), (b0, b1, t1)) in enumerate(zip(spans, spans[1:])):
             key = f"{source}_{i:03d}"
             if key in done:
@@ -621,15 +628,21 @@ def build(args):
                                         f"{args.min_target_frames} frames")
                 done[key] = {"key": key, "dropped": "too short"}
                 log.write(json.dumps(done[key]) + "\n")
+                log.flush()
                 continue
             a0 = max(a0, a1 - round(args.input_seconds * fps))  # the end of the first
-            b1 = min(b1, b0 + round(args.target_seconds * fps))  # the start of the second
+            b1 = min(b1, b0 + max(round(args.target_seconds * fps), args.min_target_frames))  # the start of the second
             todo.append({"key": key, "source": source, "index": i, "fps": fps, "steps": (t0, t1) if steps else None,
                          "task": steps[source]["task"] if steps else None,
-                         "kind": "procedural" if steps else "predictive",
-                         "input_frames": read(range(a0, a1)), "target_frames": read(range(b0, b1))})
+                         "kind": "procedural" if steps else "predictive", "spans": ((a0, a1), (b0, b1))})
         for c in range(0, len(todo), args.batch_size):
             batch, parsed = todo[c:c + args.batch_size], {}
+            try:
+                for p in batch:
+                    p["input_frames"], p["target_frames"] = (read(range(*span)) for span in p["spans"])
+            except VideoError as e:
+                skip("videos that do not decode", str(e))
+                break
             for attempt in range(1 + args.retries):
                 need = [p for p in batch if p["key"] not in parsed]
                 if not need:
@@ -656,6 +669,7 @@ def build(args):
                 done[p["key"]] = row
                 log.write(json.dumps(row) + "\n")
                 log.flush()
+                del p["input_frames"], p["target_frames"]
     log.close()
     kinds = ["videos not found", "videos that do not decode", "steps outside their video", "pairs too short",
              "replies not in the asked form"]
@@ -663,12 +677,7 @@ def build(args):
     if world > 1:
         torch.distributed.barrier()
     if rank == 0:  # every rank's pairs, split by source video
-        rows = {}
-        for name in sorted(os.listdir(args.out)):
-            if name.startswith("pairs.rank") and name.endswith(".jsonl"):
-                with open(os.path.join(args.out, name)) as f:
-                    rows.update((r["key"], r) for r in map(json.loads, f))
-        kept = [r for _, r in sorted(rows.items()) if "dropped" not in r]
+        kept = [r for _, r in sorted(read_pairs(args.out).items()) if "dropped" not in r]
         split_of = lambda s: ("test" if (h := zlib.crc32(s.encode()) / 2 ** 32) < args.test_fraction
                               else "val" if h < args.test_fraction + args.val_fraction else "train")
         for split in ("train", "val", "test"):
@@ -685,6 +694,22 @@ def build(args):
         said = ", ".join(f"{v} {k}" for k, v in counts.items() if v) or "none"
         print(f"{len(kept)} pairs from {len(sources)} videos in all; skipped in this run: {said}")
     return sum(counts.values())
+
+
+def read_pairs(out):
+    """{key: row} of every rank's pairs file in out; a line cut short by a killed run is left out
+    (its pair is done again)."""
+    rows = {}
+    for name in sorted(os.listdir(out)):
+        if name.startswith("pairs.rank") and name.endswith(".jsonl"):
+            with open(os.path.join(out, name)) as f:
+                for line in f:
+                    try:
+                        r = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    rows[r["key"]] = r
+    return rows
 
 
 def video_info(path):

@@ -116,7 +116,7 @@ args = common.parse_flags(parser, "grpo_stage1")
 # compute
 
 n_rollout = args.prompts * args.group_size  # completions per rank and step
-if n_rollout % args.minibatches or (n_rollout // args.minibatches) % min(args.micro_batch, n_rollout // args.minibatches):
+if args.minibatches < 1 or n_rollout % args.minibatches or (n_rollout // args.minibatches) % min(args.micro_batch, n_rollout // args.minibatches):
     parser.error(f"--minibatches {args.minibatches} must split the {n_rollout} completions of a step (--prompts x "
                  f"--group-size) into equal parts, each made of whole --micro-batch chunks")
 rank, world, device = common.compute_init(args.device)
@@ -140,6 +140,7 @@ render = "clip_v" in reward_fns
 # input is checked, and CLIP loaded, before any heavy work.
 
 common.check_models(**({} if resume else {"init": args.init}), vdm=args.vdm)
+common.check_frozen(last, resume, vdm=args.vdm)
 args.ref_clip = args.ref_clip or model.ref_clip_of(args.vdm)
 train, _ = common.read_manifests(args, min_frames=args.frames)
 clip = common.load_clip(args.clip, [args.vdm], device) if render else None

@@ -113,7 +113,7 @@ args = common.parse_flags(parser, "grpo_stage2")
 # compute
 
 n_rollout = args.prompts * args.group_size  # videos per rank and step
-if n_rollout % args.minibatches or (n_rollout // args.minibatches) % min(args.micro_batch, n_rollout // args.minibatches):
+if args.minibatches < 1 or n_rollout % args.minibatches or (n_rollout // args.minibatches) % min(args.micro_batch, n_rollout // args.minibatches):
     parser.error(f"--minibatches {args.minibatches} must split the {n_rollout} videos of a step (--prompts x "
                  f"--group-size) into equal parts, each made of whole --micro-batch chunks")
 rank, world, device = common.compute_init(args.device)
@@ -135,6 +135,7 @@ weights = {k: w for k, (w, _) in reward_fns.items()}
 # data; every input is checked, and CLIP loaded, before any heavy work (the anchors)
 
 common.check_models(vlm=args.vlm, vdm=args.vdm)
+common.check_frozen(last, resume, vlm=args.vlm, vdm=args.vdm)
 args.ref_clip = args.ref_clip or model.ref_clip_of(args.vdm)
 train, _ = common.read_manifests(args, min_frames=args.frames)
 clip = common.load_clip(args.clip, [args.vdm], device) if {"clip_v", "clip_t"} & set(reward_fns) else None

@@ -798,12 +798,19 @@ def _named(name):
 
 def source_of(name, ckpt):
     """How checkpoint `ckpt` records the --model name a frozen model came from: a named model as
-    its name, a checkpoint directory relative to `ckpt` (so that an out/ tree can move whole)."""
-    return name if _named(name) else os.path.relpath(os.path.abspath(name), os.path.abspath(ckpt))
+    its name, a checkpoint directory relative to `ckpt` (so that an out/ tree can move whole),
+    links resolved. A checkpoint cannot come from itself (it is replaced when saved)."""
+    if _named(name):
+        return name
+    rel = os.path.relpath(os.path.realpath(name), os.path.realpath(ckpt))
+    if rel == ".":
+        raise CheckpointError(f"{ckpt}: a frozen model cannot come from the checkpoint being written ({name}); "
+                              "use another --out")
+    return rel
 
 
 def _source_path(ckpt, source):
-    return source if _named(source) else os.path.normpath(os.path.join(ckpt, source))
+    return source if _named(source) else os.path.normpath(os.path.join(os.path.realpath(ckpt), source))
 
 
 def save_checkpoint(path, vlm, vdm, meta, parts=("vlm", "vlm_lora", "dit", "vae", "text_encoder"),

@@ -48,6 +48,8 @@ mkdir -p $W
 if [ ! -e $DATA/test.jsonl ]; then
     OUT=$W stage data python shapes.py data --out $DATA --n-train 4000 --n-val 100 --n-test 200 --height 64 --width 112
 fi
+python -c "import json, sys; e = json.loads(open('$DATA/test.jsonl').readline())['event']
+sys.exit(0 if 'others' in e else 'error: $DATA holds the classic world; move it away (the question world is written there)')"
 OUT=$W stage clip python shapes.py train-clip --train $DATA/train.jsonl --out $DATA/clip --seed 0
 OUT=$W stage vae python sft_vdm.py --config $C:sft_vae --out $DATA/vae --seed 0 --resume
 
@@ -62,15 +64,15 @@ stage grpo_stage1_text python grpo_stage1.py --config $C --init $OUT/sft_vlm/las
     --rewards format=1,rouge_l=1 --out $OUT/grpo_stage1_text --seed $SEED --resume
 evaluate stage1_text --model $OUT/grpo_stage1_text/last
 
-# row 2: as many more SFT steps as fit in stage 1's time, at SFT's measured time per step
+# row 2: SFT goes on for as long as stage 1 took (its time per step x its steps, from the logs), at a
+# tenth of SFT's peak learning rate (its schedule had decayed to 0), in another data order
 steps=$(python -c "
 import json
-t = [int(l.split()[-2]) for l in open('$OUT/times.txt') if l.startswith('grpo_stage1 ')][0]
-rows = [json.loads(l) for l in open('$OUT/sft_vlm/log.jsonl')]
-per_step = [r['sec_per_step'] for r in rows if 'sec_per_step' in r][-1]
-print(max(1, round(t / per_step)))")
-stage sft_more python sft_vlm.py --config $C --model $OUT/sft_vlm/last --steps "$steps" --stop-at-accuracy 0 \
-    --out $OUT/sft_more --seed $SEED --resume
+per_step = lambda run: [r['sec_per_step'] for r in map(json.loads, open(run + '/log.jsonl')) if 'sec_per_step' in r][-1]
+t = per_step('$OUT/grpo_stage1') * json.load(open('$OUT/grpo_stage1/last/meta.json'))['step']
+print(max(1, round(t / per_step('$OUT/sft_vlm'))))")
+stage sft_more python sft_vlm.py --config $C --model $OUT/sft_vlm/last --steps "$steps" --lr 2e-4 --warmup 0 \
+    --out $OUT/sft_more --seed $((SEED + 100)) --resume
 evaluate sft_more --model $OUT/sft_more/last --vdm $OUT/sft_vdm/last
 
 stage grpo_stage2 python grpo_stage2.py --config $C --vlm $OUT/grpo_stage1/last --vdm $OUT/sft_vdm/last \

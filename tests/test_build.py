@@ -107,10 +107,16 @@ def test_build_predictive_and_procedural_then_train(raw, tmp_path):
     full = data.read_frames(str(raw / "a.mp4"))
     assert len(x) == 73 and len(y) == 44  # the whole second shot (6.6 s <= 10 s), then 4 s of the third
     assert np.abs(x.astype(int) - full[73:146]).mean() < 3 and np.abs(y.astype(int) - full[146:190]).mean() < 3
-    # a rerun redoes nothing
+    # a rerun redoes nothing, even after a run killed in the middle of a line; other settings are refused
     before = {n: (out / n).read_text() for n in os.listdir(out) if n.endswith(".jsonl")}
+    with open(out / "pairs.rank0.jsonl", "a") as f:
+        f.write('{"key": "b_0')
     build("--videos", raw, "--out", out, "--annotator", "tiny", "--val-fraction", "0.4", "--test-fraction", "0.3")
-    assert {n: (out / n).read_text() for n in before} == before
+    assert {n: (out / n).read_text() for n in before if n != "pairs.rank0.jsonl"} == \
+        {n: v for n, v in before.items() if n != "pairs.rank0.jsonl"}
+    assert (out / "pairs.rank0.jsonl").read_text() == before["pairs.rank0.jsonl"] + '{"key": "b_0\n'
+    r = build("--videos", raw, "--out", out, "--annotator", "tiny", "--min-shot", "1.0")
+    assert r.returncode == 1 and "holds files made with other settings (min_shot 0.5 there, 1.0 now)" in r.stderr
 
     # procedural: COIN's format; one step outside its video, one video with no file
     coin = {"database": {"a": {"class": "MakeTea", "annotation": [

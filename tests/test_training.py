@@ -565,6 +565,24 @@ def test_checkpoints_name_their_frozen_models(tiny, tmp_path):
     assert model.load(str(tmp_path / "moved" / "stage1"), need=("vlm",))[0] is not None  # what it holds still loads
 
 
+def test_frozen_models_cannot_change_under_a_run(tiny, tmp_path):
+    """A GRPO run may not name as a frozen model the checkpoint it writes (it would load what it
+    replaces), and a resumed run must name the frozen models it started from. Catches: a stage 2
+    whose KL reference or LoRA base silently changes on --resume, a checkpoint that loads itself."""
+    import common
+    _, vdm = tiny
+    for name in ("sft_a", "sft_b"):
+        model.save_checkpoint(str(tmp_path / name), None, vdm, {"preset": "tiny"}, ("dit", "vae", "text_encoder"))
+    last = str(tmp_path / "run" / "last")
+    model.save_checkpoint(last, None, vdm, {"preset": "tiny"}, ("dit",), sources={"vdm": str(tmp_path / "sft_a")})
+    common.check_frozen(last, True, vdm=str(tmp_path / "sft_a"))  # the same: fine
+    common.check_frozen(last, False, vdm=str(tmp_path / "sft_b"))  # a fresh run may start elsewhere
+    with pytest.raises(SystemExit, match=r"error: --vdm .*sft_b: .*run/last was trained from .*sft_a; resume with that --vdm"):
+        common.check_frozen(last, True, vdm=str(tmp_path / "sft_b"))
+    with pytest.raises(SystemExit, match=r"error: --vdm .*a frozen model cannot come from the checkpoint being written"):
+        common.check_frozen(last, False, vdm=last)
+
+
 def test_grpo_stage1_from_an_sft_lora(shapes_small, tmp_path, monkeypatch):
     """Stage 1 from an SFT LoRA checkpoint merges the SFT adapter into the VLM, trains a fresh one on
     top, and takes the SFT model as its reference: with the adapter off, the stage-1 checkpoint
