@@ -291,6 +291,7 @@ def _sample(row, line, root, check_files, check_videos, min_frames):
     s["id"] = str(row.get("id", line))
     s["kind"] = row.get("kind") or None
     s["event"] = row.get("event")  # the Shapes world's ground-truth event (optional)
+    s["caption_specific"] = row.get("caption_specific")  # and its fully specified caption (optional)
     if s["kind"] not in (None, "procedural", "predictive"):
         raise ManifestError(f"kind must be procedural or predictive, got {s['kind']!r}")
     for k in ("input_video", "target_video"):

@@ -486,6 +486,9 @@ if __name__ == "__main__":
     parser.add_argument("--i3d", default=I3D_PATH, help="I3D weights (written by --fetch-i3d)")
     parser.add_argument("--gt-cache", default=None, help="keep the ground truth's I3D logits in this dir, for later runs on the same manifest")
     parser.add_argument("--fetch-i3d", action="store_true", help="download and convert the I3D weights, then exit")
+    parser.add_argument("--captions", choices=("caption", "caption_specific"), default=None,
+                        help="render the manifest's own captions instead of the VLM's (the VDM alone): its annotation, or "
+                             "the Shapes world's fully specified caption")
     parser.add_argument("--table", nargs="+", metavar="RESULTS", help="print the table of these results.json files, then exit")
     infer.add_flags(parser)
     args = parser.parse_args()
@@ -511,6 +514,8 @@ if __name__ == "__main__":
     samples = [s for s in samples if kind is None or s["kind"] == kind][:args.limit]
     if not samples:
         infer.fail(f"{args.manifest}: no samples{f' of kind {kind}' if kind else ''}")
+    if args.captions and not all(isinstance(s[args.captions], str) for s in samples):
+        infer.fail(f"{args.manifest}: --captions {args.captions}: not every sample has that field")
     for smp in samples:  # cache files are named by sample id
         smp["file"] = re.sub(r"[^\w.-]", "_", smp["id"])
     if len({smp["file"] for smp in samples}) < len(samples):
@@ -519,7 +524,8 @@ if __name__ == "__main__":
     name = os.path.basename(source)
     if name == "last":  # a run's checkpoint: out/grpo_stage2/last -> eval/grpo_stage2
         name = os.path.basename(os.path.dirname(source))
-    out_dir = args.predictions or args.out or os.path.join("eval", name + (f"-{kind}" if kind else ""))
+    suffix = (f"-{kind}" if kind else "") + (f"-{args.captions}" if args.captions else "")
+    out_dir = args.predictions or args.out or os.path.join("eval", name + suffix)
 
     # made_by.json records what made the outputs: other flags are an error, found before anything loads
     record, made_by = os.path.join(out_dir, "made_by.json"), None
@@ -527,7 +533,8 @@ if __name__ == "__main__":
         where = lambda x: os.path.abspath(x) if x and os.path.exists(x) else x
         made_by = {"model": where(args.model), "vdm": where(args.vdm), "batch_size": args.batch_size,
                    **{k: getattr(args, k) for k in ("seed", "decoding", "max_new_tokens", "steps", "cfg", "height", "width",
-                                                     "frames", "ref_clip", "precision")}}
+                                                     "frames", "ref_clip", "precision")},
+                   **({"captions": args.captions} if args.captions else {})}
         common.same_settings(record, made_by, write=False)
 
     # --- scorers next: a missing weight file fails before any file is written
@@ -574,7 +581,7 @@ if __name__ == "__main__":
             batch = todo[i:i + args.batch_size]
             try:
                 outs, _ = infer.answer(vlm, vdm, [s["input_video"] for s in batch], [s["question"] for s in batch],
-                                       args, generator)
+                                       args, generator, captions=[s[args.captions] for s in batch] if args.captions else None)
             except data.VideoError as e:
                 infer.fail(e)
             for s, o in zip(batch, outs):  # video first, then the json that marks the sample done

@@ -149,9 +149,10 @@ def load_models(args):
     return vlm, vdm
 
 
-def answer(vlm, vdm, video_paths, questions, args, generator, progress=False):
+def answer(vlm, vdm, video_paths, questions, args, generator, progress=False, captions=None):
     """The whole VANS path for a batch of inputs -> (list of dicts with think, caption, completion
-    and video uint8 (T, H, W, 3), timings in seconds for the batch)."""
+    and video uint8 (T, H, W, 3), timings in seconds for the batch). captions: render these
+    instead of the VLM's (the VDM alone; think and completion are then None)."""
     import numpy as np
     import torch
     import model
@@ -165,11 +166,14 @@ def answer(vlm, vdm, video_paths, questions, args, generator, progress=False):
         t0 = time.perf_counter()
 
     # the VLM sees up to 6 frames spread over each input; the VDM's reference clip is `frames` frames
-    vlm_frames = [data.read_vlm_frames(p, model.VLM_FRAMES) for p in video_paths]
+    vlm_frames = [data.read_vlm_frames(p, model.VLM_FRAMES) for p in video_paths] if captions is None else None
     clips = np.stack([data.load_clip(p, args.frames, args.height, args.width, args.ref_clip) for p in video_paths])
     tick("read")
-    completions = vlm.generate(vlm_frames, questions, args.decoding, args.max_new_tokens)
-    captions = [model.caption_of(c) for c in completions]
+    if captions is None:
+        completions = vlm.generate(vlm_frames, questions, args.decoding, args.max_new_tokens)
+        captions = [model.caption_of(c) for c in completions]
+    else:
+        completions = [None] * len(captions)
     tick("vlm")
     text = vdm.encode_text(captions)
     neg = vdm.encode_text([vdm.negative_prompt] * len(captions)) if args.cfg != 1.0 else None
@@ -181,7 +185,7 @@ def answer(vlm, vdm, video_paths, questions, args, generator, progress=False):
     videos = [data.to_uint8(v, truncate=vdm.release) for v in vdm.decode(latents)]
     tick("vae")
     timings["total"] = round(sum(timings.values()), 3)
-    return [dict(think=model.extract(c, "Think"), caption=cap, completion=c, video=v)
+    return [dict(think=c and model.extract(c, "Think"), caption=cap, completion=c, video=v)
             for c, cap, v in zip(completions, captions, videos)], timings
 
 

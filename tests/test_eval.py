@@ -339,6 +339,16 @@ def test_eval_run_resume_and_predictions(tmp_path):
     assert r5.returncode != 0 and re.fullmatch(r"error: .*s_1\.json: not valid JSON .*", r5.stderr.strip().splitlines()[-1])
     page = (out / "report.html").read_text()
     assert page.count('class="sample"') == 3 and page.count('type="radio"') == 3 * 3 * 5 and "Export CSV" in page
+    # --captions renders the manifest's own captions (the VDM alone); a field the manifest lacks is one error line
+    r6 = subprocess.run(cmd + ["--out", str(tmp_path / "gt_caps"), "--captions", "caption"], capture_output=True, text=True, cwd=ROOT)
+    assert r6.returncode == 0, r6.stderr
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    got = json.loads((tmp_path / "gt_caps" / "results.json").read_text())["samples"]
+    assert [g["caption"] for g in got] == [r["caption"] for r in rows] and all(g["think"] is None for g in got)
+    assert all(g["rouge_l"] == pytest.approx(1.0) for g in got)
+    r7 = subprocess.run(cmd + ["--out", str(tmp_path / "spec"), "--captions", "caption_specific"], capture_output=True, text=True, cwd=ROOT)
+    assert r7.returncode != 0 and re.fullmatch(r"error: .*test\.jsonl: --captions caption_specific: not every sample has that field",
+                                               r7.stderr.strip()), r7.stderr
 
 
 def test_eval_table_mean_and_spread(tmp_path):
