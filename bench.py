@@ -6,6 +6,8 @@ generate, diffusers' WanPipeline), and one optimizer step of the VDM's SFT.
     python bench.py                  # tiny random models on this machine, answers of 33x64x112, 10 steps
     python bench.py --suite gpu      # the paper's size on one GPU: random full-size weights in bf16,
                                      # 33x352x640, 50 steps, CFG 5
+    python bench.py --suite load     # host memory (peak RSS) of loading the full-size models as the
+                                     # scripts do, from random weights written in the hub's layout
 
 One table: stage, ours (s), peer (s), ours / peer, peak memory (GB: CUDA memory allocated on a GPU,
 the process's resident set on a CPU; the peak during that stage). Every stage runs once to warm up,
@@ -14,7 +16,10 @@ with the 6 reference latents in front, `dit, no refs` the same work as the peer'
 """
 
 import argparse
+import os
 import statistics
+import subprocess
+import sys
 import threading
 import time
 
@@ -24,7 +29,10 @@ import torch
 import model
 
 parser = argparse.ArgumentParser(description="VANS against diffusers' WanPipeline and transformers' generate.")
-parser.add_argument("--suite", default="cpu", choices=("cpu", "gpu"), help="cpu: tiny models; gpu: the paper's size")
+parser.add_argument("--suite", default="cpu", choices=("cpu", "gpu", "load"),
+                    help="cpu: tiny models; gpu: the paper's size; load: host memory of loading the full-size models")
+parser.add_argument("--snapshot", default="/tmp/vans-full-random", help="--suite load: where the random full-size "
+                    "snapshots are written (about 20 GB, once)")
 parser.add_argument("--repeats", type=int, default=3, help="timed runs of each stage (after one warm-up)")
 parser.add_argument("--max-new-tokens", type=int, default=None, help="VLM tokens (cpu 32, gpu 256)")
 
@@ -132,10 +140,75 @@ def sft_step(vdm, x0, text, refs):
     return seconds, gb, counter.get_total_flops()
 
 
+def write_snapshot(preset, out, dtype=torch.bfloat16):
+    """Random models of a preset written in the layout of the hub's snapshots, for model.load_base:
+    out/qwen (Qwen2.5-VL and its processor) and out/wan (transformer/, vae/, text_encoder/,
+    tokenizer/), the weights in `dtype` (the VAE in float32). The full preset is made on the meta
+    device in `dtype` and given storage there (a float32 umT5-XXL would not fit in 23 GB), each
+    weight then drawn from N(0, 0.02): its loading is what is measured, not its values."""
+    from transformers import ByT5Tokenizer
+    tok = model.byte_tokenizer()
+    if preset == "full":
+        torch.set_default_dtype(dtype)
+        with torch.device("meta"):
+            nets = [model.build_vlm_net(preset, tok), *model.build_vdm_nets(preset)]
+        torch.set_default_dtype(torch.float32)
+    else:
+        torch.manual_seed(0)
+        nets = [model.build_vlm_net(preset, tok), *model.build_vdm_nets(preset)]
+    for net, path in zip(nets, ("qwen", "wan/transformer", "wan/vae", "wan/text_encoder")):
+        if preset == "full":
+            net.to_empty(device="cpu")
+            with torch.no_grad():
+                for t in net.state_dict().values():
+                    t.normal_(0, 0.02)
+        torch.nn.Module.to(net, torch.float32 if path == "wan/vae" else dtype)  # (diffusers' .to warns about nothing here)
+        net.save_pretrained(os.path.join(out, path))
+        del net
+    nets.clear()
+    model.vlm_processor(tok, preset).save_pretrained(os.path.join(out, "qwen"))
+    ByT5Tokenizer().save_pretrained(os.path.join(out, "wan", "tokenizer"))
+
+
+# --suite load: (row, what model.load_base reads and how); each is loaded in a process of its own
+LOADS = [("imports only", None),
+         ("VLM, bf16 (infer, grpo_stage1/2 on a GPU)", dict(need=("vlm",), dtype="bfloat16")),
+         ("VLM, fp32 (sft_vlm --finetune full)", dict(need=("vlm",), dtype="float32")),
+         ("VDM, bf16 (infer, grpo_stage1 on a GPU)", dict(need=("vdm",), dtype="bfloat16")),
+         ("VDM, DiT fp32 + umT5 bf16 (sft_vdm, grpo_stage2 on a GPU)",
+          dict(need=("vdm",), dtype="bfloat16", dit_dtype="float32"))]
+
+
+def load_peak(snapshot, how):
+    """Peak resident set (GB) of a fresh process that imports model and, unless `how` is None, loads
+    the snapshot's models with model.load_base(**how) on the CPU."""
+    call = "" if how is None else (
+        f"model.load_base({os.path.join(snapshot, 'qwen')!r}, {os.path.join(snapshot, 'wan')!r}, need={how['need']!r}, "
+        f"dtype=torch.{how['dtype']}, dit_dtype={'torch.' + how['dit_dtype'] if 'dit_dtype' in how else None})")
+    code = f"import resource, torch, model\n{call}\nprint(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.abspath(__file__)))
+    if r.returncode:
+        raise SystemExit(f"error: loading {how}: {r.stderr.strip().splitlines()[-1]}")
+    return int(r.stdout.split()[-1]) * 1024 / 1e9
+
+
+def load_suite(snapshot):
+    if not os.path.isfile(os.path.join(snapshot, "wan", "tokenizer", "tokenizer_config.json")):
+        print(f"writing random full-size weights to {snapshot} ...", flush=True)
+        write_snapshot("full", snapshot)
+    print("| loaded on the CPU from bf16 files | peak RSS (GB) |\n|---|---|")
+    for name, how in LOADS:
+        print(f"| {name} | {load_peak(snapshot, how):.2f} |", flush=True)
+
+
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s of the GPUs' data sheets
 
 if __name__ == "__main__":
     args = parser.parse_args()
+    if args.suite == "load":
+        load_suite(args.snapshot)
+        sys.exit(0)
     device = torch.device("cuda" if args.suite == "gpu" else "cpu")
     if args.suite == "gpu" and not torch.cuda.is_available():
         raise SystemExit("error: --suite gpu: no CUDA GPU is available here")

@@ -152,7 +152,7 @@ dataset = data.ClipDataset(train, ("vlm", "clip", "target") if render else ("vlm
 # models: a fresh LoRA on the (merged) SFT VLM; the VDM and CLIP frozen
 
 preset, (vlm, _) = common.load_model(last if resume else args.init, qwen=args.qwen, wan=args.wan, vans=args.vans,
-                                     dtype=dtype, need=("vlm",))
+                                     dtype=dtype, device=device, need=("vlm",))
 if not resume:
     if hasattr(vlm.model, "merge_and_unload"):  # the SFT adapter becomes part of the reference
         vlm.model = vlm.model.merge_and_unload()
@@ -170,7 +170,8 @@ params = [p for p in net.parameters() if p.requires_grad]
 ddp_net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else net
 common.print0(f"{preset} VLM: {sum(p.numel() for p in params):,} LoRA parameters trained")
 
-_, (_, vdm) = common.load_model(args.vdm, qwen=args.qwen, wan=args.wan, vans=args.vans, dtype=dtype, need=("vdm",))
+_, (_, vdm) = common.load_model(args.vdm, qwen=args.qwen, wan=args.wan, vans=args.vans, dtype=dtype, device=device,
+                                need=("vdm",))
 for m in (vdm.dit, vdm.vae, vdm.text_encoder):
     m.to(device).eval().requires_grad_(False)
 

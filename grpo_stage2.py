@@ -145,7 +145,8 @@ os.makedirs(args.out, exist_ok=True)
 # anchors: the stage-1 VLM's captions, kept when ROUGE-L >= --anchor-min-rouge
 
 torch.manual_seed(args.seed + rank)  # anchor captions are sampled
-_, (vlm, _) = common.load_model(args.vlm, qwen=args.qwen, wan=args.wan, vans=args.vans, dtype=frozen_dtype, need=("vlm",))
+_, (vlm, _) = common.load_model(args.vlm, qwen=args.qwen, wan=args.wan, vans=args.vans, dtype=frozen_dtype, device=device,
+                                need=("vlm",))
 vlm.model.to(device).eval().requires_grad_(False)
 vlm_frames = data.ClipDataset(train, ("vlm",), args.frames, vlm_frames=model.VLM_FRAMES)
 key = lambda i: f"{i}:{train[i]['id']}"  # a changed manifest does not reuse stale anchors
@@ -198,8 +199,8 @@ anchor_captions = [anchors[key(i)]["caption"] for i in usable]
 # -----------------------------------------------------------------------------
 # models: the DiT (every weight, or a LoRA), its frozen reference, the frozen encoders and CLIP
 
-preset, (_, vdm) = common.load_model(args.vdm, qwen=args.qwen, wan=args.wan, vans=args.vans, dtype=torch.float32,
-                                     need=("vdm",))
+preset, (_, vdm) = common.load_model(args.vdm, qwen=args.qwen, wan=args.wan, vans=args.vans, dtype=frozen_dtype,
+                                     dit_dtype=torch.float32, device=device, need=("vdm",))
 vdm.text_encoder.to(device, frozen_dtype).eval().requires_grad_(False)
 vdm.vae.to(device).eval().requires_grad_(False)
 dit = vdm.dit.to(device).requires_grad_(False)

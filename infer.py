@@ -133,10 +133,10 @@ def load_models(args):
     dtype = torch.bfloat16 if device.type == "cuda" or args.precision == "release" else torch.float32
     try:
         if args.vdm:
-            vlm, _ = model.load(args.model, qwen=args.qwen, wan=args.wan, vans=args.vans, dtype=dtype, need=("vlm",))
-            _, vdm = model.load(args.vdm, qwen=args.qwen, wan=args.wan, vans=args.vans, dtype=dtype, need=("vdm",))
+            vlm, _ = model.load(args.model, qwen=args.qwen, wan=args.wan, vans=args.vans, dtype=dtype, device=device, need=("vlm",))
+            _, vdm = model.load(args.vdm, qwen=args.qwen, wan=args.wan, vans=args.vans, dtype=dtype, device=device, need=("vdm",))
         else:
-            vlm, vdm = model.load(args.model, qwen=args.qwen, wan=args.wan, vans=args.vans, dtype=dtype)
+            vlm, vdm = model.load(args.model, qwen=args.qwen, wan=args.wan, vans=args.vans, dtype=dtype, device=device)
     except model.CheckpointError as e:
         fail(e)
     vlm.model.to(device)

@@ -713,29 +713,33 @@ def load_tiny(seed=0, need=("vlm", "vdm"), preset="tiny", tokenizer=None):
     return (vlm if "vlm" in need else None), (vdm if "vdm" in need else None)
 
 
-def load_base(qwen=None, wan=None, dtype=torch.bfloat16, need=("vlm", "vdm")):
+def load_base(qwen=None, wan=None, dtype=torch.bfloat16, need=("vlm", "vdm"), dit_dtype=None, device=None):
     """Qwen2.5-VL-3B-Instruct and Wan2.1-T2V-1.3B-Diffusers from local snapshot directories;
-    a model not in `need` is None."""
+    a model not in `need` is None. Each model is read from its files straight into its dtype
+    (`dtype`; the DiT in `dit_dtype`, default `dtype`; the VAE in float32) and onto `device`
+    (default the CPU): a bf16 umT5-XXL never exists in float32 on the host (23 GB a process)."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
+    on_gpu = device is not None and torch.device(device).type != "cpu"
+    at = {"device_map": {"": torch.device(device)}} if on_gpu else {}  # (from_pretrained's default is the CPU)
     vlm = vdm = None
     if "vlm" in need:
-        vlm = _load_qwen(qwen, dtype)
+        vlm = _load_qwen(qwen, dtype, at)
     if "vdm" in need:
-        vdm = VDM(WanTransformer3DModel.from_pretrained(wan, subfolder="transformer", torch_dtype=dtype).eval(),
-                  AutoencoderKLWan.from_pretrained(wan, subfolder="vae", torch_dtype=torch.float32).eval(),
-                  UMT5EncoderModel.from_pretrained(wan, subfolder="text_encoder", dtype=dtype).eval(),
+        vdm = VDM(WanTransformer3DModel.from_pretrained(wan, subfolder="transformer", torch_dtype=dit_dtype or dtype, **at).eval(),
+                  AutoencoderKLWan.from_pretrained(wan, subfolder="vae", torch_dtype=torch.float32, **at).eval(),
+                  UMT5EncoderModel.from_pretrained(wan, subfolder="text_encoder", dtype=dtype, **at).eval(),
                   AutoTokenizer.from_pretrained(wan, subfolder="tokenizer"), n_refs=0)
     return vlm, vdm
 
 
-def _load_qwen(qwen, dtype):
+def _load_qwen(qwen, dtype, at):
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
     processor = Qwen2_5_VLProcessor.from_pretrained(qwen)
     lo, hi = CONFIGS["full"]["vlm_pixels"]
     processor.video_processor.size = {"shortest_edge": lo, "longest_edge": hi}
     processor.video_processor.cap_pixels_per_frame = True
-    return VLM(Qwen2_5_VLForConditionalGeneration.from_pretrained(qwen, dtype=dtype).eval(), processor)
+    return VLM(Qwen2_5_VLForConditionalGeneration.from_pretrained(qwen, dtype=dtype, **at).eval(), processor)
 
 
 def load_official(vlm, vdm, vans_dir):
@@ -890,7 +894,7 @@ def read_meta(path):
     return meta
 
 
-def load_checkpoint(path, qwen=None, wan=None, vans=None, dtype=torch.bfloat16, need=("vlm", "vdm")):
+def load_checkpoint(path, qwen=None, wan=None, vans=None, dtype=torch.bfloat16, need=("vlm", "vdm"), dit_dtype=None, device=None):
     """Our checkpoint directory -> (vlm, vdm); a model not in `need` is None. A model the
     checkpoint records as coming from elsewhere ("from") is loaded from there; the parts the
     checkpoint holds go on top, else onto the preset's base models. A needed model must have its
@@ -915,9 +919,9 @@ def load_checkpoint(path, qwen=None, wan=None, vans=None, dtype=torch.bfloat16, 
         vlm, vdm = load_tiny(need=own, preset=meta["preset"], tokenizer=tok)
     elif own:
         given = {k: v for k, v in (("qwen", qwen), ("wan", wan)) if ("vlm" if k == "qwen" else "vdm") in own}
-        vlm, vdm = load_base(**hub_paths(**given), dtype=dtype, need=own)
+        vlm, vdm = load_base(**hub_paths(**given), dtype=dtype, need=own, dit_dtype=dit_dtype, device=device)
     for m, src in sources.items():
-        got = load(src, qwen, wan, vans, dtype, need=(m,))
+        got = load(src, qwen, wan, vans, dtype, need=(m,), dit_dtype=dit_dtype, device=device)
         vlm, vdm = (got[0], vdm) if m == "vlm" else (vlm, got[1])
     f = lambda name: os.path.join(path, name)
     if vlm is not None:
@@ -985,22 +989,24 @@ def _check_sources(path, meta, need=("vlm", "vdm")):
                                   f"them where they were)")
 
 
-def load(name, qwen=None, wan=None, vans=None, dtype=torch.bfloat16, need=("vlm", "vdm")):
+def load(name, qwen=None, wan=None, vans=None, dtype=torch.bfloat16, need=("vlm", "vdm"), dit_dtype=None, device=None):
     """-> (VLM, VDM) for "vans" (official release), "base" (Qwen-Wan baseline, no refs),
     "shapes" (the Shapes models shipped in weights/shapes), "tiny" / "random:shapes"
     (random models of those presets), or a checkpoint directory of
-    ours. Weights in `dtype` (the VAE stays float32). A model not in `need` is not loaded (None)."""
+    ours. Full-size weights are read in `dtype` (the DiT in `dit_dtype` when given, the VAE in
+    float32) onto `device` (load_base); the small presets' are float32 on the CPU. A model not
+    in `need` is not loaded (None)."""
     if name in RANDOM:
         return load_tiny(need=need, preset=preset_of(name))
     if name in SHIPPED:
-        return load_checkpoint(SHIPPED[name], qwen, wan, vans, dtype, need)
+        return load_checkpoint(SHIPPED[name], qwen, wan, vans, dtype, need, dit_dtype, device)
     if name in ("base", "vans"):  # only the repos of the needed models are looked up
         given = {k: v for k, v in (("qwen", qwen), ("wan", wan)) if ("vlm" if k == "qwen" else "vdm") in need}
         p = hub_paths(**given, **({"vans": vans} if name == "vans" else {}))
-        vlm, vdm = load_base(p.get("qwen"), p.get("wan"), dtype, need)
+        vlm, vdm = load_base(p.get("qwen"), p.get("wan"), dtype, need, dit_dtype, device)
         return load_official(vlm, vdm, p["vans"]) if name == "vans" else (vlm, vdm)
     check_name(name, need)
-    return load_checkpoint(name, qwen, wan, vans, dtype, need)
+    return load_checkpoint(name, qwen, wan, vans, dtype, need, dit_dtype, device)
 
 
 def pack(out, vlm_path, vdm_path, clip=None):

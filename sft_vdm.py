@@ -121,15 +121,14 @@ clips = data.ClipDataset(train, ("clip", "target"), args.frames, args.height, ar
 # -----------------------------------------------------------------------------
 # model: fp32 trained weights, bf16 frozen encoders on GPU
 
-preset, (_, vdm) = common.load_model(last if resume else args.model, wan=args.wan, dtype=torch.float32, need=("vdm",))
+frozen_text = device.type == "cuda" and not args.train_text_encoder  # read in bf16, never held in fp32
+preset, (_, vdm) = common.load_model(last if resume else args.model, wan=args.wan, need=("vdm",), device=device,
+                                     dtype=torch.bfloat16 if frozen_text else torch.float32, dit_dtype=torch.float32)
 vdm.n_refs = args.n_refs
 if args.train_vae and not resume and args.model in model.RANDOM:
     shapes.keyframe_init(vdm.vae)
-vdm.dit.to(device)
-vdm.vae.to(device)
-if device.type == "cuda" and not args.train_text_encoder:
-    vdm.text_encoder.to(torch.bfloat16)
-vdm.text_encoder.to(device)
+for m in (vdm.dit, vdm.vae, vdm.text_encoder):  # the small presets load on the CPU
+    m.to(device)
 for m in (vdm.dit, vdm.vae, vdm.text_encoder):
     m.requires_grad_(False).eval()
 trained = torch.nn.ModuleDict({"vae": vdm.vae} if args.train_vae else

@@ -95,7 +95,7 @@ dataset = data.ClipDataset(train, parts=("vlm",), frames=args.frames, vlm_frames
 # model
 
 dtype = torch.bfloat16 if device.type == "cuda" and args.finetune == "lora" else torch.float32  # full: fp32 master weights
-preset, (vlm, _) = common.load_model(last if resume else args.model, qwen=args.qwen, dtype=dtype, need=("vlm",))
+preset, (vlm, _) = common.load_model(last if resume else args.model, qwen=args.qwen, dtype=dtype, device=device, need=("vlm",))
 if args.finetune == "lora":
     from peft import PeftModel
     if not isinstance(vlm.model, PeftModel):
