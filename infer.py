@@ -57,6 +57,8 @@ def add_flags(parser):
     parser.add_argument("--wan", default=None, help="local copy of Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
     parser.add_argument("--vans", default=None, help="local copy of KlingTeam/VANS (vdm.safetensors, vlm.safetensors)")
     parser.add_argument("--device", default=None, help="cuda | cpu (default: cuda if there is a GPU)")
+    parser.add_argument("--offload", action="store_true",
+                        help="keep the VLM and the text encoder on the CPU but while they run (the answer in less GPU memory)")
 
 
 parser = argparse.ArgumentParser(description="VANS: answer a question about a video with a video.")
@@ -126,21 +128,22 @@ def size_warning(path, size, args):
 
 
 def load_models(args):
-    """-> (vlm, vdm) on args.device (bf16 on GPU or with --precision release); a loading problem is one error line."""
+    """-> (vlm, vdm) on args.device (bf16 on GPU or with --precision release); with --offload the VLM
+    and the text encoder stay on the CPU. A loading problem is one error line."""
     import torch
     import model
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" or args.precision == "release" else torch.float32
+    at = None if args.offload else device  # with --offload, read onto the CPU and only the DiT and VAE moved
     try:
         if args.vdm:
-            vlm, _ = model.load(args.model, qwen=args.qwen, wan=args.wan, vans=args.vans, dtype=dtype, device=device, need=("vlm",))
-            _, vdm = model.load(args.vdm, qwen=args.qwen, wan=args.wan, vans=args.vans, dtype=dtype, device=device, need=("vdm",))
+            vlm, _ = model.load(args.model, qwen=args.qwen, wan=args.wan, vans=args.vans, dtype=dtype, device=at, need=("vlm",))
+            _, vdm = model.load(args.vdm, qwen=args.qwen, wan=args.wan, vans=args.vans, dtype=dtype, device=at, need=("vdm",))
         else:
-            vlm, vdm = model.load(args.model, qwen=args.qwen, wan=args.wan, vans=args.vans, dtype=dtype, device=device)
+            vlm, vdm = model.load(args.model, qwen=args.qwen, wan=args.wan, vans=args.vans, dtype=dtype, device=at)
     except model.CheckpointError as e:
         fail(e)
-    vlm.model.to(device)
-    for m in (vdm.dit, vdm.vae, vdm.text_encoder):
+    for m in (vdm.dit, vdm.vae, *(() if args.offload else (vlm.model, vdm.text_encoder))):
         m.to(device)
     if args.precision == "release":  # everything in bf16, the VAE too (a small preset loads in float32)
         vdm.release = True
@@ -169,14 +172,21 @@ def answer(vlm, vdm, video_paths, questions, args, generator, progress=False, ca
     vlm_frames = [data.read_vlm_frames(p, model.VLM_FRAMES) for p in video_paths] if captions is None else None
     clips = np.stack([data.load_clip(p, args.frames, args.height, args.width, args.ref_clip) for p in video_paths])
     tick("read")
+    device = vdm.device
+    on = lambda m: m.to(device) if args.offload else m  # --offload: on the GPU while it works, then back
+    off = lambda m: m.to("cpu") if args.offload else m
     if captions is None:
+        on(vlm.model)
         completions = vlm.generate(vlm_frames, questions, args.decoding, args.max_new_tokens)
+        off(vlm.model)
         captions = [model.caption_of(c) for c in completions]
     else:
         completions = [None] * len(captions)
     tick("vlm")
+    on(vdm.text_encoder)
     text = vdm.encode_text(captions)
-    neg = vdm.encode_text([vdm.negative_prompt] * len(captions)) if args.cfg != 1.0 else None
+    neg = vdm.negative_text(len(captions)) if args.cfg != 1.0 else None
+    off(vdm.text_encoder)
     refs = vdm.ref_latents(vdm.encode_video(data.to_tensor(clips, vdm.vae.dtype))) if vdm.n_refs else None
     tick("encode")
     latents = vdm.sample(text, neg, refs, frames=args.frames, height=args.height, width=args.width,

@@ -477,6 +477,16 @@ class VDM:
         h = F.pad(h * t.attention_mask.to(dev)[..., None], (0, 0, 0, TEXT_LEN - h.shape[1]))
         return h.to(self.device, self.dit.dtype)
 
+    def negative_text(self, n):
+        """The negative prompt's embedding for n samples, (n, 512, D): encoded once and kept while the
+        prompt, the text encoder's device and dtype and the DiT's stay the same (a text encoder being
+        trained must not use it)."""
+        key = (self.negative_prompt, next(self.text_encoder.parameters()).device, self.text_encoder.dtype, self.device,
+               self.dit.dtype)
+        if getattr(self, "_negative", (None,))[0] != key:
+            self._negative = (key, self.encode_text([self.negative_prompt]))
+        return self._negative[1].expand(n, -1, -1)
+
     @torch.no_grad()
     def encode_video(self, video):
         """float (B, 3, T, H, W) in [-1, 1] -> normalised latents (B, 16, 1 + (T - 1) / 4, H / 8, W / 8),

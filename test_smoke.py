@@ -354,6 +354,30 @@ def test_infer_tiny_end_to_end(files, tmp_path, name):
     assert video.shape == (T, H, W, 3)
 
 
+def test_offload_and_the_cached_negative_prompt_change_nothing(files):
+    """--offload (the VLM and the text encoder on the device only while they run) gives the same
+    caption and video; the negative prompt is encoded once and kept, and encoded again when the text
+    encoder changes dtype. Catches: a model left on the wrong device, a cached embedding that
+    differs from encoding the prompt, or one kept for another encoder."""
+    import infer
+    outs = []
+    for extra in ([], ["--offload"]):
+        args = infer.parser.parse_args([str(files / "clip.mp4"), "q", "--model", "tiny", "--height", str(H), "--width",
+                                        str(W), "--max-new-tokens", "8", "--steps", "2", "--device", "cpu", *extra])
+        infer.settle_flags(args)
+        vlm, vdm = infer.load_models(args)
+        torch.manual_seed(0)
+        (out,), _ = infer.answer(vlm, vdm, [args.video], [args.question], args, torch.Generator().manual_seed(0))
+        outs.append(out)
+    assert outs[0]["caption"] == outs[1]["caption"] and (outs[0]["video"] == outs[1]["video"]).all()
+    neg = vdm.negative_text(3)
+    assert neg.shape[0] == 3 and torch.equal(neg[2], vdm.encode_text([vdm.negative_prompt])[0])
+    assert vdm.negative_text(1).data_ptr() == neg.data_ptr()  # kept, not encoded again
+    vdm.text_encoder.to(torch.bfloat16)
+    again = vdm.negative_text(1)
+    assert again.data_ptr() != neg.data_ptr() and torch.equal(again, vdm.encode_text([vdm.negative_prompt]))
+
+
 @pytest.mark.parametrize("name", ["missing.mp4", "notvideo.mp4", "truncated.mp4"])
 def test_infer_bad_input_one_line(files, name):
     """A missing, non-video or truncated input is one error line naming the file. Catches: a
