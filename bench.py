@@ -156,7 +156,8 @@ def write_snapshot(preset, out, dtype=torch.bfloat16):
     else:
         torch.manual_seed(0)
         nets = [model.build_vlm_net(preset, tok), *model.build_vdm_nets(preset)]
-    for net, path in zip(nets, ("qwen", "wan/transformer", "wan/vae", "wan/text_encoder")):
+    for path in ("qwen", "wan/transformer", "wan/vae", "wan/text_encoder"):  # one model in memory at a time
+        net = nets.pop(0)
         if preset == "full":
             net.to_empty(device="cpu")
             with torch.no_grad():
@@ -165,7 +166,6 @@ def write_snapshot(preset, out, dtype=torch.bfloat16):
         torch.nn.Module.to(net, torch.float32 if path == "wan/vae" else dtype)  # (diffusers' .to warns about nothing here)
         net.save_pretrained(os.path.join(out, path))
         del net
-    nets.clear()
     model.vlm_processor(tok, preset).save_pretrained(os.path.join(out, "qwen"))
     ByT5Tokenizer().save_pretrained(os.path.join(out, "wan", "tokenizer"))
 
@@ -179,27 +179,34 @@ LOADS = [("imports only", None),
           dict(need=("vdm",), dtype="bfloat16", dit_dtype="float32"))]
 
 
-def load_peak(snapshot, how):
-    """Peak resident set (GB) of a fresh process that imports model and, unless `how` is None, loads
-    the snapshot's models with model.load_base(**how) on the CPU."""
+def load_memory(snapshot, how):
+    """Host memory (GB) of a fresh process that imports model and, unless `how` is None, loads the
+    snapshot's models with model.load_base(**how) on the CPU -> (peak resident set while loading;
+    after reading every weight once, its private memory and its pages of the weight files, which
+    the processes of one machine share)."""
     call = "" if how is None else (
-        f"model.load_base({os.path.join(snapshot, 'qwen')!r}, {os.path.join(snapshot, 'wan')!r}, need={how['need']!r}, "
-        f"dtype=torch.{how['dtype']}, dit_dtype={'torch.' + how['dit_dtype'] if 'dit_dtype' in how else None})")
-    code = f"import resource, torch, model\n{call}\nprint(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        f"vlm, vdm = model.load_base({os.path.join(snapshot, 'qwen')!r}, {os.path.join(snapshot, 'wan')!r}, "
+        f"need={how['need']!r}, dtype=torch.{how['dtype']}, dit_dtype={'torch.' + how['dit_dtype'] if 'dit_dtype' in how else None})\n"
+        "peak = st('VmHWM')\n"
+        "for m in (vlm.model,) if vlm else (vdm.dit, vdm.vae, vdm.text_encoder):\n"
+        "    [p.reshape(-1)[::1024].sum() for p in m.parameters()]  # a read on every page\n")
+    # /proc/self/status: VmHWM is this process's own peak (getrusage's maxrss carries the parent's over a fork)
+    code = (f"import re, torch, model\nst = lambda k: int(re.search(k + r':\\s+(\\d+)', open('/proc/self/status').read())[1])\n"
+            f"peak = st('VmHWM')\n{call}\nprint(peak, st('RssAnon'), st('RssFile'))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        cwd=os.path.dirname(os.path.abspath(__file__)))
     if r.returncode:
-        raise SystemExit(f"error: loading {how}: {r.stderr.strip().splitlines()[-1]}")
-    return int(r.stdout.split()[-1]) * 1024 / 1e9
+        raise SystemExit(f"error: loading {how}: {(r.stderr.strip().splitlines() or ['killed'])[-1]}")
+    return [int(x) * 1024 / 1e9 for x in r.stdout.split()[-3:]]
 
 
 def load_suite(snapshot):
     if not os.path.isfile(os.path.join(snapshot, "wan", "tokenizer", "tokenizer_config.json")):
         print(f"writing random full-size weights to {snapshot} ...", flush=True)
         write_snapshot("full", snapshot)
-    print("| loaded on the CPU from bf16 files | peak RSS (GB) |\n|---|---|")
+    print("| loaded on the CPU from bf16 files | peak RSS (GB) | then private (GB) | then file pages (GB) |\n|---|---|---|---|")
     for name, how in LOADS:
-        print(f"| {name} | {load_peak(snapshot, how):.2f} |", flush=True)
+        print("| " + " | ".join([name] + [f"{x:.2f}" for x in load_memory(snapshot, how)]) + " |", flush=True)
 
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s of the GPUs' data sheets
