@@ -1,7 +1,9 @@
 """
 VANS against its peer, stage by stage, in one process on the same weights: our inference path (the
 stages of infer.answer) against the paper's Qwen-Wan baseline as its libraries run it (transformers'
-generate, diffusers' WanPipeline), and one optimizer step of the VDM's SFT.
+generate, diffusers' WanPipeline); the whole answer as infer.py computes it, plain and with
+--offload; one optimizer step of the VDM's SFT; on a GPU, the DiT with cuDNN's attention and
+compiled (--attention, --compile).
 
     python bench.py                  # tiny random models on this machine, answers of 33x64x112, 10 steps
     python bench.py --suite gpu      # the paper's size on one GPU: random full-size weights in bf16,
@@ -20,12 +22,14 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
 import numpy as np
 import torch
 
+import data
 import model
 
 parser = argparse.ArgumentParser(description="VANS against diffusers' WanPipeline and transformers' generate.")
@@ -262,8 +266,29 @@ if __name__ == "__main__":
     total = sum(r[1] for r in rows if r[0] != "dit, no refs")
     peer_total = sum(r[2] for r in rows if r[2] is not None)
     rows.append(("answer (sum)", total, peer_total, max(r[3] for r in rows)))
+
+    # the whole answer as infer.py computes it, then with --offload (the VLM and the text encoder on the
+    # CPU but while they run: the peak memory is the point)
+    import infer
+    video = os.path.join(tempfile.mkdtemp(), "in.mp4")
+    data.write_video(video, clip, fps=11)
+    flags = dict(frames=T, height=H, width=W, ref_clip="first", decoding="greedy", max_new_tokens=tokens, cfg=5.0,
+                 steps=steps, offload=False)
+    stage("infer.answer", lambda: infer.answer(vlm, vdm, [video], [question], argparse.Namespace(**flags), gen()))
+    vlm.model.to("cpu"), vdm.text_encoder.to("cpu")
+    stage("infer.answer --offload", lambda: infer.answer(vlm, vdm, [video], [question],
+                                                         argparse.Namespace(**{**flags, "offload": True}), gen()))
+    vlm.model.to(device), vdm.text_encoder.to(device)
     seconds, gb, flops = sft_step(vdm, latents[:1], text, refs.float())
     rows.append(("sft_vdm step", seconds, None, gb))
+    if device.type == "cuda":  # the DiT's kernels: cuDNN's attention, then torch.compile of its blocks
+        with torch.no_grad():
+            vdm.dit.set_attention_backend("_native_cudnn")
+            stage("dit, --attention _native_cudnn", lambda: vdm.sample(text, neg, refs, T, H, W, steps=steps, cfg=5.0,
+                                                                        generator=gen()))
+            vdm.dit.set_attention_backend("native")
+            vdm.dit.compile_repeated_blocks(fullgraph=True)
+            stage("dit, --compile", lambda: vdm.sample(text, neg, refs, T, H, W, steps=steps, cfg=5.0, generator=gen()))
 
     print(f"{args.suite} suite on {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}: answers of "
           f"{T}x{H}x{W}, {steps} steps, CFG 5, {tokens} VLM tokens at most; median of {args.repeats}")

@@ -57,6 +57,10 @@ def add_flags(parser):
     parser.add_argument("--wan", default=None, help="local copy of Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
     parser.add_argument("--vans", default=None, help="local copy of KlingTeam/VANS (vdm.safetensors, vlm.safetensors)")
     parser.add_argument("--device", default=None, help="cuda | cpu (default: cuda if there is a GPU)")
+    parser.add_argument("--attention", default="native",
+                        help="the DiT's attention kernel, one of diffusers' attention backends: native (PyTorch's SDPA "
+                             "picks), _native_flash, _native_cudnn, flash (needs flash-attn), sage, ...")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the DiT's blocks (the first answer compiles)")
     parser.add_argument("--offload", action="store_true",
                         help="keep the VLM and the text encoder on the CPU but while they run (the answer in less GPU memory)")
 
@@ -149,6 +153,13 @@ def load_models(args):
         vdm.release = True
         for m in (vlm.model, vdm.dit, vdm.text_encoder, vdm.vae):  # (diffusers' own .to warns about nothing here)
             torch.nn.Module.to(m, dtype)
+    if args.attention != "native":
+        try:
+            vdm.dit.set_attention_backend(args.attention)
+        except (ValueError, RuntimeError, ImportError) as e:
+            fail(f"--attention {args.attention}: {str(e).splitlines()[0]}")
+    if args.compile:
+        vdm.dit.compile_repeated_blocks(fullgraph=True)
     return vlm, vdm
 
 

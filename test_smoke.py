@@ -7,9 +7,11 @@ a CPU. The rest is in tests/ by subject.
     python -m pytest -q -m slow         # the long runs: training scripts end to end, the eval run, full size
 """
 
+import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -376,6 +378,28 @@ def test_offload_and_the_cached_negative_prompt_change_nothing(files):
     vdm.text_encoder.to(torch.bfloat16)
     again = vdm.negative_text(1)
     assert again.data_ptr() != neg.data_ptr() and torch.equal(again, vdm.encode_text([vdm.negative_prompt]))
+
+
+@pytest.mark.slow
+def test_compile_and_attention_backends_keep_the_answer(files, tmp_path):
+    """--compile (torch.compile of the DiT's blocks) and --attention (a diffusers attention backend;
+    PyTorch's math kernel here) give the plain path's video to within one level of 255; a backend
+    that cannot run is one error line. Catches: a compiled graph or a kernel that computes
+    something else, a missing flash-attn found mid-answer."""
+    import infer
+    videos = []
+    for extra in ([], ["--compile"], ["--attention", "_native_math"]):
+        args = infer.parser.parse_args([str(files / "clip.mp4"), "q", "--model", "tiny", "--height", str(H), "--width",
+                                        str(W), "--max-new-tokens", "8", "--steps", "2", "--device", "cpu", *extra])
+        infer.settle_flags(args)
+        vlm, vdm = infer.load_models(args)
+        torch.manual_seed(0)
+        (out,), _ = infer.answer(vlm, vdm, [args.video], [args.question], args, torch.Generator().manual_seed(0))
+        videos.append(out["video"].astype(int))
+    assert all(abs(v - videos[0]).max() <= 1 for v in videos[1:])
+    if importlib.util.find_spec("flash_attn") is None:
+        r = run_infer(files / "clip.mp4", "q", "--model", "tiny", "--attention", "flash", "--out", tmp_path / "a.mp4")
+        assert r.returncode == 1 and re.fullmatch(r"error: --attention flash: .*flash.*", r.stderr.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("name", ["missing.mp4", "notvideo.mp4", "truncated.mp4"])
