@@ -2,7 +2,8 @@
 VANS against its peer, stage by stage, in one process on the same weights: our inference path (the
 stages of infer.answer) against the paper's Qwen-Wan baseline as its libraries run it (transformers'
 generate, diffusers' WanPipeline); the whole answer as infer.py computes it, plain and with
---offload; one optimizer step of the VDM's SFT; on a GPU, the DiT with cuDNN's attention and
+--offload; one optimizer step of the VDM's SFT and one of stage 2 (8 SDE rollouts, then the
+update; 20 SDE steps on a GPU, 2 on a CPU); on a GPU, the DiT with cuDNN's attention and
 compiled (--attention, --compile).
 
     python bench.py                  # tiny random models on this machine, answers of 33x64x112, 10 steps
@@ -144,6 +145,54 @@ def sft_step(vdm, x0, text, refs):
     return seconds, gb, counter.get_total_flops()
 
 
+def grpo_stage2_step(vdm, text, neg, refs, size, group=8, micro=4, steps=20, cfg=5.0):
+    """One step of grpo_stage2 at config/paper.py's settings: a group of 8 SDE rollouts of 20 steps
+    (micro-batches of 4, CFG 5, noise level 0.7) from one caption, then the update on the first 19
+    steps with the KL to the frozen starting DiT (beta 0.004), every DiT weight trained in float32
+    (bf16 autocast and gradient checkpointing on a GPU), AdamW. The advantages are drawn at random:
+    scoring is not what is timed. Run once, no warm-up. -> (seconds, peak GB)."""
+    import copy
+    import rewards
+    T, H, W = size
+    dev = text.device
+    dit = vdm.dit.float()
+    ref_dit = copy.deepcopy(dit).requires_grad_(False)
+    dit.train().requires_grad_(True)
+    if dev.type == "cuda":
+        dit.enable_gradient_checkpointing()
+    opt = torch.optim.AdamW(dit.parameters(), lr=5e-5)
+    amp = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+    text, neg, refs = (t.float().expand(micro, *t.shape[1:]) for t in (text, neg, refs))
+    sigmas = model.flow_sigmas(steps).to(dev)
+    gen = torch.Generator().manual_seed(0)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    with PeakMemory(dev) as mem:
+        sync()
+        t0 = time.perf_counter()
+        with torch.no_grad(), amp:
+            rollouts = [vdm.sample_sde(text, neg, refs, T, H, W, steps, cfg, generator=gen) for _ in range(group // micro)]
+        advantages = torch.randn(group, generator=gen).to(dev)
+        trained = range(int(steps * 0.99))
+        for k, (xs, old_logp) in enumerate(rollouts):
+            for j in trained:
+                with amp:
+                    v = vdm.guided_velocity(xs[:, j], sigmas[j], text, neg, refs, cfg, dit=dit)
+                _, logp, mean, std = model.sde_step_with_logprob(v, xs[:, j], sigmas[j], sigmas[j + 1], prev_sample=xs[:, j + 1])
+                with torch.no_grad(), amp:
+                    v_ref = vdm.guided_velocity(xs[:, j], sigmas[j], text, neg, refs, cfg, dit=ref_dit)
+                ref_mean = model.sde_step_with_logprob(v_ref, xs[:, j], sigmas[j], sigmas[j + 1], prev_sample=xs[:, j + 1])[2]
+                loss, _ = rewards.flow_grpo_loss(logp, old_logp[:, j], advantages[k * micro:(k + 1) * micro], mean, ref_mean,
+                                                 std, norm=group * len(trained))
+                loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        seconds = time.perf_counter() - t0
+    dit.eval().requires_grad_(False)
+    del ref_dit, opt
+    return seconds, mem.gb
+
+
 def write_snapshot(preset, out, dtype=torch.bfloat16):
     """Random models of a preset written in the layout of the hub's snapshots, for model.load_base:
     out/qwen (Qwen2.5-VL and its processor) and out/wan (transformer/, vae/, text_encoder/,
@@ -279,8 +328,12 @@ if __name__ == "__main__":
     stage("infer.answer --offload", lambda: infer.answer(vlm, vdm, [video], [question],
                                                          argparse.Namespace(**{**flags, "offload": True}), gen()))
     vlm.model.to(device), vdm.text_encoder.to(device)
+    dit_dtype = vdm.dit.dtype
     seconds, gb, flops = sft_step(vdm, latents[:1], text, refs.float())
     rows.append(("sft_vdm step", seconds, None, gb))
+    s2, gb2 = grpo_stage2_step(vdm, text, neg, refs, (T, H, W), steps=20 if args.suite == "gpu" else 2)
+    rows.append(("grpo_stage2 step (8 videos)", s2, None, gb2))
+    torch.nn.Module.to(vdm.dit, dit_dtype)  # the training steps train it in float32
     if device.type == "cuda":  # the DiT's kernels: cuDNN's attention, then torch.compile of its blocks
         with torch.no_grad():
             vdm.dit.set_attention_backend("_native_cudnn")

@@ -21,13 +21,13 @@ def test_bench_table_on_cpu():
     rows = {m[0]: m[1:] for m in re.findall(r"^\| ([^|]+?) \| ([\d.]+) \| ([\d.-]+) \| ([\d.-]+) \| ([\d.]+) \|$",
                                             r.stdout, re.M)}
     assert list(rows) == ["vlm", "text", "refs", "dit", "dit, no refs", "vae", "answer (sum)", "infer.answer",
-                          "infer.answer --offload", "sft_vdm step"], r.stdout
+                          "infer.answer --offload", "sft_vdm step", "grpo_stage2 step (8 videos)"], r.stdout
     for name, (ours, peer, ratio, gb) in rows.items():
         assert float(ours) > 0 and float(gb) > 0.1
         if peer != "-":
             assert float(ratio) == pytest.approx(float(ours) / float(peer), rel=0.05, abs=0.01)
     assert all(rows[k][1] == "-" for k in ("refs", "dit, no refs", "infer.answer", "infer.answer --offload",
-                                           "sft_vdm step"))  # no peer does these
+                                           "sft_vdm step", "grpo_stage2 step (8 videos)"))  # no peer does these
     assert "sft_vdm step: " in r.stdout and "TFLOP" in r.stdout
 
 
