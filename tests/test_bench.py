@@ -54,3 +54,29 @@ def test_base_models_load_in_their_own_dtypes(tmp_path):
             assert torch.equal(got[k].to(stored.dtype), stored), k
     assert torch.equal(vdm.encode_text(["a red ball"]), model.VDM(ref_vdm.dit, ref_vdm.vae, vdm.text_encoder,
                                                                    ref_vdm.tokenizer).encode_text(["a red ball"]))
+
+
+def test_cuda_loading_and_the_vlm_in_bf16(tmp_path):
+    """On a GPU: the hub layout read straight onto the GPU (from_pretrained's device_map) in the
+    scripts' dtypes, and the bf16 VLM's logits and generation there against float32 on the CPU, to
+    bf16 tolerance. Catches: a CUDA-only loading path that fails or lands on the CPU, a VLM whose
+    bf16 GPU path diverges."""
+    import torch
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    sys.path.insert(0, ROOT)
+    import bench
+    import model
+    from helpers import vlm_logits
+    bench.write_snapshot("tiny", str(tmp_path))
+    vlm, vdm = model.load("base", qwen=str(tmp_path / "qwen"), wan=str(tmp_path / "wan"), dtype=torch.bfloat16,
+                          dit_dtype=torch.float32, device="cuda")
+    for net, dtype in ((vlm.model, torch.bfloat16), (vdm.dit, torch.float32), (vdm.text_encoder, torch.bfloat16),
+                       (vdm.vae, torch.float32)):
+        assert {(p.device.type, p.dtype) for p in net.parameters()} == {("cuda", dtype)}
+    ref, _ = model.load("base", qwen=str(tmp_path / "qwen"), wan=str(tmp_path / "wan"), dtype=torch.float32,
+                        need=("vlm",))
+    torch.testing.assert_close(vlm_logits(vlm).float().cpu(), vlm_logits(ref), rtol=0.05, atol=0.05)
+    frames = [bench.np.zeros((4, 56, 56, 3), dtype=bench.np.uint8)]
+    (text,) = vlm.generate(frames, ["What next?"], "greedy", 8)
+    assert isinstance(text, str)
