@@ -147,17 +147,18 @@ def sft_step(vdm, x0, text, refs):
 
 def grpo_stage2_step(vdm, text, neg, refs, size, group=8, micro=4, steps=20, cfg=5.0):
     """One step of grpo_stage2 at config/paper.py's settings: a group of 8 SDE rollouts of 20 steps
-    (micro-batches of 4, CFG 5, noise level 0.7) from one caption, then the update on the first 19
-    steps with the KL to the frozen starting DiT (beta 0.004), every DiT weight trained in float32
-    (bf16 autocast and gradient checkpointing on a GPU), AdamW. The advantages are drawn at random:
-    scoring is not what is timed. Run once, no warm-up. -> (seconds, peak GB)."""
+    (micro-batches of 4, CFG 5, noise level 0.7) from one caption and their VAE decode, then the
+    update on the first 19 steps with the KL to the frozen starting DiT (beta 0.004) in 2 optimizer
+    steps (--minibatches 2) with the gradient norm clipped, every DiT weight trained in float32 (bf16
+    autocast and gradient checkpointing on a GPU), AdamW. The advantages are drawn at random: scoring
+    is not what is timed. Run once, no warm-up. -> (seconds, peak GB)."""
     import copy
     import rewards
     T, H, W = size
     dev = text.device
     dit = vdm.dit.float()
     ref_dit = copy.deepcopy(dit).requires_grad_(False)
-    dit.train().requires_grad_(True)
+    dit.requires_grad_(True)
     if dev.type == "cuda":
         dit.enable_gradient_checkpointing()
     opt = torch.optim.AdamW(dit.parameters(), lr=5e-5)
@@ -169,23 +170,33 @@ def grpo_stage2_step(vdm, text, neg, refs, size, group=8, micro=4, steps=20, cfg
     with PeakMemory(dev) as mem:
         sync()
         t0 = time.perf_counter()
+        dit.eval()
         with torch.no_grad(), amp:
             rollouts = [vdm.sample_sde(text, neg, refs, T, H, W, steps, cfg, generator=gen) for _ in range(group // micro)]
-        advantages = torch.randn(group, generator=gen).to(dev)
+        with torch.no_grad():
+            videos = [data.to_uint8(v) for xs, _ in rollouts for v in vdm.decode(xs[:, -1])]
+        advantages = torch.randn(len(videos), generator=gen).to(dev)
         trained = range(int(steps * 0.99))
-        for k, (xs, old_logp) in enumerate(rollouts):
-            for j in trained:
-                with amp:
-                    v = vdm.guided_velocity(xs[:, j], sigmas[j], text, neg, refs, cfg, dit=dit)
-                _, logp, mean, std = model.sde_step_with_logprob(v, xs[:, j], sigmas[j], sigmas[j + 1], prev_sample=xs[:, j + 1])
-                with torch.no_grad(), amp:
-                    v_ref = vdm.guided_velocity(xs[:, j], sigmas[j], text, neg, refs, cfg, dit=ref_dit)
-                ref_mean = model.sde_step_with_logprob(v_ref, xs[:, j], sigmas[j], sigmas[j + 1], prev_sample=xs[:, j + 1])[2]
-                loss, _ = rewards.flow_grpo_loss(logp, old_logp[:, j], advantages[k * micro:(k + 1) * micro], mean, ref_mean,
-                                                 std, norm=group * len(trained))
-                loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        dit.train()
+        half = len(rollouts) // 2
+        for part in (range(half), range(half, len(rollouts))):
+            for k in part:
+                xs, old_logp = rollouts[k]
+                for j in trained:
+                    with amp:
+                        v = vdm.guided_velocity(xs[:, j], sigmas[j], text, neg, refs, cfg, dit=dit)
+                    _, logp, mean, std = model.sde_step_with_logprob(v, xs[:, j], sigmas[j], sigmas[j + 1],
+                                                                     prev_sample=xs[:, j + 1])
+                    with torch.no_grad(), amp:
+                        v_ref = vdm.guided_velocity(xs[:, j], sigmas[j], text, neg, refs, cfg, dit=ref_dit)
+                    ref_mean = model.sde_step_with_logprob(v_ref, xs[:, j], sigmas[j], sigmas[j + 1],
+                                                           prev_sample=xs[:, j + 1])[2]
+                    loss, _ = rewards.flow_grpo_loss(logp, old_logp[:, j], advantages[k * micro:(k + 1) * micro], mean,
+                                                     ref_mean, std, norm=len(part) * micro * len(trained))
+                    loss.backward()
+            torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         sync()
         seconds = time.perf_counter() - t0
     dit.eval().requires_grad_(False)
@@ -317,17 +328,22 @@ if __name__ == "__main__":
     rows.append(("answer (sum)", total, peer_total, max(r[3] for r in rows)))
 
     # the whole answer as infer.py computes it, then with --offload (the VLM and the text encoder on the
-    # CPU but while they run: the peak memory is the point)
+    # CPU except while they run: the peak memory is the point)
     import infer
     video = os.path.join(tempfile.mkdtemp(), "in.mp4")
     data.write_video(video, clip, fps=11)
     flags = dict(frames=T, height=H, width=W, ref_clip="first", decoding="greedy", max_new_tokens=tokens, cfg=5.0,
                  steps=steps, offload=False)
+    if device.type == "cuda":  # infer.py's default there (--precision release): bf16 latents and VAE, in tiles
+        vdm.release = True
+        torch.nn.Module.to(vdm.vae, torch.bfloat16)
     stage("infer.answer", lambda: infer.answer(vlm, vdm, [video], [question], argparse.Namespace(**flags), gen()))
     vlm.model.to("cpu"), vdm.text_encoder.to("cpu")
     stage("infer.answer --offload", lambda: infer.answer(vlm, vdm, [video], [question],
                                                          argparse.Namespace(**{**flags, "offload": True}), gen()))
-    vlm.model.to(device), vdm.text_encoder.to(device)
+    vdm.release = False
+    torch.nn.Module.to(vdm.vae, torch.float32)
+    vdm.text_encoder.to(device)  # the VLM stays on the CPU: no training step holds one
     dit_dtype = vdm.dit.dtype
     seconds, gb, flops = sft_step(vdm, latents[:1], text, refs.float())
     rows.append(("sft_vdm step", seconds, None, gb))

@@ -520,7 +520,7 @@ if __name__ == "__main__":
         smp["file"] = re.sub(r"[^\w.-]", "_", smp["id"])
     if len({smp["file"] for smp in samples}) < len(samples):
         infer.fail(f"{args.manifest}: sample ids are not unique")
-    source = os.path.normpath(args.predictions or args.model)
+    source = os.path.normpath(args.predictions or (args.vdm or args.model if args.captions else args.model))
     name = os.path.basename(source)
     if name == "last":  # a run's checkpoint: out/grpo_stage2/last -> eval/grpo_stage2
         name = os.path.basename(os.path.dirname(source))
@@ -612,7 +612,7 @@ if __name__ == "__main__":
             infer.fail(f"{path}.json: no 'caption' string")
         preds.append(p)
     row, per = score(samples, preds, clip, i3d, args.gt_cache)
-    results = {"model": name if args.predictions else args.model, "manifest": os.path.abspath(args.manifest), "split": kind or "all",
+    results = {"model": name if args.predictions else (args.vdm or args.model) if args.captions else args.model, "manifest": os.path.abspath(args.manifest), "split": kind or "all",
                "clip": clip.weights, **row, "samples": per}
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)

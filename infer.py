@@ -15,6 +15,7 @@ checked before torch is imported, so a mistake is one error line within a second
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -62,7 +63,8 @@ def add_flags(parser):
                              "picks), _native_flash, _native_cudnn, flash (needs flash-attn), sage, ...")
     parser.add_argument("--compile", action="store_true", help="torch.compile the DiT's blocks (the first answer compiles)")
     parser.add_argument("--offload", action="store_true",
-                        help="keep the VLM and the text encoder on the CPU but while they run (the answer in less GPU memory)")
+                        help="keep the VLM and the text encoder on the CPU except while they run: less GPU memory, and "
+                             "their weights copied to the GPU and back for every batch")
 
 
 parser = argparse.ArgumentParser(description="VANS: answer a question about a video with a video.")
@@ -116,6 +118,10 @@ def settle_flags(args):
         fail(f"--device {args.device}: expected cuda, cuda:N or cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         fail(f"--device {args.device}: no CUDA GPU is available here (use --device cpu)")
+    from diffusers.models.attention_dispatch import AttentionBackendName
+    if args.attention not in {b.value for b in AttentionBackendName}:
+        fail(f"--attention {args.attention}: not one of diffusers' attention backends "
+             f"({', '.join(b.value for b in AttentionBackendName)})")
     if args.precision is None:  # the release's numerics are those of its own models on a GPU
         args.precision = "release" if device.type == "cuda" and preset == "full" else "fp32"
     args.preset = preset
@@ -183,21 +189,26 @@ def answer(vlm, vdm, video_paths, questions, args, generator, progress=False, ca
     vlm_frames = [data.read_vlm_frames(p, model.VLM_FRAMES) for p in video_paths] if captions is None else None
     clips = np.stack([data.load_clip(p, args.frames, args.height, args.width, args.ref_clip) for p in video_paths])
     tick("read")
-    device = vdm.device
-    on = lambda m: m.to(device) if args.offload else m  # --offload: on the GPU while it works, then back
-    off = lambda m: m.to("cpu") if args.offload else m
+    @contextlib.contextmanager
+    def working(m):  # --offload: a model on the DiT's device while it works, on the CPU before and after
+        if args.offload:
+            m.to(vdm.device)
+        try:
+            yield
+        finally:
+            if args.offload:
+                m.to("cpu")
+
     if captions is None:
-        on(vlm.model)
-        completions = vlm.generate(vlm_frames, questions, args.decoding, args.max_new_tokens)
-        off(vlm.model)
+        with working(vlm.model):
+            completions = vlm.generate(vlm_frames, questions, args.decoding, args.max_new_tokens)
         captions = [model.caption_of(c) for c in completions]
     else:
         completions = [None] * len(captions)
     tick("vlm")
-    on(vdm.text_encoder)
-    text = vdm.encode_text(captions)
-    neg = vdm.negative_text(len(captions)) if args.cfg != 1.0 else None
-    off(vdm.text_encoder)
+    with working(vdm.text_encoder):
+        text = vdm.encode_text(captions)
+        neg = vdm.negative_text(len(captions)) if args.cfg != 1.0 else None
     refs = vdm.ref_latents(vdm.encode_video(data.to_tensor(clips, vdm.vae.dtype))) if vdm.n_refs else None
     tick("encode")
     latents = vdm.sample(text, neg, refs, frames=args.frames, height=args.height, width=args.width,
@@ -206,7 +217,7 @@ def answer(vlm, vdm, video_paths, questions, args, generator, progress=False, ca
     videos = [data.to_uint8(v, truncate=vdm.release) for v in vdm.decode(latents)]
     tick("vae")
     timings["total"] = round(sum(timings.values()), 3)
-    return [dict(think=c and model.extract(c, "Think"), caption=cap, completion=c, video=v)
+    return [dict(think=None if c is None else model.extract(c, "Think"), caption=cap, completion=c, video=v)
             for c, cap, v in zip(completions, captions, videos)], timings
 
 

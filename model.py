@@ -479,10 +479,10 @@ class VDM:
 
     def negative_text(self, n):
         """The negative prompt's embedding for n samples, (n, 512, D): encoded once and kept while the
-        prompt, the text encoder's device and dtype and the DiT's stay the same (a text encoder being
-        trained must not use it)."""
-        key = (self.negative_prompt, next(self.text_encoder.parameters()).device, self.text_encoder.dtype, self.device,
-               self.dit.dtype)
+        prompt, the text encoder (the module, its device and dtype) and the DiT's device and dtype stay
+        the same. Weights changed in place are not seen: a text encoder being trained must not use it."""
+        key = (self.negative_prompt, id(self.text_encoder), next(self.text_encoder.parameters()).device,
+               self.text_encoder.dtype, self.device, self.dit.dtype)
         if getattr(self, "_negative", (None,))[0] != key:
             self._negative = (key, self.encode_text([self.negative_prompt]))
         return self._negative[1].expand(n, -1, -1)

@@ -127,7 +127,9 @@ preset, (_, vdm) = common.load_model(last if resume else args.model, wan=args.wa
 vdm.n_refs = args.n_refs
 if args.train_vae and not resume and args.model in model.RANDOM:
     shapes.keyframe_init(vdm.vae)
-for m in (vdm.dit, vdm.vae, vdm.text_encoder):  # the small presets load on the CPU
+if frozen_text:  # (the small presets are read in float32 on the CPU whatever the dtype)
+    vdm.text_encoder.to(torch.bfloat16)
+for m in (vdm.dit, vdm.vae, vdm.text_encoder):
     m.to(device)
 for m in (vdm.dit, vdm.vae, vdm.text_encoder):
     m.requires_grad_(False).eval()
