@@ -19,6 +19,7 @@ with the 6 reference latents in front, `dit, no refs` the same work as the peer'
 """
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -37,7 +38,8 @@ parser = argparse.ArgumentParser(description="VANS against diffusers' WanPipelin
 parser.add_argument("--suite", default="cpu", choices=("cpu", "gpu", "load"),
                     help="cpu: tiny models; gpu: the paper's size; load: host memory of loading the full-size models")
 parser.add_argument("--snapshot", default="/tmp/vans-full-random", help="--suite load: where the random full-size "
-                    "snapshots are written (about 20 GB, once)")
+                    "snapshots are written (37 GB, once)")
+parser.add_argument("--device", default="cpu", help="--suite load: where the models are loaded (cpu | cuda)")
 parser.add_argument("--repeats", type=int, default=3, help="timed runs of each stage (after one warm-up)")
 parser.add_argument("--max-new-tokens", type=int, default=None, help="VLM tokens (cpu 32, gpu 256)")
 
@@ -204,73 +206,101 @@ def grpo_stage2_step(vdm, text, neg, refs, size, group=8, micro=4, steps=20, cfg
     return seconds, mem.gb
 
 
-def write_snapshot(preset, out, dtype=torch.bfloat16):
-    """Random models of a preset written in the layout of the hub's snapshots, for model.load_base:
-    out/qwen (Qwen2.5-VL and its processor) and out/wan (transformer/, vae/, text_encoder/,
-    tokenizer/), the weights in `dtype` (the VAE in float32). The full preset is made on the meta
-    device in `dtype` and given storage there (a float32 umT5-XXL would not fit in 23 GB), each
-    weight then drawn from N(0, 0.02): its loading is what is measured, not its values."""
+# the hub's files: Qwen2.5-VL-3B-Instruct in bf16, Wan2.1-T2V-1.3B-Diffusers all in float32
+HUB_DTYPES = {"qwen": torch.bfloat16, "wan/transformer": torch.float32, "wan/vae": torch.float32,
+              "wan/text_encoder": torch.float32}
+
+
+def write_snapshot(preset, out, shard_gb=2.0):
+    """Models of a preset written as the hub's snapshots lay them out, for model.load_base: out/qwen
+    (Qwen2.5-VL and its processor) and out/wan (transformer/, vae/, text_encoder/, tokenizer/), each
+    in its hub dtype (HUB_DTYPES), in safetensors shards with an index, a tied weight once. The small
+    presets are written with their random initialisation (model.load_tiny's weights); the full one
+    is made on the meta device and each weight drawn from N(0, 0.02) as its shard is written, so that
+    no model is ever whole in memory (a float32 umT5-XXL is 23 GB): its loading is what is measured,
+    not its values."""
+    from safetensors.torch import save_file
     from transformers import ByT5Tokenizer
     tok = model.byte_tokenizer()
     if preset == "full":
-        torch.set_default_dtype(dtype)
         with torch.device("meta"):
             nets = [model.build_vlm_net(preset, tok), *model.build_vdm_nets(preset)]
-        torch.set_default_dtype(torch.float32)
     else:
         torch.manual_seed(0)
         nets = [model.build_vlm_net(preset, tok), *model.build_vdm_nets(preset)]
-    for path in ("qwen", "wan/transformer", "wan/vae", "wan/text_encoder"):  # one model in memory at a time
-        net = nets.pop(0)
-        if preset == "full":
-            net.to_empty(device="cpu")
-            with torch.no_grad():
-                for t in net.state_dict().values():
-                    t.normal_(0, 0.02)
-        torch.nn.Module.to(net, torch.float32 if path == "wan/vae" else dtype)  # (diffusers' .to warns about nothing here)
-        net.save_pretrained(os.path.join(out, path))
-        del net
+    for (path, dtype), net in zip(HUB_DTYPES.items(), nets):
+        where = os.path.join(out, path)
+        os.makedirs(where, exist_ok=True)
+        (net.config.save_pretrained if path in ("qwen", "wan/text_encoder") else net.save_config)(where)
+        stem = "model" if path in ("qwen", "wan/text_encoder") else "diffusion_pytorch_model"
+        seen, shards, shard, size = set(), [], {}, 0
+        for name, p in net.state_dict(keep_vars=True).items():
+            if id(p) in seen:  # a tied weight (the same tensor under two names) is stored once
+                continue
+            seen.add(id(p))
+            t = torch.empty(p.shape, dtype=dtype).normal_(0, 0.02) if p.is_meta else p.detach().to(dtype).contiguous()
+            shard[name], size = t, size + t.numel() * t.element_size()
+            if size >= shard_gb * 1e9:
+                shards.append(shard)
+                save_file(shard, os.path.join(where, f"{stem}-{len(shards):05d}.tmp"), metadata={"format": "pt"})
+                shard, size = {}, 0
+        if shard:
+            shards.append(shard)
+            save_file(shard, os.path.join(where, f"{stem}-{len(shards):05d}.tmp"), metadata={"format": "pt"})
+        weight_map = {}
+        for i, sh in enumerate(shards, 1):  # the hub's names: <stem>-0000i-of-0000n.safetensors
+            file = f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
+            os.replace(os.path.join(where, f"{stem}-{i:05d}.tmp"), os.path.join(where, file))
+            weight_map.update(dict.fromkeys(sh, file))
+        shards.clear()
+        with open(os.path.join(where, f"{stem}.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {}, "weight_map": weight_map}, f)
     model.vlm_processor(tok, preset).save_pretrained(os.path.join(out, "qwen"))
     ByT5Tokenizer().save_pretrained(os.path.join(out, "wan", "tokenizer"))
 
 
-# --suite load: (row, what model.load_base reads and how); each is loaded in a process of its own
-LOADS = [("imports only", None),
-         ("VLM, bf16 (infer, grpo_stage1/2 on a GPU)", dict(need=("vlm",), dtype="bfloat16")),
-         ("VLM, fp32 (sft_vlm --finetune full)", dict(need=("vlm",), dtype="float32")),
-         ("VDM, bf16 (infer, grpo_stage1 on a GPU)", dict(need=("vdm",), dtype="bfloat16")),
-         ("VDM, DiT fp32 + umT5 bf16 (sft_vdm, grpo_stage2 on a GPU)",
-          dict(need=("vdm",), dtype="bfloat16", dit_dtype="float32"))]
+# --suite load: (row, what is run after `import model`); `load` is model.load_base on the snapshot,
+# onto --device. Each row runs in a process of its own.
+LOADS = [("imports only", ""),
+         ("VLM in bf16 (infer; grpo_stage1/2 on a GPU)", "vlm, _ = load(need=('vlm',), dtype=torch.bfloat16)"),
+         ("VLM in fp32 (sft_vlm --finetune full)", "vlm, _ = load(need=('vlm',), dtype=torch.float32)"),
+         ("VDM in bf16 (infer; grpo_stage1 on a GPU)", "_, vdm = load(need=('vdm',), dtype=torch.bfloat16)"),
+         ("VDM: DiT fp32, umT5 bf16 (sft_vdm, grpo_stage2 on a GPU)",
+          "_, vdm = load(need=('vdm',), dtype=torch.bfloat16, dit_dtype=torch.float32)"),
+         ("the same as they read it before: all fp32 on the CPU, umT5 cast, moved",
+          "_, vdm = load(need=('vdm',), dtype=torch.float32, device=None)\nvdm.text_encoder.to(torch.bfloat16)\n"
+          "[m.to(DEVICE) for m in (vdm.dit, vdm.vae, vdm.text_encoder)]")]
 
 
-def load_memory(snapshot, how):
-    """Host memory (GB) of a fresh process that imports model and, unless `how` is None, loads the
-    snapshot's models with model.load_base(**how) on the CPU -> (peak resident set while loading;
-    after reading every weight once, its private memory and its pages of the weight files, which
-    the processes of one machine share)."""
-    call = "" if how is None else (
-        f"vlm, vdm = model.load_base({os.path.join(snapshot, 'qwen')!r}, {os.path.join(snapshot, 'wan')!r}, "
-        f"need={how['need']!r}, dtype=torch.{how['dtype']}, dit_dtype={'torch.' + how['dit_dtype'] if 'dit_dtype' in how else None})\n"
-        "peak = st('VmHWM')\n"
-        "for m in (vlm.model,) if vlm else (vdm.dit, vdm.vae, vdm.text_encoder):\n"
-        "    [p.reshape(-1)[::1024].sum() for p in m.parameters()]  # a read on every page\n")
+def load_memory(snapshot, code, device):
+    """Host memory (GB) of a fresh process that imports model and runs `code` (a LOADS row) -> (the
+    peak resident set by the end of the loading; then, once every weight has been read, the
+    process's private memory and its pages of the weight files, which the processes of one machine
+    share in the page cache). The files are mapped lazily: a page counts once it is read."""
+    st = "lambda k: int(re.search(k + r':\\s+(\\d+)', open('/proc/self/status').read())[1])"
+    touch = ("for m in [x for x in (locals().get('vlm'), locals().get('vdm')) if x is not None]:\n"
+             "    for net in (m.model,) if hasattr(m, 'model') else (m.dit, m.vae, m.text_encoder):\n"
+             "        [p.reshape(-1)[::1024].sum() for p in net.parameters()]  # a read on every page\n")
+    script = (f"import functools, re, torch, model\nst = {st}\nDEVICE = {device!r}\n"
+              f"load = functools.partial(model.load_base, {os.path.join(snapshot, 'qwen')!r}, "
+              f"{os.path.join(snapshot, 'wan')!r}, device=DEVICE)\n{code}\npeak = st('VmHWM')\n{touch}"
+              "print(peak, st('RssAnon'), st('RssFile'))")
     # /proc/self/status: VmHWM is this process's own peak (getrusage's maxrss carries the parent's over a fork)
-    code = (f"import re, torch, model\nst = lambda k: int(re.search(k + r':\\s+(\\d+)', open('/proc/self/status').read())[1])\n"
-            f"peak = st('VmHWM')\n{call}\nprint(peak, st('RssAnon'), st('RssFile'))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                        cwd=os.path.dirname(os.path.abspath(__file__)))
     if r.returncode:
-        raise SystemExit(f"error: loading {how}: {(r.stderr.strip().splitlines() or ['killed'])[-1]}")
+        raise SystemExit(f"error: {code!r}: {(r.stderr.strip().splitlines() or [f'exit {r.returncode}'])[-1]}")
     return [int(x) * 1024 / 1e9 for x in r.stdout.split()[-3:]]
 
 
-def load_suite(snapshot):
+def load_suite(snapshot, device):
     if not os.path.isfile(os.path.join(snapshot, "wan", "tokenizer", "tokenizer_config.json")):
         print(f"writing random full-size weights to {snapshot} ...", flush=True)
         write_snapshot("full", snapshot)
-    print("| loaded on the CPU from bf16 files | peak RSS (GB) | then private (GB) | then file pages (GB) |\n|---|---|---|---|")
-    for name, how in LOADS:
-        print("| " + " | ".join([name] + [f"{x:.2f}" for x in load_memory(snapshot, how)]) + " |", flush=True)
+    print(f"| loaded onto {device} from the hub's files | peak RSS (GB) | then private (GB) | then file pages (GB) |\n"
+          "|---|---|---|---|")
+    for name, code in LOADS:
+        print("| " + " | ".join([name] + [f"{x:.2f}" for x in load_memory(snapshot, code, device)]) + " |", flush=True)
 
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s of the GPUs' data sheets
@@ -278,7 +308,7 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/
 if __name__ == "__main__":
     args = parser.parse_args()
     if args.suite == "load":
-        load_suite(args.snapshot)
+        load_suite(args.snapshot, args.device)
         sys.exit(0)
     device = torch.device("cuda" if args.suite == "gpu" else "cpu")
     if args.suite == "gpu" and not torch.cuda.is_available():

@@ -32,26 +32,26 @@ def test_bench_table_on_cpu():
 
 
 def test_base_models_load_in_their_own_dtypes(tmp_path):
-    """model.load_base reads the hub's layout (written by bench.write_snapshot, here of the tiny
-    preset) straight into each model's dtype: the trained DiT in float32 beside a bf16 umT5 and VLM,
-    the VAE in float32, every weight the one written. Catches: a frozen encoder read in float32 and
+    """model.load_base reads the hub's layout (written by bench.write_snapshot in the hub's dtypes and
+    shards, here of the tiny preset) straight into each model's dtype: the trained DiT in float32
+    beside a bf16 umT5 and VLM, the VAE in float32, every weight the one written. Catches: a frozen encoder read in float32 and
     cast afterwards (2x its size in host memory), a DiT trained in bf16, a weight lost on the way."""
     import torch
     sys.path.insert(0, ROOT)
     import bench
     import model
-    bench.write_snapshot("tiny", str(tmp_path))
+    bench.write_snapshot("tiny", str(tmp_path), shard_gb=0.0005)  # several shards a model
     vlm, vdm = model.load("base", qwen=str(tmp_path / "qwen"), wan=str(tmp_path / "wan"), dtype=torch.bfloat16,
                           dit_dtype=torch.float32)
     ref_vlm, ref_vdm = model.load_tiny()
-    pairs = [(vlm.model, ref_vlm.model, torch.bfloat16), (vdm.dit, ref_vdm.dit, torch.float32),
-             (vdm.text_encoder, ref_vdm.text_encoder, torch.bfloat16), (vdm.vae, ref_vdm.vae, torch.float32)]
-    for net, ref, dtype in pairs:
+    pairs = [(vlm.model, ref_vlm.model, "qwen", torch.bfloat16), (vdm.dit, ref_vdm.dit, "wan/transformer", torch.float32),
+             (vdm.text_encoder, ref_vdm.text_encoder, "wan/text_encoder", torch.bfloat16),
+             (vdm.vae, ref_vdm.vae, "wan/vae", torch.float32)]
+    for net, ref, path, dtype in pairs:
         got, want = net.state_dict(), ref.state_dict()
         assert got.keys() == want.keys() and {v.dtype for v in got.values() if v.is_floating_point()} == {dtype}
-        for k, v in want.items():  # the snapshot holds bf16 (the VAE float32)
-            stored = v if net is vdm.vae else v.to(torch.bfloat16)
-            assert torch.equal(got[k].to(stored.dtype), stored), k
+        for k, v in want.items():  # written in the hub's dtype, read in the script's
+            assert torch.equal(got[k], v.to(bench.HUB_DTYPES[path]).to(dtype)), k
     assert torch.equal(vdm.encode_text(["a red ball"]), model.VDM(ref_vdm.dit, ref_vdm.vae, vdm.text_encoder,
                                                                    ref_vdm.tokenizer).encode_text(["a red ball"]))
 
@@ -68,7 +68,7 @@ def test_cuda_loading_and_the_vlm_in_bf16(tmp_path):
     import bench
     import model
     from helpers import vlm_logits
-    bench.write_snapshot("tiny", str(tmp_path))
+    bench.write_snapshot("tiny", str(tmp_path), shard_gb=0.0005)  # several shards a model
     vlm, vdm = model.load("base", qwen=str(tmp_path / "qwen"), wan=str(tmp_path / "wan"), dtype=torch.bfloat16,
                           dit_dtype=torch.float32, device="cuda")
     for net, dtype in ((vlm.model, torch.bfloat16), (vdm.dit, torch.float32), (vdm.text_encoder, torch.bfloat16),
