@@ -241,18 +241,18 @@ def write_snapshot(preset, out, shard_gb=2.0):
             t = torch.empty(p.shape, dtype=dtype).normal_(0, 0.02) if p.is_meta else p.detach().to(dtype).contiguous()
             shard[name], size = t, size + t.numel() * t.element_size()
             if size >= shard_gb * 1e9:
-                shards.append(shard)
+                shards.append(list(shard))  # the names only: the tensors go once written
                 save_file(shard, os.path.join(where, f"{stem}-{len(shards):05d}.tmp"), metadata={"format": "pt"})
                 shard, size = {}, 0
         if shard:
-            shards.append(shard)
+            shards.append(list(shard))
             save_file(shard, os.path.join(where, f"{stem}-{len(shards):05d}.tmp"), metadata={"format": "pt"})
+        del shard
         weight_map = {}
-        for i, sh in enumerate(shards, 1):  # the hub's names: <stem>-0000i-of-0000n.safetensors
+        for i, names in enumerate(shards, 1):  # the hub's names: <stem>-0000i-of-0000n.safetensors
             file = f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
             os.replace(os.path.join(where, f"{stem}-{i:05d}.tmp"), os.path.join(where, file))
-            weight_map.update(dict.fromkeys(sh, file))
-        shards.clear()
+            weight_map.update(dict.fromkeys(names, file))
         with open(os.path.join(where, f"{stem}.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {}, "weight_map": weight_map}, f)
     model.vlm_processor(tok, preset).save_pretrained(os.path.join(out, "qwen"))
