@@ -644,6 +644,19 @@ def train_clip(manifest, out, steps=1000, batch_size=64, lr=1e-3, frames_per_cli
     return losses
 
 
+def split_by_caption(results):
+    """eval.py's results.json (a Shapes manifest) -> one table row: the share of captions that name
+    the object that acts, and how often the video shows the event and what CLIP-V it scores when the
+    caption names the object, states the event without naming it (vague), or misses the event."""
+    per = results["samples"]
+    groups = {"named": [q for q in per if q["specific_caption"]],
+              "vague": [q for q in per if q["event_caption"] and not q["specific_caption"]],
+              "no event": [q for q in per if not q["event_caption"]]}
+    cell = lambda qs, k: f"{np.mean([q[k] for q in qs]):.3f} ({len(qs)})" if qs else "-"
+    return ([f"{len(groups['named']) / len(per):.3f}"] + [cell(groups[g], "event_video") for g in groups]
+            + [cell(groups[g], "clip_v") for g in ("named", "vague")])
+
+
 if __name__ == "__main__":
     import argparse
     parser = argparse.ArgumentParser(description="The Shapes world: its data, and a tiny CLIP for it.")
@@ -671,8 +684,15 @@ if __name__ == "__main__":
     tc.add_argument("--width", type=int, default=112, help="frame width the CLIP sees")
     tc.add_argument("--seed", type=int, default=0, help="seed")
     tc.add_argument("--save-every", type=int, default=100, help="write <out>/train_state.pt every N steps (a rerun resumes)")
+    sp = sub.add_parser("split", help="eval.py's Shapes results split by whether the caption names the object")
+    sp.add_argument("results", nargs="+", help="results.json files of eval.py on a Shapes manifest")
     a = parser.parse_args()
-    if a.cmd == "data":
+    if a.cmd == "split":
+        print("| run | named | event (video), named | vague | no event | CLIP-V, named | vague |\n|---|---|---|---|---|---|---|")
+        for path in a.results:
+            with open(path) as f:
+                print(f"| {os.path.basename(os.path.dirname(path))} | " + " | ".join(split_by_caption(json.load(f))) + " |")
+    elif a.cmd == "data":
         make_shapes(a.out, a.n_train, a.n_val, a.n_test, a.height, a.width, a.seed, a.workers, a.world, a.vague)
     else:
         try:

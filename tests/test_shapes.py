@@ -274,3 +274,13 @@ def test_shipped_shapes_models_stay_above_a_floor(tmp_path):
     assert res["n"] == 16
     for k, floor in SHIPPED_FLOOR.items():
         assert res[k] >= floor, (k, res[k], [(s["caption"], s["gt_caption"]) for s in res["samples"]])
+
+
+def test_split_by_caption_counts_each_group():
+    """shapes.split_by_caption: the share of captions that name the object, and event (video) and
+    CLIP-V within the named, vague and no-event groups, each with its count. Catches: a vague caption
+    counted as named, or a group's mean taken over the wrong samples."""
+    q = lambda ev, spec, video, cv: {"event_caption": ev, "specific_caption": spec, "event_video": video, "clip_v": cv}
+    samples = [q(True, True, True, 0.9), q(True, True, False, 0.7), q(True, False, False, 0.5), q(False, False, True, 0.1)]
+    assert shapes.split_by_caption({"samples": samples}) == ["0.500", "0.500 (2)", "0.000 (1)", "1.000 (1)",
+                                                             "0.800 (2)", "0.500 (1)"]
