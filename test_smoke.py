@@ -356,22 +356,27 @@ def test_infer_tiny_end_to_end(files, tmp_path, name):
     assert video.shape == (T, H, W, 3)
 
 
+def tiny_answer(files, *flags):
+    """infer.py's path in this process on the tiny models, with extra flags -> (its answer, its VDM)."""
+    import infer
+    args = infer.parser.parse_args([str(files / "clip.mp4"), "q", "--model", "tiny", "--height", str(H), "--width",
+                                    str(W), "--max-new-tokens", "8", "--steps", "2", "--device", "cpu", *flags])
+    infer.settle_flags(args)
+    vlm, vdm = infer.load_models(args)
+    torch.manual_seed(0)
+    (out,), _ = infer.answer(vlm, vdm, [args.video], [args.question], args, torch.Generator().manual_seed(0))
+    return out, vdm
+
+
 def test_offload_and_the_cached_negative_prompt_change_nothing(files):
     """--offload (the VLM and the text encoder on the device only while they run) gives the same
     caption and video; the negative prompt is encoded once and kept, and encoded again when the text
-    encoder changes dtype. Catches: a model left on the wrong device, a cached embedding that
-    differs from encoding the prompt, or one kept for another encoder."""
-    import infer
-    outs = []
-    for extra in ([], ["--offload"]):
-        args = infer.parser.parse_args([str(files / "clip.mp4"), "q", "--model", "tiny", "--height", str(H), "--width",
-                                        str(W), "--max-new-tokens", "8", "--steps", "2", "--device", "cpu", *extra])
-        infer.settle_flags(args)
-        vlm, vdm = infer.load_models(args)
-        torch.manual_seed(0)
-        (out,), _ = infer.answer(vlm, vdm, [args.video], [args.question], args, torch.Generator().manual_seed(0))
-        outs.append(out)
-    assert outs[0]["caption"] == outs[1]["caption"] and (outs[0]["video"] == outs[1]["video"]).all()
+    encoder changes dtype. Catches: --offload's path failing or changing the answer (on a CPU it
+    moves nothing: test_cuda_loading_and_the_vlm_in_bf16 is where placement is seen), a cached
+    embedding that differs from encoding the prompt, or one kept for another encoder."""
+    plain, _ = tiny_answer(files)
+    offload, vdm = tiny_answer(files, "--offload")
+    assert plain["caption"] == offload["caption"] and (plain["video"] == offload["video"]).all()
     neg = vdm.negative_text(3)
     assert neg.shape[0] == 3 and torch.equal(neg[2], vdm.encode_text([vdm.negative_prompt])[0])
     assert vdm.negative_text(1).data_ptr() == neg.data_ptr()  # kept, not encoded again
@@ -386,16 +391,10 @@ def test_compile_and_attention_backends_keep_the_answer(files, tmp_path):
     PyTorch's math kernel here) give the plain path's video to within one level of 255; a backend
     that cannot run is one error line. Catches: a compiled graph or a kernel that computes
     something else, a missing flash-attn found mid-answer."""
-    import infer
     videos = []
     try:
         for extra in ([], ["--compile"], ["--attention", "_native_math"]):
-            args = infer.parser.parse_args([str(files / "clip.mp4"), "q", "--model", "tiny", "--height", str(H), "--width",
-                                            str(W), "--max-new-tokens", "8", "--steps", "2", "--device", "cpu", *extra])
-            infer.settle_flags(args)
-            vlm, vdm = infer.load_models(args)
-            torch.manual_seed(0)
-            (out,), _ = infer.answer(vlm, vdm, [args.video], [args.question], args, torch.Generator().manual_seed(0))
+            out, vdm = tiny_answer(files, *extra)
             videos.append(out["video"].astype(int))
     finally:
         vdm.dit.set_attention_backend("native")  # (it is also diffusers' process-wide default)
