@@ -368,7 +368,8 @@ if __name__ == "__main__":
         vdm.release = True
         torch.nn.Module.to(vdm.vae, torch.bfloat16)
     stage("infer.answer", lambda: infer.answer(vlm, vdm, [video], [question], argparse.Namespace(**flags), gen()))
-    vlm.model.to("cpu"), vdm.text_encoder.to("cpu")
+    vlm.model.to("cpu")
+    vdm.text_encoder.to("cpu")
     stage("infer.answer --offload", lambda: infer.answer(vlm, vdm, [video], [question],
                                                          argparse.Namespace(**{**flags, "offload": True}), gen()))
     vdm.release = False

@@ -130,9 +130,7 @@ if args.train_vae and not resume and args.model in model.RANDOM:
 if frozen_text:  # (the small presets are read in float32 on the CPU whatever the dtype)
     vdm.text_encoder.to(torch.bfloat16)
 for m in (vdm.dit, vdm.vae, vdm.text_encoder):
-    m.to(device)
-for m in (vdm.dit, vdm.vae, vdm.text_encoder):
-    m.requires_grad_(False).eval()
+    m.to(device).requires_grad_(False).eval()
 trained = torch.nn.ModuleDict({"vae": vdm.vae} if args.train_vae else
                               {"dit": vdm.dit, **({"text_encoder": vdm.text_encoder} if args.train_text_encoder else {})})
 trained.requires_grad_(True).train()
