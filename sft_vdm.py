@@ -302,7 +302,9 @@ def save(step):
 def validate(step):
     """Loss at fixed noise and timesteps (comparable across steps), and a few rendered samples
     written next to their ground truth; on Shapes, the fraction of them that show the
-    generator's event. Every rank takes the same number of samples."""
+    generator's event (val/event_accuracy), and of renders from the caption that names the
+    acting object, at the same noise (val/event_accuracy_named): what the DiT makes of a vague
+    caption against a fully specified one. Every rank takes the same number of samples."""
     trained.eval()
     mine = lambda n: [val[(rank + world * i) % len(val)] for i in range((n + world - 1) // world)]
     g = torch.Generator().manual_seed(1234 + rank)
@@ -318,7 +320,10 @@ def validate(step):
             sigma = torch.rand(1, generator=g)
             losses.append(flow_matching_loss(refs, x0, text, b["caption"], g, sigma, dropout=0.0).item())
     os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
-    shows = []
+    shows, shows_named = [], []
+    render = lambda refs, caption: vdm.decode(vdm.sample(
+        vdm.encode_text([caption]), None, refs, args.frames, args.height, args.width, steps=args.val_steps,
+        cfg=args.val_cfg, generator=torch.Generator().manual_seed(0)))
     for s in mine(args.val_render):
         if (item := clips.try_load(s)) is None:
             continue
@@ -327,17 +332,19 @@ def validate(step):
             video = vdm.vae.decode(vdm.vae.encode(data.to_tensor(b["target"]).to(device)).latent_dist.mode()).sample
         else:
             refs, _, _ = encode(b["clip"], b["target"], b["caption"])
-            text = vdm.encode_text(b["caption"])
-            z = vdm.sample(text, None, refs, args.frames, args.height, args.width, steps=args.val_steps,
-                           cfg=args.val_cfg, generator=torch.Generator().manual_seed(0))
-            video = vdm.decode(z)
+            video = render(refs, s["caption"])
+            if s["event"] and s.get("caption_specific"):  # and from the caption that names the object, same noise
+                named = video if s["caption_specific"] == s["caption"] else render(refs, s["caption_specific"])
+                shows_named.append(float(shapes.video_shows(data.to_uint8(named[0]), s["event"])))
         if s["event"]:
             shows.append(float(shapes.video_shows(data.to_uint8(video[0].clamp(-1, 1)), s["event"])))
         side_by_side = torch.cat([data.to_tensor(b["target"]).to(video), video.clamp(-1, 1)], dim=-1)[0]
         data.write_video(os.path.join(args.out, "samples", f"step{step:06d}_{s['id']}.mp4"), data.to_uint8(side_by_side))
     trained.train()
-    event = common.all_mean(shows)  # every rank joins the all-reduce; nan where no sample has an event
-    return {"val/loss": common.all_mean(losses), **({} if math.isnan(event) else {"val/event_accuracy": event})}
+    # every rank joins the all-reduces; nan where no sample has an event (or a named caption)
+    event, named = common.all_mean(shows), common.all_mean(shows_named)
+    return {"val/loss": common.all_mean(losses), **({} if math.isnan(event) else {"val/event_accuracy": event}),
+            **({} if math.isnan(named) else {"val/event_accuracy_named": named})}
 
 
 # -----------------------------------------------------------------------------

@@ -255,6 +255,9 @@ def test_sft_vdm_torchrun_ddp_loss_decreases(shapes_small, tiny_vdm_ckpt, tmp_pa
     # 8, 16, 24); a step's own loss, at its own random timestep, is too noisy to say
     val = logged(tmp_path / "run", "val/loss")
     assert len(val) == 3 and val[0] > val[1] > val[2] and val[-1] < 0.97 * val[0], val
+    # each render is checked for its event, from the annotation and from the caption that names the object
+    for key in ("val/event_accuracy", "val/event_accuracy_named"):
+        assert len(logged(tmp_path / "run", key)) == 3 and all(0 <= a <= 1 for a in logged(tmp_path / "run", key))
     assert len(os.listdir(tmp_path / "run" / "samples")) == 2 * 3  # one rendered sample per rank and validation
     _, vdm = model.load(str(tmp_path / "run" / "last"), need=("vdm",))
     assert vdm.n_refs == model.N_REFS
