@@ -131,8 +131,8 @@ def size_warning(path, size, args):
     """The Shapes VLM reads the pixels of clips of its data's size: another size is worth a warning
     (the full-size VLM and VDM take any size)."""
     import model
-    trained = tuple(model.CONFIGS["shapes"]["infer"][k] for k in ("height", "width"))
-    if args.preset == "shapes" and tuple(size) != trained:
+    trained = tuple(model.CONFIGS[args.preset]["infer"][k] for k in ("height", "width"))
+    if args.preset.startswith("shapes") and tuple(size) != trained:
         print(f"warning: {path} is {size[1]}x{size[0]}; the Shapes models were trained on {trained[1]}x{trained[0]} "
               "clips (python shapes.py data), and answer others less well", file=sys.stderr)
 

@@ -19,7 +19,9 @@ device), "tiny" (same classes, small random configs, tokenizers built in
 process: no files needed; for tests) and "shapes" (the tiny VDM with a bigger
 VLM, a BPE tokenizer fitted to the Shapes text, pixels normalised around the
 Shapes background and a one-line system prompt: what it takes for a VLM trained
-from scratch to read the Shapes clips).
+from scratch to read the Shapes clips; its text encoder reads the same BPE at
+the VLM's width). "shapes-classic" is "shapes" with the tiny byte-level text
+encoder: the architecture of the shipped classic-world models.
 """
 
 import contextlib
@@ -109,7 +111,9 @@ CONFIGS = {
 # Shapes: an object is ~1% of a 64x112 frame. A 128-wide VLM trained from scratch only finds it
 # when empty patches give zero vision tokens (pixels normalised around the background colour,
 # 235) and the text around the 24 video tokens is short (BPE tokens, a one-line system prompt).
-CONFIGS["shapes"] = dict(
+# "shapes-classic" is the architecture of the classic world's models (weights/shapes); "shapes"
+# differs from it in its text encoder only (below).
+CONFIGS["shapes-classic"] = dict(
     CONFIGS["tiny"],
     vlm=dict(text_config=dict(CONFIGS["tiny"]["vlm"]["text_config"], vocab_size=None,  # None: the tokenizer's size
                               hidden_size=128, intermediate_size=512, num_hidden_layers=4,
@@ -120,7 +124,7 @@ CONFIGS["shapes"] = dict(
     dit=dict(CONFIGS["tiny"]["dit"], num_attention_heads=4, attention_head_dim=32, ffn_dim=512, num_layers=4),
     vlm_norm=(235 / 255, 0.1),  # pixel mean and std of the VLM's processor
     system_prompt="Predict the next event.",
-    bpe_vocab=600,  # at most: the Shapes text runs out of merges at 530 (538 with the specials)
+    bpe_vocab=600,  # at most: the Shapes text runs out of merges before (485 tokens with the specials)
     # what the shipped Shapes models were trained with: the VLM's video read as 1 fps, the DiT's unconditional
     # branch on diffusers' Wan example negative prompt, 33 reference frames spread over the input clip, and
     # captions sampled at the paper's temperature 0.7 / top_p 0.9 in their evaluations
@@ -131,6 +135,16 @@ CONFIGS["shapes"] = dict(
         "drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy "
         "background, three legs, many people in the background, walking backwards"),
     infer=dict(max_new_tokens=160, steps=20, cfg=3.0, height=64, width=112, decoding="sample", ref_clip="uniform"),
+)
+# In the question world the caption alone says which object acts and which way: the classic text
+# encoder (bytes, 32 wide) left the DiT blind to both words (docs/shapes.md). This one reads the
+# VLM's BPE tokens (each word of the world one token; saved with the checkpoint as text_tokenizer/)
+# at the VLM's width.
+CONFIGS["shapes"] = dict(
+    CONFIGS["shapes-classic"],
+    text=dict(CONFIGS["tiny"]["text"], vocab_size=None, d_model=128, d_kv=32, d_ff=512),  # None: the tokenizer's size
+    dit=dict(CONFIGS["shapes-classic"]["dit"], text_dim=128),
+    text_tokenizer="bpe",
 )
 
 
@@ -183,12 +197,13 @@ def build_vlm_net(preset, tokenizer):
     return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**cfg, **ids, **special))
 
 
-def build_vdm_nets(preset):
-    """Random-init (DiT, VAE, umT5 encoder) of a preset."""
+def build_vdm_nets(preset, text_tokenizer=None):
+    """Random-init (DiT, VAE, umT5 encoder) of a preset; a text vocabulary of None is the tokenizer's."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
     c = CONFIGS[preset]
-    return WanTransformer3DModel(**c["dit"]), AutoencoderKLWan(**c["vae"]), UMT5EncoderModel(UMT5Config(**c["text"]))
+    text = dict(c["text"], vocab_size=c["text"]["vocab_size"] or len(text_tokenizer))
+    return WanTransformer3DModel(**c["dit"]), AutoencoderKLWan(**c["vae"]), UMT5EncoderModel(UMT5Config(**text))
 
 
 # -----------------------------------------------------------------------------
@@ -470,7 +485,8 @@ class VDM:
         not 512: masked padding changes only the rounding of what comes before it."""
         from diffusers.pipelines.wan.pipeline_wan import prompt_clean
         t = self.tokenizer([prompt_clean(p) for p in prompts], padding="longest" if grad else "max_length",
-                           max_length=TEXT_LEN, truncation=True, add_special_tokens=True, return_tensors="pt")
+                           padding_side="right", max_length=TEXT_LEN, truncation=True, add_special_tokens=True,
+                           return_tensors="pt")
         dev = next(self.text_encoder.parameters()).device
         with torch.set_grad_enabled(grad):
             h = self.text_encoder(t.input_ids.to(dev), t.attention_mask.to(dev)).last_hidden_state
@@ -706,20 +722,23 @@ def _hub_reachable(timeout=3.0):
         return False
 
 
-def load_tiny(seed=0, need=("vlm", "vdm"), preset="tiny", tokenizer=None):
+def load_tiny(seed=0, need=("vlm", "vdm"), preset="tiny", tokenizer=None, text_tokenizer=None):
     """Random models of a small preset (deterministic for a seed); a model not in `need` is None.
-    tokenizer: the VLM's (default: the preset's own, built in process)."""
+    tokenizer: the VLM's, text_tokenizer: the text encoder's (default: the preset's own, built in
+    process: bytes, or the Shapes BPE)."""
     from transformers import ByT5Tokenizer
     torch.manual_seed(seed)
-    if tokenizer is None and preset == "shapes":
-        import shapes
-        tokenizer = shapes.tokenizer()
-    tok = tokenizer or byte_tokenizer()
     c = CONFIGS[preset]
+    bpe = None
+    if (tokenizer is None and "bpe_vocab" in c) or (text_tokenizer is None and c.get("text_tokenizer") == "bpe"):
+        import shapes
+        bpe = shapes.tokenizer()
+    tok = tokenizer or bpe or byte_tokenizer()
+    text_tok = text_tokenizer or (bpe if c.get("text_tokenizer") == "bpe" else ByT5Tokenizer())
     vlm = VLM(build_vlm_net(preset, tok).eval(), vlm_processor(tok, preset),  # built either way: same RNG stream
               c.get("system_prompt", SYSTEM_PROMPT), c.get("vlm_fps", VLM_FPS))
-    dit, vae, te = build_vdm_nets(preset)
-    vdm = VDM(dit.eval(), vae.eval(), te.eval(), ByT5Tokenizer(), negative_prompt=c.get("negative_prompt", NEGATIVE_PROMPT))
+    dit, vae, te = build_vdm_nets(preset, text_tok)
+    vdm = VDM(dit.eval(), vae.eval(), te.eval(), text_tok, negative_prompt=c.get("negative_prompt", NEGATIVE_PROMPT))
     return (vlm if "vlm" in need else None), (vdm if "vdm" in need else None)
 
 
@@ -770,12 +789,13 @@ def load_official(vlm, vdm, vans_dir):
 
 
 # Our own checkpoint directory (written by save_checkpoint / the training scripts):
-#   meta.json               {"preset": "full" | "tiny" | "shapes", "n_refs": 6, ...}
+#   meta.json               {"preset": "full" | "tiny" | "shapes" | "shapes-classic", "n_refs": 6, ...}
 #   vlm.safetensors         full VLM weights (small presets: the base is random, so it is saved)
 #   vlm_tokenizer/          the VLM's tokenizer (small presets, saved with vlm.safetensors)
 #   vlm_lora/               peft adapter (adapter_config.json + adapter_model.safetensors)
 #   dit.safetensors         DiT, diffusers naming
 #   vae.safetensors, text_encoder.safetensors   (tiny preset, when trained)
+#   text_tokenizer/         the text encoder's tokenizer (the "shapes" preset's BPE, saved with text_encoder)
 # Every file is optional; whatever is present must match its model exactly. A model a training
 # run kept frozen is not saved again: meta.json's "from" names where it comes from ({"vlm": ...,
 # "vdm": ...}: a named model, or a checkpoint directory relative to this one), and this
@@ -855,6 +875,9 @@ def save_checkpoint(path, vlm, vdm, meta, parts=("vlm", "vlm_lora", "dit", "vae"
         for name, module in [("dit", vdm.dit), ("vae", vdm.vae), ("text_encoder", vdm.text_encoder)]:
             if name in parts and name not in weights:
                 weights[name] = module.state_dict()
+        if "text_encoder" in parts and CONFIGS.get(meta.get("preset"), {}).get("text_tokenizer"):
+            vdm.tokenizer.save_pretrained(os.path.join(tmp, "text_tokenizer"))
+            written.append("text_tokenizer")
         meta = {"n_refs": vdm.n_refs, "latents_mean": vdm.latents_mean.flatten().tolist(),
                 "latents_std": vdm.latents_std.flatten().tolist(), **meta}
     for name, sd in weights.items():
@@ -915,8 +938,10 @@ def load_checkpoint(path, qwen=None, wan=None, vans=None, dtype=torch.bfloat16, 
     sources = {m: _source_path(path, src) for m, src in meta.get("from", {}).items() if m in need}
     own = [m for m in need if m not in sources]
     tiny = meta["preset"] != "full"  # random bases: every part must be here
+    own_text_tokenizer = bool(CONFIGS[meta["preset"]].get("text_tokenizer"))
     required = {"vlm": [{"vlm", "vlm_tokenizer"}] if tiny else [{"vlm"}, {"vlm_lora"}],
-                "vdm": [{"dit", "vae", "text_encoder"}] if tiny else [{"dit"}]}
+                "vdm": [{"dit", "vae", "text_encoder"} | ({"text_tokenizer"} if own_text_tokenizer else set())]
+                if tiny else [{"dit"}]}
     for m in own:
         if not any(files <= have for files in required[m]):
             raise CheckpointError(f"{path}: has no {m.upper()} weights (needs {' or '.join('+'.join(sorted(f)) for f in required[m])}); "
@@ -926,7 +951,9 @@ def load_checkpoint(path, qwen=None, wan=None, vans=None, dtype=torch.bfloat16, 
         from transformers import Qwen2Tokenizer
         # the VLM's own tokenizer; a VDM-only load builds a throwaway VLM, any tokenizer will do
         tok = Qwen2Tokenizer.from_pretrained(os.path.join(path, "vlm_tokenizer")) if "vlm" in own else byte_tokenizer()
-        vlm, vdm = load_tiny(need=own, preset=meta["preset"], tokenizer=tok)
+        text_tok = Qwen2Tokenizer.from_pretrained(os.path.join(path, "text_tokenizer")) \
+            if "vdm" in own and own_text_tokenizer else None
+        vlm, vdm = load_tiny(need=own, preset=meta["preset"], tokenizer=tok, text_tokenizer=text_tok)
     elif own:
         given = {k: v for k, v in (("qwen", qwen), ("wan", wan)) if ("vlm" if k == "qwen" else "vdm") in own}
         vlm, vdm = load_base(**hub_paths(**given), dtype=dtype, need=own, dit_dtype=dit_dtype, device=device)
@@ -968,7 +995,7 @@ def meta_of(name):
 
 
 def preset_of(name):
-    """"full", "tiny" or "shapes": the architecture a --model name loads."""
+    """"full", "tiny", "shapes" or "shapes-classic": the architecture a --model name loads."""
     return meta_of(name).get("preset") or RANDOM.get(name, "full")
 
 

@@ -3,6 +3,8 @@
 import collections
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -58,6 +60,33 @@ def test_shapes_preset_tokens_pixels_and_checkpoint(tmp_path):
     assert model.preset_of("random:shapes") == "shapes" and model.preset_of(str(tmp_path / "ckpt")) == "shapes"
     with torch.no_grad():
         assert torch.equal(vlm3.model(**vlm3.inputs([frames], [q], [answer])).logits, vlm.model(**inp).logits)
+
+
+def test_shapes_text_encoder_tokens_and_checkpoint(tmp_path):
+    """The "shapes" VDM's text encoder reads the VLM's BPE (one token per word of the world) at the
+    VLM's width, and its tokenizer travels with the checkpoint; "shapes-classic" keeps the byte-level
+    encoder of the shipped models. Catches: a reloaded VDM that tokenizes captions otherwise, a
+    checkpoint without its tokenizer loading with another, the shipped models built with the new encoder."""
+    vlm, vdm = model.load_tiny(seed=0, preset="shapes")
+    caption = shapes.scene(0, "test", 3, H, W)[1][0][2]
+    ids = vdm.tokenizer(caption).input_ids
+    assert vdm.tokenizer.get_vocab() == vlm.processor.tokenizer.get_vocab()
+    assert [vdm.tokenizer.decode([i]).strip() for i in ids] == re.findall(r"\w+|[^\w\s]", caption)  # a word, a token
+    assert vdm.text_encoder.config.d_model == vdm.dit.config.text_dim == 128
+    assert vdm.text_encoder.config.vocab_size == len(vdm.tokenizer)
+    model.save_checkpoint(str(tmp_path / "ckpt"), None, vdm, {"preset": "shapes"}, parts=("dit", "vae", "text_encoder"))
+    _, vdm2 = model.load(str(tmp_path / "ckpt"), need=("vdm",))
+    assert vdm2.tokenizer.get_vocab() == vdm.tokenizer.get_vocab()
+    assert torch.equal(vdm2.encode_text([caption, "Qu'arrive-t-il ? 球"]), vdm.encode_text([caption, "Qu'arrive-t-il ? 球"]))
+    shutil.rmtree(tmp_path / "ckpt" / "text_tokenizer")  # a checkpoint written without it
+    meta = json.loads((tmp_path / "ckpt" / "meta.json").read_text())
+    (tmp_path / "ckpt" / "meta.json").write_text(json.dumps({**meta, "parts": [p for p in meta["parts"] if p != "text_tokenizer"]}))
+    with pytest.raises(model.CheckpointError, match=r"has no VDM weights \(needs dit\+text_encoder\+text_tokenizer\+vae\)"):
+        model.load(str(tmp_path / "ckpt"), need=("vdm",))
+    # the shipped models: the classic architecture, bytes into a 32-wide encoder
+    assert model.preset_of("shapes") == "shapes-classic"
+    _, classic = model.load_tiny(seed=0, need=("vdm",), preset="shapes-classic")
+    assert len(classic.tokenizer(caption).input_ids) == len(caption.encode()) + 1 and classic.text_encoder.config.d_model == 32
 
 
 def _centroid(frame, color):
