@@ -729,12 +729,13 @@ def load_tiny(seed=0, need=("vlm", "vdm"), preset="tiny", tokenizer=None, text_t
     from transformers import ByT5Tokenizer
     torch.manual_seed(seed)
     c = CONFIGS[preset]
+    text_bpe = c.get("text_tokenizer") == "bpe"
     bpe = None
-    if (tokenizer is None and "bpe_vocab" in c) or (text_tokenizer is None and c.get("text_tokenizer") == "bpe"):
+    if (tokenizer is None and "bpe_vocab" in c) or (text_tokenizer is None and text_bpe):
         import shapes
         bpe = shapes.tokenizer()
     tok = tokenizer or bpe or byte_tokenizer()
-    text_tok = text_tokenizer or (bpe if c.get("text_tokenizer") == "bpe" else ByT5Tokenizer())
+    text_tok = text_tokenizer or (bpe if text_bpe else ByT5Tokenizer())
     vlm = VLM(build_vlm_net(preset, tok).eval(), vlm_processor(tok, preset),  # built either way: same RNG stream
               c.get("system_prompt", SYSTEM_PROMPT), c.get("vlm_fps", VLM_FPS))
     dit, vae, te = build_vdm_nets(preset, text_tok)
