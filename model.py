@@ -348,25 +348,37 @@ def training_schedule(shift=5.0, n=1000):
     return sigmas, w * (n / w.sum())
 
 
-def flow_matching_loss(vdm, x0, text, refs=None, generator=None, sigma=None, shift=5.0, weighted=True, dit=None):
+def motion_mask(x0, threshold=1.0):
+    """(B, 1, T, h, w): the latent positions where something moves, those off their own median over the
+    clip's T latent frames by more than threshold (in normalised latent units) in any channel."""
+    return ((x0 - x0.median(2, keepdim=True).values).abs().amax(1, keepdim=True) > threshold).float()
+
+
+def flow_matching_loss(vdm, x0, text, refs=None, generator=None, sigma=None, shift=5.0, weighted=True, dit=None,
+                       motion_weight=0.0):
     """The VDM's SFT loss, as DiffSynth's Wan training (which the release's VDM came from) computes
     it. Per sample: sigma drawn from the shifted 1000-step table (training_schedule) unless given,
     noise eps, x_s = (1 - s) x0 + s eps, and the DiT's velocity on the target frames (the clean
     refs in front, never noised) regressed on eps - x0, the direction sampling integrates along:
         loss = mean_b w(s_b) mean (v - (eps - x0))^2
-    w: DiffSynth's weight in t (weighted), else 1; a given sigma (validation) is unweighted.
-    x0: (B, C, T, h, w) clean target latents; text: (B, L, D). -> scalar"""
+    w: DiffSynth's weight in t (weighted), else 1. With motion_weight m > 0 the mean over latent
+    positions is weighted too, 1 + m on the moving ones (motion_mask), normalised per sample:
+        mean (1 + m M) (v - (eps - x0))^2 / mean (1 + m M)
+    (the Shapes world's acting object covers ~1% of the frame; see sft_vdm --motion-weight).
+    A given sigma (validation) is unweighted in both. x0: (B, C, T, h, w) clean target latents;
+    text: (B, L, D). -> scalar"""
     B = x0.shape[0]
-    weight = torch.ones(B)
+    weight, pixel = torch.ones(B), torch.ones_like(x0[:, :1])
     if sigma is None:
         sigmas, weights = training_schedule(shift)
         i = torch.randint(len(sigmas), (B,), generator=generator)
         sigma, weight = sigmas[i], (weights[i] if weighted else weight)
+        pixel = pixel + motion_weight * motion_mask(x0)
     eps = torch.randn(x0.shape, generator=generator).to(x0.device)
     sigma = torch.as_tensor(sigma, dtype=torch.float32).expand(B).to(x0.device)
     s = sigma.view(-1, 1, 1, 1, 1)
     v = vdm.velocity((1 - s) * x0 + s * eps, sigma, text, refs, dit=dit)
-    per_sample = ((v.float() - (eps - x0)) ** 2).flatten(1).mean(1)  # (B,)
+    per_sample = (pixel * (v.float() - (eps - x0)) ** 2).flatten(1).mean(1) / pixel.flatten(1).mean(1)  # (B,)
     return (weight.to(x0.device) * per_sample).mean()
 
 

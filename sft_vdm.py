@@ -21,6 +21,9 @@ noise eps, a sigma s drawn uniformly from the 1000 sigmas of the shifted schedul
 with the 6 clean reference latents of the input clip in front (model.VDM.velocity) and
 DiffSynth's weight w(t) = exp(-2 ((t - 500) / 1000)^2) at t = 1000 s, shifted to 0 at its
 minimum and scaled to mean 1 over the table (model.training_schedule; --loss-weight none: w = 1).
+--motion-weight m weights the latent positions that move within the target clip (model.motion_mask)
+1 + m in the mean, normalised per sample: where the event is a small object's motion, as in the
+Shapes world, the plain mean leaves it a hundredth of the loss (docs/shapes.md).
 The DiT is fully fine-tuned (fp32 weights, bf16 autocast on GPU); the text encoder and
 VAE are frozen, their outputs computed on the fly or once into <out>/cache (--cache-latents).
 --caption-dropout replaces a caption by the model's negative prompt, so classifier-free guidance
@@ -80,6 +83,8 @@ parser.add_argument("--fsdp", action="store_true", help="shard the DiT per block
 # the loss
 parser.add_argument("--timestep-shift", type=float, default=5.0, help="shift of the training sigmas: u -> shift u / (1 + (shift - 1) u)")
 parser.add_argument("--loss-weight", default="diffsynth", choices=("diffsynth", "none"), help="weight of each timestep's loss (see the docstring)")
+parser.add_argument("--motion-weight", type=float, default=0.0,
+                    help="extra weight of the latent positions that move (model.motion_mask) in the loss")
 parser.add_argument("--caption-dropout", type=float, default=0.0, help="probability a caption is replaced by the negative prompt")
 parser.add_argument("--ema", type=float, default=0.0, help="EMA decay of the DiT weights (0 = off)")
 parser.add_argument("--batch-size", type=int, default=1, help="samples per rank per step")
@@ -245,7 +250,8 @@ def flow_matching_loss(refs, x0, text, captions, generator=None, sigma=None, dro
         text = torch.where(drop.to(device)[:, None, None], neg_text.to(text), text)
     with amp:
         return model.flow_matching_loss(vdm, x0.to(device), text.to(device, torch.float32), refs, generator, sigma,
-                                        args.timestep_shift, args.loss_weight == "diffsynth", dit=dit)
+                                        args.timestep_shift, args.loss_weight == "diffsynth", dit=dit,
+                                        motion_weight=args.motion_weight)
 
 
 def vae_loss(clip, target, generator=None):

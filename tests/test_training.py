@@ -480,9 +480,30 @@ def test_flow_matching_loss_against_direct_computation(tiny):
             mse = float(((out - (eps[b] - x0[b])) ** 2).mean())
             want += (float(w[int(i[b])]) if weighted else 1.0) * mse / B
         assert loss.item() == pytest.approx(want, rel=1e-4), weighted
+    # motion_weight: moving positions (off their median over the clip's frames by more than 1 in a
+    # channel) weighted 1 + m, normalised per sample; here only the first two rows of sample 0 move
+    still = x0[:, :, :1].repeat(1, 1, 3, 1, 1)
+    still[0, 5, 1, :2] += 3.0
+    with torch.no_grad():
+        loss = model.flow_matching_loss(vdm, still, text, refs, gen(0), weighted=False, motion_weight=9.0)
+    g = gen(0)
+    i, eps = torch.randint(1000, (B,), generator=g).double(), torch.randn(x0.shape, generator=g)
+    u = 1 - i / 1000
+    want = 0.0
+    for b in range(B):
+        s = float(5 * u[b] / (1 + 4 * u[b]))
+        with torch.no_grad():
+            out = vdm.dit(hidden_states=torch.cat([refs[b], (1 - s) * still[b] + s * eps[b]], dim=1)[None],
+                          timestep=torch.tensor([1000 * s]), encoder_hidden_states=text[b:b + 1], return_dict=False)[0][0, :, -3:]
+        err = ((out - (eps[b] - still[b])) ** 2).mean(0)  # (3, 4, 6), over channels
+        if b == 0:  # 12 of 72 positions at weight 10: (sum err + 9 sum err[moving]) / (72 + 9 * 12)
+            want += float((err.sum() + 9 * err[1, :2].sum()) / (72 + 9 * 12)) / B
+        else:
+            want += float(err.mean()) / B
+    assert loss.item() == pytest.approx(want, rel=1e-4)
     # a given sigma is unweighted and used as given
     with torch.no_grad():
-        at = model.flow_matching_loss(vdm, x0, text, refs, gen(0), sigma=torch.tensor([0.3]))
+        at = model.flow_matching_loss(vdm, x0, text, refs, gen(0), sigma=torch.tensor([0.3]), motion_weight=9.0)
     eps = torch.randn(x0.shape, generator=gen(0))
     with torch.no_grad():
         out = vdm.dit(hidden_states=torch.cat([refs, 0.7 * x0 + 0.3 * eps], dim=2), timestep=torch.full((B,), 300.0),
