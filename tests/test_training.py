@@ -486,12 +486,9 @@ def test_flow_matching_loss_against_direct_computation(tiny):
     still[0, 5, 1, :2] += 3.0
     with torch.no_grad():
         loss = model.flow_matching_loss(vdm, still, text, refs, gen(0), weighted=False, motion_weight=9.0)
-    g = gen(0)
-    i, eps = torch.randint(1000, (B,), generator=g).double(), torch.randn(x0.shape, generator=g)
-    u = 1 - i / 1000
     want = 0.0
-    for b in range(B):
-        s = float(5 * u[b] / (1 + 4 * u[b]))
+    for b in range(B):  # the same gen(0) draws as above: sigma and eps
+        s = float(sigma[b])
         with torch.no_grad():
             out = vdm.dit(hidden_states=torch.cat([refs[b], (1 - s) * still[b] + s * eps[b]], dim=1)[None],
                           timestep=torch.tensor([1000 * s]), encoder_hidden_states=text[b:b + 1], return_dict=False)[0][0, :, -3:]
