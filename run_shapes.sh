@@ -65,7 +65,7 @@ stage grpo_stage1_text python grpo_stage1.py --config $C --init $OUT/sft_vlm/las
 evaluate stage1_text --model $OUT/grpo_stage1_text/last
 
 # row 2: SFT goes on for as long as stage 1 took (its time per step x its steps, from the logs), at a
-# tenth of SFT's peak learning rate (its schedule had decayed to 0), in another data order
+# rate of 2e-4 (0.4 of SFT's peak; its schedule had decayed to 0), in another data order
 steps=$(python -c "
 import json
 per_step = lambda run: [r['sec_per_step'] for r in map(json.loads, open(run + '/log.jsonl')) if 'sec_per_step' in r][-1]
