@@ -22,8 +22,8 @@ video = dict(sft, height=64, width=112, ref_clip="uniform", val_render=1, val_st
 
 # every weight trained (a random VLM). The outcome is learnt within 750 steps; what Joint-GRPO is to
 # change, whether the caption names the object, is the annotations' mixture, which SFT learns only
-# once the rate is low: at a peak of 2e-3 the loss stays at 0.137 and no caption names the object (2% of
-# test captions after 2,500 steps); at 5e-4 it names it in 46% of validation captions by step 2,250
+# once the rate is low: at a peak of 2e-3 the loss stays at 0.137 and no greedy validation caption names
+# the object (2% of sampled test captions after 2,500 steps); at 5e-4, 46% do by step 2,250
 # (docs/shapes.md, "Rows 1 to 4 on the weighted DiT" and "The VLM's SFT run until it names the object")
 sft_vlm = dict(sft, model="random:shapes", finetune="full", steps=4000, lr=5e-4, warmup=50,
                batch_size=16, val_every=250, val_generate=100, max_new_tokens=160, save_every=250, log_every=50)
