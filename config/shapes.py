@@ -40,10 +40,13 @@ sft_vdm = dict(video, loss_weight="none", motion_weight=10.0, train_text_encoder
                steps=8000, lr=1e-3, warmup=100, batch_size=8, val_every=2000, val_render=8, save_every=1000, log_every=20)
 
 # Joint-GRPO, from the VLM above. CLIP-V/CLIP-T come from the tiny CLIP of this world, trained once beside the data.
-# The rate is half the SFT's peak: at 1e-3 the format reward fell to 0.19 by step 7 and the KL reached 4.3
+# The rate is a fifth of the SFT's peak: at 1e-3 the format reward fell to 0.19 by step 7 and the KL reached 4.3;
+# at 2.5e-4 r_v1's steady push on the tower scenes took the policy off its SFT answers (their named captions
+# went on in a loop, p(" and") 0.9993 where the SFT has ~0); at 1e-4 the KL stays below 0.005
+# (docs/shapes.md, "Where the loops come from")
 grpo_stage1 = dict(data, init="out/shapes/sft_vlm/last", vdm="out/shapes/sft_vdm/last", clip="data/shapes/clip", ref_clip="uniform",
                    rewards="format=1,rouge_l=1,clip_v=1", height=64, width=112, render_steps=20, render_cfg=3.0,
-                   steps=150, lr=2.5e-4, group_size=8, prompts=2, max_new_tokens=160, micro_batch=16, save_every=25,
+                   steps=150, lr=1e-4, group_size=8, prompts=2, max_new_tokens=160, micro_batch=16, save_every=25,
                    log_every=1)
 
 # stage 2: stage 1's VLM writes the anchors, the SFT VDM is tuned
