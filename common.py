@@ -83,7 +83,7 @@ def add_run_flags(parser, out, steps):
 
 def check_models(**flags):
     """Before any heavy work: each flag=value names a model that model.load knows (vans, base,
-    shapes, tiny, random:shapes) or an existing checkpoint directory; else one error line naming
+    shapes, shapes-sft, tiny, random:shapes) or an existing checkpoint directory; else one error line naming
     the flag and the path."""
     import model
     for flag, name in flags.items():

@@ -4,7 +4,7 @@ what happens next and writes a caption, the VDM renders it as the answer video.
 
     python infer.py in.mp4 "What should I do next?"                 # official VANS weights
     python infer.py in.mp4 "What happens next?" --model base        # Qwen-Wan baseline, no references
-    python infer.py examples/ball.mp4 "What happens next?" --model shapes   # the shipped Shapes models, offline
+    python infer.py examples/balls.mp4 "What happens if the purple ball is pushed to the left?" --model shapes   # offline
     python infer.py in.mp4 "What happens next?" --model tiny        # random tiny models, offline (noise)
     python infer.py photo.png "Leave it for a week." --json         # an image is a static clip
     python infer.py in.mp4 "..." --model out/grpo_stage2/last       # a checkpoint of our training scripts
@@ -32,7 +32,7 @@ VIDEO_EXTS = (".mp4", ".mkv", ".mov")  # what --out may be
 
 def add_flags(parser):
     """The model and generation flags, shared with eval.py."""
-    parser.add_argument("--model", default="vans", help="vans | base | shapes | tiny | path to a checkpoint directory")
+    parser.add_argument("--model", default="vans", help="vans | base | shapes | shapes-sft | tiny | path to a checkpoint directory")
     parser.add_argument("--vdm", default=None, help="take the VDM from this --model instead (e.g. an SFT VLM with an SFT VDM)")
     parser.add_argument("--seed", type=int, default=0, help="seed for caption sampling and video noise")
     # VLM; defaults of None come from the model's preset (model.CONFIGS[...]["infer"])
@@ -132,7 +132,7 @@ def size_warning(path, size, args):
     (the full-size VLM and VDM take any size)."""
     import model
     trained = tuple(model.CONFIGS[args.preset]["infer"][k] for k in ("height", "width"))
-    if args.preset.startswith("shapes") and tuple(size) != trained:
+    if args.preset == "shapes" and tuple(size) != trained:
         print(f"warning: {path} is {size[1]}x{size[0]}; the Shapes models were trained on {trained[1]}x{trained[0]} "
               "clips (python shapes.py data), and answer others less well", file=sys.stderr)
 

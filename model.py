@@ -20,8 +20,7 @@ process: no files needed; for tests) and "shapes" (the tiny VDM with a bigger
 VLM, a BPE tokenizer fitted to the Shapes text, pixels normalised around the
 Shapes background and a one-line system prompt: what it takes for a VLM trained
 from scratch to read the Shapes clips; its text encoder reads the same BPE at
-the VLM's width). "shapes-classic" is "shapes" with the tiny byte-level text
-encoder: the architecture of the shipped classic-world models.
+the VLM's width).
 """
 
 import contextlib
@@ -111,9 +110,11 @@ CONFIGS = {
 # Shapes: an object is ~1% of a 64x112 frame. A 128-wide VLM trained from scratch only finds it
 # when empty patches give zero vision tokens (pixels normalised around the background colour,
 # 235) and the text around the 24 video tokens is short (BPE tokens, a one-line system prompt).
-# "shapes-classic" is the architecture of the classic world's models (weights/shapes); "shapes"
-# differs from it in its text encoder only (below).
-CONFIGS["shapes-classic"] = dict(
+# Its text encoder reads the VLM's BPE tokens (each word of the world one token; saved with the
+# checkpoint as text_tokenizer/) at the VLM's width: in the question world the caption alone says
+# which object acts and which way, and a byte-level encoder 32 wide left the DiT blind to both
+# words (docs/shapes.md).
+CONFIGS["shapes"] = dict(
     CONFIGS["tiny"],
     vlm=dict(text_config=dict(CONFIGS["tiny"]["vlm"]["text_config"], vocab_size=None,  # None: the tokenizer's size
                               hidden_size=128, intermediate_size=512, num_hidden_layers=4,
@@ -121,7 +122,9 @@ CONFIGS["shapes-classic"] = dict(
              vision_config=dict(CONFIGS["tiny"]["vlm"]["vision_config"], hidden_size=64, intermediate_size=128,
                                 out_hidden_size=128, fullatt_block_indexes=[0, 1]),
              tie_word_embeddings=True),
-    dit=dict(CONFIGS["tiny"]["dit"], num_attention_heads=4, attention_head_dim=32, ffn_dim=512, num_layers=4),
+    dit=dict(CONFIGS["tiny"]["dit"], num_attention_heads=4, attention_head_dim=32, ffn_dim=512, num_layers=4, text_dim=128),
+    text=dict(CONFIGS["tiny"]["text"], vocab_size=None, d_model=128, d_kv=32, d_ff=512),  # None: the tokenizer's size
+    text_tokenizer="bpe",
     vlm_norm=(235 / 255, 0.1),  # pixel mean and std of the VLM's processor
     system_prompt="Predict the next event.",
     bpe_vocab=600,  # at most: the Shapes text runs out of merges before (485 tokens with the specials)
@@ -135,16 +138,6 @@ CONFIGS["shapes-classic"] = dict(
         "drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy "
         "background, three legs, many people in the background, walking backwards"),
     infer=dict(max_new_tokens=160, steps=20, cfg=3.0, height=64, width=112, decoding="sample", ref_clip="uniform"),
-)
-# In the question world the caption alone says which object acts and which way: the classic text
-# encoder (bytes, 32 wide) left the DiT blind to both words (docs/shapes.md). This one reads the
-# VLM's BPE tokens (each word of the world one token; saved with the checkpoint as text_tokenizer/)
-# at the VLM's width.
-CONFIGS["shapes"] = dict(
-    CONFIGS["shapes-classic"],
-    text=dict(CONFIGS["tiny"]["text"], vocab_size=None, d_model=128, d_kv=32, d_ff=512),  # None: the tokenizer's size
-    dit=dict(CONFIGS["shapes-classic"]["dit"], text_dim=128),
-    text_tokenizer="bpe",
 )
 
 
@@ -802,7 +795,7 @@ def load_official(vlm, vdm, vans_dir):
 
 
 # Our own checkpoint directory (written by save_checkpoint / the training scripts):
-#   meta.json               {"preset": "full" | "tiny" | "shapes" | "shapes-classic", "n_refs": 6, ...}
+#   meta.json               {"preset": "full" | "tiny" | "shapes", "n_refs": 6, ...}
 #   vlm.safetensors         full VLM weights (small presets: the base is random, so it is saved)
 #   vlm_tokenizer/          the VLM's tokenizer (small presets, saved with vlm.safetensors)
 #   vlm_lora/               peft adapter (adapter_config.json + adapter_model.safetensors)
@@ -860,6 +853,15 @@ def _source_path(ckpt, source):
     return source if _named(source) else os.path.normpath(os.path.join(os.path.realpath(ckpt), source))
 
 
+def vlm_base_state(m):
+    """The state dict of a VLM without its LoRA (a peft model's base weights, under the base's names)."""
+    from peft import PeftModel
+    if not isinstance(m, PeftModel):
+        return m.state_dict()
+    sd = {k: v for k, v in m.get_base_model().state_dict().items() if ".lora_" not in k}
+    return {k.replace(".base_layer.", "."): v for k, v in sd.items()}  # peft wraps targeted Linear layers
+
+
 def save_checkpoint(path, vlm, vdm, meta, parts=("vlm", "vlm_lora", "dit", "vae", "text_encoder"),
                     weights=None, extra=None, sources=None):
     """Write a checkpoint directory atomically (temp dir, then rename). vlm / vdm may be None.
@@ -873,11 +875,7 @@ def save_checkpoint(path, vlm, vdm, meta, parts=("vlm", "vlm_lora", "dit", "vae"
     weights, written = dict(weights or {}), []
     is_peft = vlm is not None and isinstance(vlm.model, PeftModel)
     if "vlm" in parts and vlm is not None and "vlm" not in weights:
-        base = vlm.model.get_base_model() if is_peft else vlm.model
-        sd = {k: v for k, v in base.state_dict().items() if ".lora_" not in k}
-        if is_peft:  # peft wraps targeted Linear layers: base_layer.weight -> weight
-            sd = {k.replace(".base_layer.", "."): v for k, v in sd.items()}
-        weights["vlm"] = sd
+        weights["vlm"] = vlm_base_state(vlm.model)
     if "vlm" in parts and vlm is not None and meta.get("preset") != "full":
         vlm.processor.tokenizer.save_pretrained(os.path.join(tmp, "vlm_tokenizer"))
         written.append("vlm_tokenizer")
@@ -998,7 +996,8 @@ def load_checkpoint(path, qwen=None, wan=None, vans=None, dtype=torch.bfloat16, 
 
 
 RANDOM = {"tiny": "tiny", "random:shapes": "shapes"}  # --model names of random models -> their preset
-SHIPPED = {"shapes": os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "shapes")}  # in the repo
+SHIPPED = {name: os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", name)  # in the repo
+           for name in ("shapes", "shapes-sft")}
 
 
 def meta_of(name):
@@ -1008,7 +1007,7 @@ def meta_of(name):
 
 
 def preset_of(name):
-    """"full", "tiny", "shapes" or "shapes-classic": the architecture a --model name loads."""
+    """"full", "tiny" or "shapes": the architecture a --model name loads."""
     return meta_of(name).get("preset") or RANDOM.get(name, "full")
 
 
@@ -1025,7 +1024,7 @@ def check_name(name, need=("vlm", "vdm")):
     if _named(name):
         return
     if not checkpoint_exists(name):
-        raise CheckpointError(f"{name}: no such checkpoint directory (nor one of vans, base, shapes, tiny, random:shapes)")
+        raise CheckpointError(f"{name}: no such checkpoint directory (nor one of vans, base, shapes, shapes-sft, tiny, random:shapes)")
     _check_sources(name, read_meta(name), need)
 
 
@@ -1041,7 +1040,7 @@ def _check_sources(path, meta, need=("vlm", "vdm")):
 
 def load(name, qwen=None, wan=None, vans=None, dtype=torch.bfloat16, need=("vlm", "vdm"), dit_dtype=None, device=None):
     """-> (VLM, VDM) for "vans" (official release), "base" (Qwen-Wan baseline, no refs),
-    "shapes" (the Shapes models shipped in weights/shapes), "tiny" / "random:shapes"
+    "shapes" / "shapes-sft" (the Shapes models shipped in weights/: Joint-GRPO's and SFT's), "tiny" / "random:shapes"
     (random models of those presets), or a checkpoint directory of
     ours. Full-size weights are read in `dtype` (the DiT in `dit_dtype` when given, the VAE in
     float32) onto `device` (load_base); the small presets' are float32 on the CPU. A model not
@@ -1059,9 +1058,12 @@ def load(name, qwen=None, wan=None, vans=None, dtype=torch.bfloat16, need=("vlm"
     return load_checkpoint(name, qwen, wan, vans, dtype, need, dit_dtype, device)
 
 
-def pack(out, vlm_path, vdm_path, clip=None):
+def pack(out, vlm_path, vdm_path, clip=None, on=None):
     """One checkpoint directory from the VLM of one checkpoint and the VDM of another, with no
-    training state (what weights/shapes is); `clip`, a tiny-CLIP directory, is copied to out/clip."""
+    training state (what weights/shapes-sft is); `clip`, a tiny-CLIP directory, is copied to
+    out/clip. `on`: a packed checkpoint (or a --model name) whose models these are but for the
+    VLM's LoRA and the DiT, as the SFT models are under Joint-GRPO's: only those two are written,
+    the rest is read from `on` (meta.json "from"; weights/shapes is packed on shapes-sft)."""
     metas = {part: read_meta(path) for part, path in (("vlm", vlm_path), ("vdm", vdm_path))}
     presets = {m["preset"] for m in metas.values()}
     if len(presets) != 1 or "full" in presets:
@@ -1070,9 +1072,37 @@ def pack(out, vlm_path, vdm_path, clip=None):
     _, vdm = load_checkpoint(vdm_path, dtype=torch.float32, need=("vdm",))
     origin = {part: {k: v for k, v in m.items() if k in ("script", "step", "git")} for part, m in metas.items()}
     flags = {"ref_clip": ref_clip_of(vdm_path)}  # how the VDM reads its reference clip goes with it
-    save_checkpoint(out, vlm, vdm, {"preset": presets.pop(), "script": "pack", "flags": flags, **origin})
-    if clip:
-        shutil.copytree(clip, os.path.join(out, "clip"))
+    parts = ("vlm", "vlm_lora", "dit", "vae", "text_encoder")
+    if on:
+        _check_same_but_lora_and_dit(vlm, vdm, on)
+        parts = ("vlm_lora", "dit")
+    save_checkpoint(out, vlm, vdm, {"preset": presets.pop(), "script": "pack", "flags": flags, **origin}, parts,
+                    sources={"vlm": on, "vdm": on} if on else None)
+    if clip:  # its weights, not its training run's records
+        os.makedirs(os.path.join(out, "clip"))
+        for f in ("clip.json", "clip.safetensors"):
+            shutil.copy(os.path.join(clip, f), os.path.join(out, "clip", f))
+
+
+def _check_same_but_lora_and_dit(vlm, vdm, on):
+    """pack --on: everything but the VLM's LoRA and the DiT must be `on`'s, exactly."""
+    from peft import PeftModel
+    vlm0, vdm0 = load(on, dtype=torch.float32)
+    if isinstance(vlm0.model, PeftModel):
+        raise CheckpointError(f"pack --on {on}: its VLM has a LoRA; the models under a LoRA must have none")
+    differs = lambda a, b: a.keys() != b.keys() or any(not torch.equal(a[k], b[k]) for k in a)
+    for what, a, b in (("the VLM's weights", vlm_base_state(vlm.model), vlm0.model.state_dict()),
+                       ("the VAE's weights", vdm.vae.state_dict(), vdm0.vae.state_dict()),
+                       ("the text encoder's weights", vdm.text_encoder.state_dict(), vdm0.text_encoder.state_dict()),
+                       ("the latent statistics", dict(m=vdm.latents_mean, s=vdm.latents_std),
+                        dict(m=vdm0.latents_mean, s=vdm0.latents_std))):
+        if differs(a, b):
+            raise CheckpointError(f"pack --on {on}: {what} are not the same as its (only the VLM's LoRA and the DiT may differ)")
+    for what, a, b in (("VLM's", vlm.processor.tokenizer, vlm0.processor.tokenizer), ("text", vdm.tokenizer, vdm0.tokenizer)):
+        if a.get_vocab() != b.get_vocab():
+            raise CheckpointError(f"pack --on {on}: the {what} tokenizer differs from {on}'s")
+    if vdm.n_refs != vdm0.n_refs:
+        raise CheckpointError(f"pack --on {on}: n_refs {vdm.n_refs} differs from its {vdm0.n_refs}")
 
 
 if __name__ == "__main__":
@@ -1082,10 +1112,12 @@ if __name__ == "__main__":
     parser.add_argument("--vlm", required=True, help="checkpoint directory holding the VLM")
     parser.add_argument("--vdm", required=True, help="checkpoint directory holding the VDM")
     parser.add_argument("--clip", default=None, help="a tiny-CLIP directory to ship alongside (out/clip)")
+    parser.add_argument("--on", default=None, help="a packed checkpoint (or --model name) holding all but the VLM's "
+                                                   "LoRA and the DiT: only those are written, the rest is read from it")
     parser.add_argument("--out", required=True, help="the new checkpoint directory")
     args = parser.parse_args()
     try:
-        pack(args.out, args.vlm, args.vdm, args.clip)
+        pack(args.out, args.vlm, args.vdm, args.clip, args.on)
     except CheckpointError as e:
         sys.exit(f"error: {e}")
     print(f"-> {args.out}")

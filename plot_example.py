@@ -2,7 +2,8 @@
 One example as a picture: the frames of the input the VLM sees, the question, the answer's caption,
 and frames of the answer video, made by infer.py's own code path.
 
-    python plot_example.py examples/ball.mp4 "What happens next?" --model shapes --out assets/shapes_example.png
+    python plot_example.py examples/tower.mp4 "I want the green block on the tower next. What should I do?" \
+        --model shapes --out assets/shapes_example.png
 """
 
 import argparse

@@ -14,6 +14,7 @@
 #   joint_grpo     5. row 4 + stage 2 (r_v2 + r_c2): Joint-GRPO
 #   stage2_no_ct   6. row 4 + stage 2 without r_c2 (the paper's ablation)
 #   stage2_random     row 4 + stage 2 on a random reward, the same steps (stage 2's control)
+# and OUT/shapes-sft, OUT/shapes: the SFT and Joint-GRPO pairs packed as weights/ ships them.
 # Every stage's settings are in config/shapes.py; each prints its time and appends it to
 # OUT/times.txt, the record of finished stages: a rerun skips those and resumes an
 # interrupted training stage from its last checkpoint (--resume).
@@ -90,5 +91,10 @@ stage grpo_stage2_random python grpo_stage2.py --config $C --vlm $OUT/grpo_stage
     --rewards shapes:random_reward=1 --out $OUT/grpo_stage2_random --seed $SEED --resume
 evaluate stage2_random --model $OUT/grpo_stage2_random/last
 
+# the pairs to ship (weights/shapes-sft and weights/shapes are seed 0's): SFT's, and Joint-GRPO's as its
+# stage-1 LoRA and stage-2 DiT over SFT's
+stage ship_sft python model.py --vlm $OUT/sft_vlm/last --vdm $OUT/sft_vdm/last --clip $DATA/clip --out $OUT/shapes-sft
+stage ship python model.py --vlm $OUT/grpo_stage2/last --vdm $OUT/grpo_stage2/last --on $OUT/shapes-sft \
+    --clip $DATA/clip --out $OUT/shapes
 python plot_curves.py $OUT/grpo_stage1 $OUT/grpo_stage2 --out $OUT/curves.png
 python eval.py --table $OUT/eval/{sft,sft_more,stage1_text,stage1,joint_grpo,stage2_no_ct,stage2_random}/results.json

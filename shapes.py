@@ -39,7 +39,7 @@ import data
 # states the event without naming the object ("The ball rolls to the left and out of the
 # frame."), otherwise it names it. Every line keeps the named caption and the event too.
 # The "classic" world (one ball; blocks taken left to right, so the input decides) is the one
-# the shipped weights/shapes models were trained on.
+# of docs/shapes.md's earlier sections; the shipped models (weights/) are of the question world.
 # Everything is scaled to the frame height, so any size renders the same scene.
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30),
@@ -671,7 +671,7 @@ if __name__ == "__main__":
     sh.add_argument("--width", type=int, default=112, help="frame width")
     sh.add_argument("--seed", type=int, default=0, help="the world's seed")
     sh.add_argument("--world", default="question", choices=WORLDS,
-                    help="question: the question decides which object acts; classic: the world of the shipped models")
+                    help="question: the question decides which object acts; classic: the input decides (docs/shapes.md)")
     sh.add_argument("--vague", type=float, default=0.5, help="probability that a caption leaves the object unnamed")
     sh.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes")
     tc = sub.add_parser("train-clip", help="contrastive training of a tiny CLIP on a manifest's target frames and captions")

@@ -339,6 +339,22 @@ def test_our_checkpoint_round_trip(tmp_path):
     assert "train_state.pt" not in os.listdir(tmp_path / "packed")
     with pytest.raises(model.CheckpointError, match=r"nowhere: not a VANS checkpoint directory"):
         model.pack(str(tmp_path / "p2"), str(tmp_path / "nowhere"), str(tmp_path / "vdm_only"))
+    # pack --on: models that differ from a packed pair's in the VLM's LoRA and the DiT only (Joint-GRPO's
+    # over SFT's) are written as those two parts and "from" the pair, and load as themselves
+    vlm0, vdm0 = model.load_tiny(seed=0)
+    model.save_checkpoint(str(tmp_path / "sft"), vlm0, vdm0, {"preset": "tiny"})
+    model.save_checkpoint(str(tmp_path / "rl"), vlm, vdm, {"preset": "tiny"}, extra={"train_state.pt": {}})
+    model.pack(str(tmp_path / "rl_packed"), str(tmp_path / "rl"), str(tmp_path / "rl"), on=str(tmp_path / "sft"))
+    assert sorted(os.listdir(tmp_path / "rl_packed")) == ["dit.safetensors", "meta.json", "vlm_lora"]
+    assert model.read_meta(str(tmp_path / "rl_packed"))["from"] == {"vlm": "../sft", "vdm": "../sft"}
+    vlm4, vdm4 = model.load(str(tmp_path / "rl_packed"))
+    assert torch.equal(vlm_logits(vlm4), vlm_logits(vlm)) and torch.equal(dit_out(vdm4.dit), dit_out(vdm.dit))
+    assert not torch.equal(vlm_logits(vlm4), vlm_logits(vlm0))
+    model.save_checkpoint(str(tmp_path / "other"), vlm0, vdm_b, {"preset": "tiny"})  # another VAE and text encoder
+    with pytest.raises(model.CheckpointError, match=r"pack --on .*other: the VAE's weights are not the same as its \(only the VLM's LoRA"):
+        model.pack(str(tmp_path / "p3"), str(tmp_path / "rl"), str(tmp_path / "rl"), on=str(tmp_path / "other"))
+    with pytest.raises(model.CheckpointError, match=r"pack --on .*rl: its VLM has a LoRA"):
+        model.pack(str(tmp_path / "p3"), str(tmp_path / "rl"), str(tmp_path / "rl"), on=str(tmp_path / "rl"))
 
 
 @pytest.mark.parametrize("name", ["clip.mp4", "short.mp4", "two.mp4", "image.png"])
@@ -440,7 +456,7 @@ def test_infer_checks_its_input_before_torch(files, tmp_path, no_torch):
     # the model and the device are checked once torch is there, still before any weight is read
     r = run_infer(clip, "q", "--model", tmp_path / "nothere")
     assert r.returncode == 1 and r.stderr.strip() == f"error: --model {tmp_path / 'nothere'}: no such checkpoint " \
-        "directory (nor one of vans, base, shapes, tiny, random:shapes)"
+        "directory (nor one of vans, base, shapes, shapes-sft, tiny, random:shapes)"
     if not torch.cuda.is_available():
         r = run_infer(clip, "q", "--model", "tiny", "--device", "cuda")
         assert r.returncode == 1 and r.stderr.strip() == "error: --device cuda: no CUDA GPU is available here (use --device cpu)"

@@ -30,7 +30,7 @@ def test_training_scripts_check_their_inputs_first(shapes_small, tmp_path):
         return lines[0]
 
     assert run("grpo_stage1.py", "--config", "config/shapes.py", "--out", "out/g1", *train) == \
-        "error: --init out/shapes/sft_vlm/last: no such checkpoint directory (nor one of vans, base, shapes, tiny, random:shapes)"
+        "error: --init out/shapes/sft_vlm/last: no such checkpoint directory (nor one of vans, base, shapes, shapes-sft, tiny, random:shapes)"
     assert run("grpo_stage1.py", "--config", "config/shapes.py", "--init", "shapes", "--out", "out/g1", *train) \
         .startswith("error: --vdm out/shapes/sft_vdm/last: no such checkpoint directory")
     for script in ("grpo_stage1.py", "grpo_stage2.py"):

@@ -30,8 +30,7 @@ def test_shapes_preset_tokens_pixels_and_checkpoint(tmp_path):
     vlm, vdm = model.load_tiny(seed=0, preset="shapes")
     tok = vlm.processor.tokenizer
     # BPE fitted to the Shapes text: its words are single tokens, any other text still round-trips
-    _, answers = shapes.scene(0, "test", 3, H, W)  # the tokenizer is fitted to the question world's text
-    x = shapes.scene(0, "test", 3, H, W, "classic")[0]  # the frames the shipped models read
+    x, answers = shapes.scene(0, "test", 3, H, W)
     q, think, caption, _, _ = answers[0]
     answer = model.answer_text(think, caption)
     assert len(tok(answer).input_ids) < len(answer.split()) * 1.6 < len(answer) / 3
@@ -43,7 +42,7 @@ def test_shapes_preset_tokens_pixels_and_checkpoint(tmp_path):
     pix = inp["pixel_values_videos"]  # (patches, 3 * 2 * 14 * 14)
     assert inp["second_per_grid_ts"].tolist() == [2.0]  # the shipped Shapes VLM was trained on video read as 1 fps
     empty = (pix == 0).all(1)
-    assert 0.7 < empty.float().mean() < 1 and pix[~empty].abs().max() > 5
+    assert 0.4 < empty.float().mean() < 1 and pix[~empty].abs().max() > 5  # 53% empty in this scene
     prompt = tok.decode(inp["input_ids"][0])
     assert prompt.startswith("<|im_start|>system\nPredict the next event.<|im_end|>") and model.SYSTEM_PROMPT not in prompt
     assert vlm.model.config.text_config.vocab_size == len(tok) and vlm.model.config.text_config.hidden_size == 128
@@ -57,16 +56,16 @@ def test_shapes_preset_tokens_pixels_and_checkpoint(tmp_path):
         assert torch.equal(vlm2.model(**inp2).logits, vlm.model(**inp).logits)
     # --model random:shapes is the same random model (seed 0), built by name
     vlm3, _ = model.load("random:shapes", need=("vlm",))
-    assert model.preset_of("random:shapes") == "shapes" and model.preset_of(str(tmp_path / "ckpt")) == "shapes"
+    for name in ("random:shapes", str(tmp_path / "ckpt"), "shapes", "shapes-sft"):  # the shipped models too
+        assert model.preset_of(name) == "shapes", name
     with torch.no_grad():
         assert torch.equal(vlm3.model(**vlm3.inputs([frames], [q], [answer])).logits, vlm.model(**inp).logits)
 
 
 def test_shapes_text_encoder_tokens_and_checkpoint(tmp_path):
     """The "shapes" VDM's text encoder reads the VLM's BPE (one token per word of the world) at the
-    VLM's width, and its tokenizer travels with the checkpoint; "shapes-classic" keeps the byte-level
-    encoder of the shipped models. Catches: a reloaded VDM that tokenizes captions otherwise, a
-    checkpoint without its tokenizer loading with another, the shipped models built with the new encoder."""
+    VLM's width, and its tokenizer travels with the checkpoint. Catches: a reloaded VDM that tokenizes
+    captions otherwise, a checkpoint without its tokenizer loading with another."""
     vlm, vdm = model.load_tiny(seed=0, preset="shapes")
     caption = shapes.scene(0, "test", 3, H, W)[1][0][2]
     ids = vdm.tokenizer(caption).input_ids
@@ -83,10 +82,6 @@ def test_shapes_text_encoder_tokens_and_checkpoint(tmp_path):
     (tmp_path / "ckpt" / "meta.json").write_text(json.dumps({**meta, "parts": [p for p in meta["parts"] if p != "text_tokenizer"]}))
     with pytest.raises(model.CheckpointError, match=r"has no VDM weights \(needs dit\+text_encoder\+text_tokenizer\+vae\)"):
         model.load(str(tmp_path / "ckpt"), need=("vdm",))
-    # the shipped models: the classic architecture, bytes into a 32-wide encoder
-    assert model.preset_of("shapes") == "shapes-classic"
-    _, classic = model.load_tiny(seed=0, need=("vdm",), preset="shapes-classic")
-    assert len(classic.tokenizer(caption).input_ids) == len(caption.encode()) + 1 and classic.text_encoder.config.d_model == 32
 
 
 def _centroid(frame, color):
@@ -283,19 +278,30 @@ def test_shapes_models_warn_about_another_clip_size(tmp_path):
     assert "warning: " in r.stderr and "is 176x96; the Shapes models were trained on 112x64 clips" in r.stderr
 
 
-SHIPPED_FLOOR = dict(event_caption=0.75, event_video=0.25)  # measured: 16/16 and 7/16; random models score ~0
+@pytest.fixture(scope="module")
+def fresh_scenes(tmp_path_factory):
+    """-> manifest path of 200 question-world test scenes of world seed 1, which no shipped model
+    trained on (theirs is seed 0's)."""
+    out = tmp_path_factory.mktemp("fresh")
+    shapes.make_shapes(str(out), 0, 0, 200, height=64, width=112, seed=1, workers=2)
+    return str(out / "test.jsonl")
+
+
+# measured on these 16: shapes-sft 1.000, 0.625, 0.881; shapes 1.000, 0.750, 0.883; random:shapes 0, 0, 0.078
+# (event_video is 0/16 for both: their DiT shows the event in about one video in ten, docs/shapes.md)
+SHIPPED_FLOOR = dict(event_caption=0.75, specific_caption=0.4, clip_v=0.6)
 
 
 @pytest.mark.slow
 @needs_i3d
-def test_shipped_shapes_models_stay_above_a_floor(tmp_path):
-    """`--model shapes` on 16 fresh Shapes test samples (world seed 1, which no model trained on):
-    the caption and the video must still state and show the event as often as the floor says.
-    Catches: a change that breaks the shipped models' path (preprocessing, settings, loading)."""
-    # the shipped models were trained on the classic world, with every caption naming its object
-    shapes.make_shapes(str(tmp_path / "data"), 0, 0, 16, height=64, width=112, seed=1, workers=2, world="classic", vague=0.0)
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--manifest", str(tmp_path / "data" / "test.jsonl"),
-                        "--model", "shapes",  # no --clip: the shipped models bring theirs (weights/shapes/clip)
+@pytest.mark.parametrize("name", ["shapes-sft", "shapes"])
+def test_shipped_shapes_models_stay_above_a_floor(tmp_path, fresh_scenes, name):
+    """`--model shapes-sft` and `--model shapes` through eval.py on the first 16 fresh scenes: the
+    captions must still state the event and name its object, and the videos look like the truth
+    (CLIP-V), as often as the floor says. Catches: a change that breaks the shipped models' path
+    (preprocessing, settings, loading)."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--manifest", fresh_scenes, "--limit", "16",
+                        "--model", name,  # no --clip: the shipped models bring theirs (weights/<name>/clip)
                         "--out", str(tmp_path / "eval"), "--batch-size", "8"],
                        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr
@@ -303,6 +309,28 @@ def test_shipped_shapes_models_stay_above_a_floor(tmp_path):
     assert res["n"] == 16
     for k, floor in SHIPPED_FLOOR.items():
         assert res[k] >= floor, (k, res[k], [(s["caption"], s["gt_caption"]) for s in res["samples"]])
+
+
+@pytest.mark.slow
+def test_shipped_joint_grpo_vlm_names_the_object_more_often(fresh_scenes):
+    """The two shipped VLMs caption the 200 fresh scenes as eval.py does (sampled, seed 0): the
+    Joint-GRPO one (`shapes`) names the object that acts more often than the SFT one (`shapes-sft`).
+    Measured: 0.635 against 0.470, +0.165 +- 0.041 paired (docs/shapes.md). Catches: the pairs shipped the
+    wrong way round, a Joint-GRPO VLM that lost what stage 1 taught it."""
+    samples, _ = data.read_manifest(fresh_scenes)
+    c = model.CONFIGS["shapes"]["infer"]
+    named = {}
+    for name in ("shapes-sft", "shapes"):
+        vlm, _ = model.load(name, need=("vlm",))
+        torch.manual_seed(0)
+        captions = []
+        for i in range(0, len(samples), 8):
+            batch = samples[i:i + 8]
+            frames = [data.read_vlm_frames(s["input_video"], model.VLM_FRAMES) for s in batch]
+            completions = vlm.generate(frames, [s["question"] for s in batch], c["decoding"], c["max_new_tokens"])
+            captions += [model.caption_of(x) for x in completions]
+        named[name] = np.mean([shapes.caption_specific(x, s["event"]) for x, s in zip(captions, samples)])
+    assert named["shapes"] > named["shapes-sft"], named
 
 
 def test_split_by_caption_counts_each_group():
