@@ -31,10 +31,10 @@ def test_training_scripts_check_their_inputs_first(shapes_small, tmp_path):
 
     assert run("grpo_stage1.py", "--config", "config/shapes.py", "--out", "out/g1", *train) == \
         "error: --init out/shapes/sft_vlm/last: no such checkpoint directory (nor one of vans, base, shapes, shapes-sft, tiny, random:shapes)"
-    assert run("grpo_stage1.py", "--config", "config/shapes.py", "--init", "shapes", "--out", "out/g1", *train) \
+    assert run("grpo_stage1.py", "--config", "config/shapes.py", "--init", "shapes-sft", "--out", "out/g1", *train) \
         .startswith("error: --vdm out/shapes/sft_vdm/last: no such checkpoint directory")
     for script in ("grpo_stage1.py", "grpo_stage2.py"):
-        flags = ["--init", "shapes"] if script == "grpo_stage1.py" else ["--vlm", "shapes"]
+        flags = ["--init", "shapes-sft"] if script == "grpo_stage1.py" else ["--vlm", "shapes"]
         assert run(script, "--config", "config/shapes.py", *flags, "--vdm", "shapes", "--out", "out/g", *train) \
             .startswith("error: --clip data/shapes/clip: no such file or directory")
     if not torch.cuda.is_available():

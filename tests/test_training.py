@@ -152,12 +152,12 @@ def test_sft_vlm_lora_exact_resume(shapes_small, tmp_path):
 
 @pytest.mark.slow
 def test_sft_vlm_stops_at_an_accuracy_and_resume_honours_it(tmp_path):
-    """--stop-at-accuracy: the shipped Shapes VLM states the event from the start, so the run stops
+    """--stop-at-accuracy: the shipped SFT Shapes VLM states the event from the start, so the run stops
     at its first validation (not a save step); --resume under the same bar trains no further, or on
     to the next validation if the checkpoint has no accuracy; without the bar it goes on. Catches: a
     stop that --resume ignores, or a resume that stops at once for no reason."""
-    shapes.make_shapes(str(tmp_path / "data"), 4, 4, 0, height=64, width=112, seed=1, workers=2, world="classic", vague=0)
-    flags = ["--model", "shapes", "--finetune", "full", "--train", str(tmp_path / "data" / "train.jsonl"),
+    shapes.make_shapes(str(tmp_path / "data"), 4, 4, 0, height=64, width=112, seed=1, workers=2)
+    flags = ["--model", "shapes-sft", "--finetune", "full", "--train", str(tmp_path / "data" / "train.jsonl"),
              "--val", str(tmp_path / "data" / "val.jsonl"), "--steps", "6", "--batch-size", "2", "--lr", "1e-6",
              "--val-every", "2", "--val-generate", "4", "--val-loss-samples", "2", "--max-new-tokens", "160",
              "--save-every", "100", "--log-every", "1"]
