@@ -881,6 +881,7 @@ def save_checkpoint(path, vlm, vdm, meta, parts=("vlm", "vlm_lora", "dit", "vae"
         written.append("vlm_tokenizer")
     if "vlm_lora" in parts and is_peft:
         vlm.model.save_pretrained(os.path.join(tmp, "vlm_lora"))
+        os.remove(os.path.join(tmp, "vlm_lora", "README.md"))  # peft's blank model card
         written.append("vlm_lora")
     if vdm is not None:
         for name, module in [("dit", vdm.dit), ("vae", vdm.vae), ("text_encoder", vdm.text_encoder)]:
