@@ -13,7 +13,7 @@ The VDM is frozen; it only turns each sampled caption into the video that CLIP-V
     python grpo_stage1.py --config config/shapes.py --out out/shapes/grpo_stage1
 
 One step, on every rank, for each of its --prompts prompts (video, question):
-  1. sample G completions from the LoRA VLM (--temperature, --top-p);
+  1. sample G completions from the LoRA VLM (softmax(logits / --temperature), untruncated);
   2. render each completion's caption with the frozen VDM: --render-steps Euler steps, CFG
      --render-cfg, the reference latents of the prompt's input clip (model.VDM.sample), every
      render of a group from the same noise, so a caption repeated in the group renders once;
@@ -41,10 +41,10 @@ Choices the paper leaves open, made here:
 - Each reward is normalised by its within-group spread pooled over the whole step, all ranks
   (--norm pooled, rewards.normalise): a reward whose in-group differences are noise then counts
   little there, where a per-group z-score (--norm group) would give noise full weight.
-- Log-probs are taken at the sampling temperature (logits / T); top_p defaults to 1 so the
-  distribution sampled is the distribution scored. Top-k and the repetition penalty are off
-  (model.sampling): the release's generate call, on Qwen's generation_config.json (top_k 1),
-  would give a group G identical completions.
+- Rollouts sample softmax(logits / T) whole, and the log-probs score that same distribution:
+  no top-p (a nucleus cut would make the scored distribution another than the sampled one), no
+  top-k, no repetition penalty (model.sampling). The release's generate call, on Qwen's
+  generation_config.json (top_k 1), would give a group G identical completions.
 - A group's renders share one noise (common random numbers): r_v1 then ranks the captions
   of a group by what they render, not by the luck of their noise, and identical captions,
   common once the VLM is sure, cost one render.
@@ -86,9 +86,9 @@ parser.add_argument("--clip", default=None, help="CLIP-V weights: openai | a loc
 parser.add_argument("--prompts", type=int, default=1, help="prompts per rank per step (each gives a group of G)")
 parser.add_argument("--group-size", type=int, default=8, help="G: completions per prompt")
 parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (log-probs use the same)")
-parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1 = the full distribution)")
 parser.add_argument("--max-new-tokens", type=int, default=512, help="completion budget")
-parser.add_argument("--micro-batch", type=int, default=8, help="sequences per generation / log-prob forward")
+parser.add_argument("--micro-batch", type=int, default=8, help="sequences per generation / log-prob forward "
+                                                               "(at most a minibatch's share of a step)")
 parser.add_argument("--frames", type=int, default=33, help="rendered frames (4k + 1)")
 parser.add_argument("--ref-clip", default=None, choices=data.REF_CLIPS,
                     help="which input frames make the reference clip (data.clip_indices; default: what --vdm was trained with)")
@@ -116,7 +116,8 @@ args = common.parse_flags(parser, "grpo_stage1")
 # compute
 
 n_rollout = args.prompts * args.group_size  # completions per rank and step
-if args.minibatches < 1 or n_rollout % args.minibatches or (n_rollout // args.minibatches) % min(args.micro_batch, n_rollout // args.minibatches):
+part = n_rollout // args.minibatches if args.minibatches >= 1 else 0  # completions per optimizer step
+if part < 1 or part * args.minibatches != n_rollout or part % min(args.micro_batch, part):
     parser.error(f"--minibatches {args.minibatches} must split the {n_rollout} completions of a step (--prompts x "
                  f"--group-size) into equal parts, each made of whole --micro-batch chunks")
 rank, world, device = common.compute_init(args.device)
@@ -126,6 +127,7 @@ dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 last = os.path.join(args.out, "last")
 resume = args.resume and model.checkpoint_exists(last)
 G = args.group_size
+rep = lambda xs: [x for x in xs for _ in range(G)]  # a prompt's value for each of its G completions
 
 
 try:
@@ -183,7 +185,6 @@ def render_videos(captions, clips, step):
     (from seed, step, rank and group), so r_v1 differs within a group only as the captions
     do, and a caption repeated in its group is rendered once. -> (videos, renders made)"""
     refs = vdm.ref_latents(vdm.encode_video(data.to_tensor(clips))) if vdm.n_refs else None  # (P, 16, n, h, w)
-    neg = vdm.encode_text([vdm.negative_prompt]) if args.render_cfg != 1.0 else None
     gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1009 + rank)
     noise = torch.randn(len(clips), vdm.dit.config.in_channels, (args.frames - 1) // 4 + 1, args.height // 8,
                         args.width // 8, generator=gen)
@@ -192,7 +193,7 @@ def render_videos(captions, clips, step):
     for i in range(0, len(jobs), args.render_batch):
         chunk = jobs[i:i + args.render_batch]
         g = [j for j, _ in chunk]
-        z = vdm.sample(vdm.encode_text([c for _, c in chunk]), None if neg is None else neg.expand(len(g), -1, -1),
+        z = vdm.sample(vdm.encode_text([c for _, c in chunk]), vdm.negative_text(len(g)) if args.render_cfg != 1.0 else None,
                        None if refs is None else refs[g], args.frames, args.height, args.width,
                        steps=args.render_steps, cfg=args.render_cfg, latents=noise[g])
         videos.update(zip(chunk, map(data.to_uint8, vdm.decode(z))))
@@ -201,20 +202,19 @@ def render_videos(captions, clips, step):
 
 def score(completions, batch, step):
     """-> ({reward name: raw values (P * G,)}, group after group; the number of renders made)."""
-    rep = lambda xs: [x for x in xs for _ in range(G)]
     captions = [model.caption_of(c) for c in completions]
     raw, renders = {}, 0
     for name, (_, fn) in reward_fns.items():
-        if name == "format":
+        if fn is not None:  # a reward of your own
+            samples = [{k: batch[k][i] for k in ("id", "question", "think", "caption", "event")} for i in range(len(batch["id"]))]
+            raw[name] = fn(completions, rep(samples))
+        elif name == "format":
             raw[name] = [rewards.format_reward(c) for c in completions]
         elif name == "rouge_l":
             raw[name] = [rewards.rouge_l(c, gt) for c, gt in zip(captions, rep(batch["caption"]))]
         elif name == "clip_v":
             videos, renders = render_videos(captions, batch["clip"], step)
             raw[name] = clip.clip_v(videos, rep(list(batch["target"].numpy())))
-        else:
-            samples = [{k: batch[k][i] for k in ("id", "question", "think", "caption", "event")} for i in range(len(batch["id"]))]
-            raw[name] = fn(completions, rep(samples))
     return {k: torch.as_tensor(v, dtype=torch.float32).flatten().cpu() for k, v in raw.items()}, renders
 
 
@@ -260,14 +260,14 @@ for step, batch in zip(range(start, end), loader):
     for g in optimizer.param_groups:
         g["lr"] = lr
     skipped += batch["skipped"]
-    rep = lambda xs: [x for x in xs for _ in range(G)]
     videos, questions = rep(batch["vlm"]), rep(batch["question"])
     mb = min(args.micro_batch, len(videos) // args.minibatches)  # a minibatch is made of whole micro-batches
 
     # 1. rollouts, in micro-batches: [(inputs of prompt + completion, completions)]
     net.eval()
-    chunks = [vlm.rollout(videos[i:i + mb], questions[i:i + mb], args.max_new_tokens,
-                          **model.sampling(args.temperature, args.top_p)) for i in range(0, len(videos), mb)]
+    with amp:  # the precision the log-probs are scored in
+        chunks = [vlm.rollout(videos[i:i + mb], questions[i:i + mb], args.max_new_tokens,
+                              **model.sampling(args.temperature, top_p=1.0)) for i in range(0, len(videos), mb)]
     completions = [c for _, cs in chunks for c in cs]
 
     # 2-4. rewards, their normalised lambda-weighted sum, and the group advantage
@@ -279,8 +279,10 @@ for step, batch in zip(range(start, end), loader):
     net.train()  # dropout is 0: train mode only lets gradient checkpointing work
     with torch.no_grad(), amp:
         old = [vlm.completion_logprobs(inp, args.temperature) for inp, _ in chunks]
-        with net.disable_adapter():
-            ref = [vlm.completion_logprobs(inp, args.temperature) for inp, _ in chunks]
+        ref = [None] * len(chunks)  # beta 0: no KL term
+        if args.beta:
+            with net.disable_adapter():
+                ref = [vlm.completion_logprobs(inp, args.temperature) for inp, _ in chunks]
     per_update = len(chunks) // args.minibatches  # micro-batches per optimizer step
     stats = []
     for part in [range(f, f + per_update) for f in range(0, len(chunks), per_update)] * args.updates_per_rollout:
@@ -306,6 +308,9 @@ for step, batch in zip(range(start, end), loader):
     if done % args.log_every == 0 or done == end:
         weighted = sum(weights[k] * v for k, v in raw.items()).view(-1, G)  # the un-normalised reward
         lengths = [int(n) for inp, _ in chunks for n in inp["completion_mask"].sum(1)]
+        stops = torch.tensor(vlm.stop_ids())
+        ended = [bool(e) for inp, _ in chunks  # a completion without a stop token ran out of --max-new-tokens
+                 for e in torch.isin(inp["input_ids"][:, -inp["completion_mask"].shape[1]:].cpu(), stops).any(1)]
         metrics = {"reward": common.all_mean(weighted.flatten().tolist()),
                    "reward_std": common.all_mean(weighted.std(1, unbiased=False).tolist()),
                    "frac_reward_zero_std": common.all_mean((total.view(-1, G).std(1) < 1e-6).float().tolist()),
@@ -313,10 +318,10 @@ for step, batch in zip(range(start, end), loader):
                    "kl": common.all_mean([s["kl"] for s in stats]),
                    "clip_ratio": common.all_mean([s["clip_ratio"] for s in stats]),
                    "approx_kl": common.all_mean([s["approx_kl"] for s in stats]),  # to the rollout's policy: 0 at a first update
-                   "completions/mean_length": common.all_mean(lengths),
+                   "completions/mean_length": common.all_mean(lengths),  # tokens up to the stop, as TRL counts
                    "completions/think_length": common.all_mean([len(vlm.processor.tokenizer(model.extract(c, "Think") or "").input_ids)
                                                                 for c in completions]),  # tokens inside [Think]
-                   "completions/clipped_ratio": common.all_mean([float(n >= args.max_new_tokens) for n in lengths]),
+                   "completions/clipped_ratio": common.all_mean([float(not e) for e in ended]),
                    **({"renders": common.all_mean([renders])} if render else {}),
                    # the Shapes world: the share of captions that state the generator's event, and that name its object
                    **({"event_accuracy": common.all_mean([float(shapes.caption_event(model.caption_of(c), e))

@@ -17,8 +17,8 @@ writes the anchor captions.
 1. Anchors, once (cached in <out>/anchors.rank*.jsonl, so a restart does not redo them; their
    settings are in <out>/anchors.json, and another --vlm or other anchor flags is an error): the
    stage-1 VLM's caption of every training prompt. A caption with ROUGE-L below
-   --anchor-min-rouge (0.6) against the ground truth is sampled again, up to --anchor-tries
-   times; then the prompt is skipped and counted.
+   --anchor-min-rouge (0.6) against the ground truth is sampled again, --anchor-tries (4) draws
+   in all; then the prompt is skipped and counted.
 2. Rollouts: for each of a rank's --prompts prompts, G videos sampled with
    model.VDM.sample_sde (--sample-steps 20, noise level 0.7, CFG --cfg) from the anchor caption,
    the reference latents of the input clip in front as at inference. The trajectory and each
@@ -27,7 +27,7 @@ writes the anchor captions.
    each normalised (--norm), summed with the lambdas of --rewards; A = the group z-score.
 4. Update, on the first --train-fraction (99%) of the SDE steps, each step's
    rewards.flow_grpo_loss: ratio against the rollout's log-prob, clip range 1e-3, A clipped
-   to +-5, beta 0.004 times the KL of the step means to the reference DiT (the starting
+   to +-5 (Flow-GRPO's guard; a group z-score of G = 8 never exceeds sqrt(7)), beta 0.004 times the KL of the step means to the reference DiT (the starting
    weights, frozen; with --lora, the adapter disabled). The videos are split into
    --minibatches (2) parts, as in Flow-GRPO; gradients add up over a part's videos and steps,
    and each part is one optimizer step, so the second sees a ratio != 1 and the clip acts
@@ -84,7 +84,8 @@ parser.add_argument("--max-new-tokens", type=int, default=512, help="anchor capt
 # rollouts
 parser.add_argument("--prompts", type=int, default=1, help="prompts per rank per step (each gives a group of G)")
 parser.add_argument("--group-size", type=int, default=8, help="G: videos per prompt")
-parser.add_argument("--micro-batch", type=int, default=8, help="videos per DiT forward (rollouts and updates alike)")
+parser.add_argument("--micro-batch", type=int, default=8, help="videos per DiT forward, rollouts and updates alike (at most a "
+                                                               "minibatch's share of a step; CFG doubles the forward's batch)")
 parser.add_argument("--frames", type=int, default=33, help="frames (4k + 1)")
 parser.add_argument("--ref-clip", default=None, choices=data.REF_CLIPS,
                     help="which input frames make the reference clip (data.clip_indices; default: what --vdm was trained with)")
@@ -100,7 +101,7 @@ parser.add_argument("--rewards", default="clip_v=1,clip_t=1",
 parser.add_argument("--norm", default="pooled", choices=rewards.NORMALISATIONS,
                     help="how each reward is normalised before the sum (rewards.normalise)")
 parser.add_argument("--clip-range", type=float, default=1e-3, help="epsilon of the clipped ratio")
-parser.add_argument("--adv-clip", type=float, default=5.0, help="advantages clipped to +-this")
+parser.add_argument("--adv-clip", type=float, default=5.0, help="advantages clipped to +-this (binds only for groups over 26)")
 parser.add_argument("--beta", type=float, default=0.004, help="weight of the KL of the step means to the reference DiT")
 parser.add_argument("--minibatches", type=int, default=2, help="optimizer steps per pass over a rollout, each on its share "
                                                                    "of the videos (Flow-GRPO's 2: the later ones see a ratio != 1)")
@@ -113,7 +114,8 @@ args = common.parse_flags(parser, "grpo_stage2")
 # compute
 
 n_rollout = args.prompts * args.group_size  # videos per rank and step
-if args.minibatches < 1 or n_rollout % args.minibatches or (n_rollout // args.minibatches) % min(args.micro_batch, n_rollout // args.minibatches):
+part = n_rollout // args.minibatches if args.minibatches >= 1 else 0  # videos per optimizer step
+if part < 1 or part * args.minibatches != n_rollout or part % min(args.micro_batch, part):
     parser.error(f"--minibatches {args.minibatches} must split the {n_rollout} videos of a step (--prompts x "
                  f"--group-size) into equal parts, each made of whole --micro-batch chunks")
 rank, world, device = common.compute_init(args.device)
@@ -123,7 +125,10 @@ frozen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 last = os.path.join(args.out, "last")
 resume = args.resume and model.checkpoint_exists(last)
 G = args.group_size
-
+rep = lambda xs: [x for x in xs for _ in range(G)]  # a prompt's value for each of its G videos
+if not 1 <= int(args.sample_steps * args.train_fraction) <= args.sample_steps:
+    parser.error(f"--train-fraction {args.train_fraction}: trains int({args.sample_steps} x it) SDE steps, which must be "
+                 f"1 to --sample-steps")
 
 try:
     reward_fns = rewards.parse(args.rewards, ("clip_v", "clip_t"))
@@ -192,8 +197,8 @@ if not usable:
 vlm = None  # freed: the checkpoint names it in "from"
 # training data: the prompts with an anchor. A clip that fails to decode is replaced by the next
 # such prompt, and item["index"] fetches the caption of the prompt actually loaded.
-clips = data.ClipDataset([train[i] for i in usable], ("vlm", "clip", "target"), args.frames, args.height, args.width,
-                         model.VLM_FRAMES, args.ref_clip)
+clips = data.ClipDataset([train[i] for i in usable], ("clip", "target"), args.frames, args.height, args.width,
+                         ref_clip=args.ref_clip)
 anchor_captions = [anchors[key(i)]["caption"] for i in usable]
 
 # -----------------------------------------------------------------------------
@@ -241,16 +246,15 @@ def ref_velocity(x, sigma, text, neg, refs):
 
 def score(videos, captions, batch):
     """-> {reward name: raw values (P * G,)}, group after group."""
-    rep = lambda xs: [x for x in xs for _ in range(G)]
     raw = {}
     for name, (_, fn) in reward_fns.items():
-        if name == "clip_v":
+        if fn is not None:  # a reward of your own
+            samples = [{k: batch[k][i] for k in ("id", "question", "think", "caption", "event")} for i in range(len(batch["id"]))]
+            raw[name] = fn(videos, [dict(s, anchor=c) for s, c in zip(rep(samples), captions)])
+        elif name == "clip_v":
             raw[name] = clip.clip_v(videos, rep(list(batch["target"].numpy())))
         elif name == "clip_t":
             raw[name] = clip.clip_t(videos, captions)
-        else:
-            samples = [{k: batch[k][i] for k in ("id", "question", "think", "caption", "event")} for i in range(len(batch["id"]))]
-            raw[name] = fn(videos, [dict(s, anchor=c) for s, c in zip(rep(samples), captions)])
     return {k: torch.as_tensor(v, dtype=torch.float32).flatten().cpu() for k, v in raw.items()}
 
 
@@ -280,10 +284,10 @@ def save(step):
     --vdm, in "from") and training state, atomically."""
     state = common.train_state(step, optimizer.state_dict(), {"skipped": int(common.all_sum(skipped))})
     if master:
-        weights = {"dit": model.merged_lora_state(dit), "dit_lora": get_peft_model_state_dict(dit)} if args.lora else {}
+        lora = {"dit": model.merged_lora_state(dit), "dit_lora": get_peft_model_state_dict(dit)} if args.lora else {}
         meta = {"preset": preset, "script": "grpo_stage2", "step": step, "flags": vars(args), "git": common.git_hash(),
                 "anchors_kept": len(usable), "anchors_skipped": len(train) - len(usable)}
-        model.save_checkpoint(last, None, vdm, meta, ("dit",), weights=weights, extra={"train_state.pt": state},
+        model.save_checkpoint(last, None, vdm, meta, ("dit",), weights=lora, extra={"train_state.pt": state},
                               sources={"vlm": args.vlm, "vdm": args.vdm})
     if world > 1:
         dist.barrier()
@@ -297,7 +301,6 @@ sampler = data.StepSampler(len(usable), args.prompts, rank, world, args.seed, st
 loader = common.loader(clips, sampler, args.workers, data.collate)
 sigmas = model.flow_sigmas(args.sample_steps).to(device)
 trained_steps = range(int(args.sample_steps * args.train_fraction))
-neg = vdm.encode_text([vdm.negative_prompt]) if args.cfg != 1.0 else None  # (1, 512, D)
 t0 = time.time()
 stop = common.Stop()  # Ctrl-C / SIGTERM: finish the step, log, save, end
 progress = tqdm(total=args.steps, initial=start, disable=not master, desc="grpo_stage2")
@@ -306,14 +309,14 @@ for step, batch in zip(range(start, end), loader):
     for g in optimizer.param_groups:
         g["lr"] = lr
     skipped += batch["skipped"]
-    captions = [anchor_captions[i] for i in batch["index"] for _ in range(G)]
+    captions = rep([anchor_captions[i] for i in batch["index"]])
     mb = min(args.micro_batch, len(captions) // args.minibatches)  # a minibatch is made of whole micro-batches
-    with torch.no_grad():
-        text = vdm.encode_text(captions)  # (P * G, 512, D)
+    with torch.no_grad():  # a group's G videos share its prompt's caption and references
+        text = vdm.encode_text(captions[::G]).repeat_interleave(G, 0)  # (P * G, 512, D)
         refs = vdm.ref_latents(vdm.encode_video(data.to_tensor(batch["clip"]))) if vdm.n_refs else None
         refs = refs.repeat_interleave(G, 0) if refs is not None else None  # (P * G, 16, n, h, w)
     chunk = lambda t, c: None if t is None else t[c:c + mb]
-    negs = lambda c: None if neg is None else neg.expand(len(captions[c:c + mb]), -1, -1)
+    negs = lambda c: vdm.negative_text(len(captions[c:c + mb])) if args.cfg != 1.0 else None
 
     # 1. rollouts in micro-batches, the layout the update reuses: trajectories (n, S + 1, C, T, h, w), log-probs (n, S)
     dit.eval()

@@ -401,8 +401,8 @@ def sde_step_with_logprob(v, x, sigma, sigma_next, noise_level=0.7, prev_sample=
     std = noise_level * torch.sqrt(s / (1 - torch.where(s == 1, s_next, s)))
     mean = x + dt * (v + std ** 2 / (2 * s) * (x + (1 - s) * v))
     step_std = std * torch.sqrt(-dt)
-    if prev_sample is None:  # noise drawn on the generator's device, as the samplers do
-        eps = torch.randn(x.shape, generator=generator, device=generator.device if generator else x.device).to(x)
+    if prev_sample is None:  # noise drawn on the generator's device (the CPU without one), as the samplers do
+        eps = torch.randn(x.shape, generator=generator, device=generator.device if generator else "cpu").to(x)
         prev_sample = mean + step_std * eps
     log_prob = (-(prev_sample.detach() - mean) ** 2 / (2 * step_std ** 2) - torch.log(step_std)
                 - math.log(math.sqrt(2 * math.pi)))
@@ -584,7 +584,6 @@ class VDM:
             v = self.guided_velocity(x, sigmas[i], text, neg, refs, cfg)
             x = euler_step(v, x, sigmas[i], sigmas[i + 1])
         return x
-
 
     @torch.no_grad()
     def sample_sde(self, text, neg=None, refs=None, frames=33, height=352, width=640, steps=20, cfg=5.0, shift=5.0,

@@ -1,7 +1,7 @@
 """
 The scores Joint-GRPO trains on, each written once:
 
-    stage 1 (VLM):  r_f  format_reward      [Think]..[/Think][Ans]..[/Ans] followed
+    stage 1 (VLM):  r_f  format_reward      [Think]..[/Think][Ans]..[/Ans], and nothing else
                     r_t1 rouge_l            caption vs ground-truth caption
                     r_v1 CLIP.clip_v        video rendered from the caption vs ground-truth video
     stage 2 (DiT):  r_v2 CLIP.clip_v        generated vs ground-truth video
@@ -193,7 +193,8 @@ class CLIP:
 def parse(spec, builtin):
     """--rewards 'name=lambda,...' -> {name: (lambda, fn or None)}: each name one of the stage's
     built-in rewards, or module:function for a reward of your own (fn(outputs, samples) -> floats,
-    logged as rewards/<function>/mean). A lambda of 0 drops the reward; ValueError names an unknown one."""
+    logged as rewards/<function>/mean). A lambda of 0 drops the reward; ValueError names an unknown one,
+    or a name given twice (a function named like a built-in included)."""
     import importlib
     out = {}
     for item in filter(None, spec.split(",")):
@@ -204,8 +205,11 @@ def parse(spec, builtin):
             fn = getattr(importlib.import_module(mod), fname)
         elif name not in builtin:
             raise ValueError(f"unknown reward {name!r} ({', '.join(builtin)} or module:function)")
+        key = name.rpartition(":")[2]
+        if key in out or (fn is not None and key in builtin):
+            raise ValueError(f"two rewards named {key!r}: rename the function")
         if float(w or 1) != 0:
-            out[name.rpartition(":")[2]] = (float(w or 1), fn)
+            out[key] = (float(w or 1), fn)
     return out
 
 

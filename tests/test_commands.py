@@ -40,6 +40,14 @@ def test_training_scripts_check_their_inputs_first(shapes_small, tmp_path):
     if not torch.cuda.is_available():
         assert run("sft_vlm.py", "--model", "tiny", "--device", "cuda", "--out", "out/v", *train) == \
             "error: --device cuda: no CUDA GPU is available here (use --device cpu)"
+    # flags that cannot work: argparse's usage, then its error line
+    for script, flags, message in (
+            ("grpo_stage1.py", ["--minibatches", "3"], "--minibatches 3 must split the 8 completions"),
+            ("grpo_stage2.py", ["--train-fraction", "0.01"], "--train-fraction 0.01: trains int(20 x it) SDE steps"),
+            ("grpo_stage2.py", ["--rewards", "clip_v=1,clip_v=2"], "--rewards: two rewards named 'clip_v'")):
+        r = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags, "--out", "out/g", *train],
+                           capture_output=True, text=True, cwd=tmp_path)
+        assert r.returncode == 2 and message in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
     assert not (tmp_path / "out").exists()
 
 

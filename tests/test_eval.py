@@ -99,6 +99,19 @@ def test_group_advantages_and_normalisation():
         rewards.normalise(r, 4, mode="rank")
 
 
+def test_reward_specs_name_each_reward_once():
+    """--rewards: lambdas, a dropped 0, a function of your own, and the names that would make one
+    reward silently stand in for another. Catches: a custom function named like a built-in scored
+    by the built-in, a reward given twice keeping only its last lambda."""
+    spec = rewards.parse("format=1,rouge_l=0.5,clip_v=0,string:capwords=2", ("format", "rouge_l", "clip_v"))
+    assert {k: w for k, (w, _) in spec.items()} == {"format": 1.0, "rouge_l": 0.5, "capwords": 2.0}
+    assert spec["format"][1] is None and spec["capwords"][1]("a b") == "A B"
+    for bad, match in (("clip_v=1,clip_v=2", "two rewards named 'clip_v'"), ("builtins:format=1", "two rewards named 'format'"),
+                       ("clip=1", "unknown reward 'clip'")):
+        with pytest.raises(ValueError, match=match):
+            rewards.parse(bad, ("format", "rouge_l", "clip_v"))
+
+
 def test_pooled_normalisation_keeps_noise_from_deciding():
     """The default normalisation (pooled) lets a reward that is mere noise inside a group barely
     move that group's advantages, where a group z-score gives the noise as much say as the other
