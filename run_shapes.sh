@@ -4,6 +4,9 @@
 #
 #   bash run_shapes.sh                        # seed 0 into out/shapes
 #   SEED=1 bash run_shapes.sh out/shapes-1    # another seed (the data, the CLIP and the VAE stay the same)
+#   SEED=1 VDM=weights/shapes-sft bash run_shapes.sh out/shapes-1
+#                                             # another seed on seed 0's SFT VDM and CLIP (shipped): its DiT's
+#                                             # 8,000 steps are 1.8 h of a seed's 5 h on 2 cores
 #
 # data -> a CLIP and a VAE for this world -> SFT of the VLM and of the DiT, then the rows, each
 # evaluated on the test split once its models exist:
@@ -23,6 +26,7 @@ cd "$(dirname "$0")"
 export HF_HUB_OFFLINE=1
 OUT=${1:-out/shapes}
 SEED=${SEED:-0}
+VDM=${VDM:-}  # a packed SFT VDM to share (its clip/ becomes the world's CLIP); empty: train this seed's
 DATA=data/shapes
 C=config/shapes.py
 mkdir -p "$OUT"
@@ -51,17 +55,24 @@ if [ ! -e $DATA/test.jsonl ]; then
 fi
 python -c "import json, sys; e = json.loads(open('$DATA/test.jsonl').readline())['event']
 sys.exit(0 if 'others' in e else 'error: $DATA holds the classic world; move it away (the question world is written there)')"
-OUT=$W stage clip python shapes.py train-clip --train $DATA/train.jsonl --out $DATA/clip --seed 0
-OUT=$W stage vae python sft_vdm.py --config $C:sft_vae --out $DATA/vae --seed 0 --resume
+if [ -n "$VDM" ]; then
+    [ -e $DATA/clip ] || cp -r "$VDM/clip" $DATA/clip
+else
+    OUT=$W stage clip python shapes.py train-clip --train $DATA/train.jsonl --out $DATA/clip --seed 0
+    OUT=$W stage vae python sft_vdm.py --config $C:sft_vae --out $DATA/vae --seed 0 --resume
+fi
 
 stage sft_vlm python sft_vlm.py --config $C --out $OUT/sft_vlm --seed $SEED --resume
-stage sft_vdm python sft_vdm.py --config $C --model $DATA/vae/last --out $OUT/sft_vdm --seed $SEED --resume
-evaluate sft --model $OUT/sft_vlm/last --vdm $OUT/sft_vdm/last
+if [ -z "$VDM" ]; then
+    stage sft_vdm python sft_vdm.py --config $C --model $DATA/vae/last --out $OUT/sft_vdm --seed $SEED --resume
+    VDM=$OUT/sft_vdm/last
+fi
+evaluate sft --model $OUT/sft_vlm/last --vdm $VDM
 
-stage grpo_stage1 python grpo_stage1.py --config $C --init $OUT/sft_vlm/last --vdm $OUT/sft_vdm/last \
+stage grpo_stage1 python grpo_stage1.py --config $C --init $OUT/sft_vlm/last --vdm $VDM \
     --out $OUT/grpo_stage1 --seed $SEED --resume
 evaluate stage1 --model $OUT/grpo_stage1/last
-stage grpo_stage1_text python grpo_stage1.py --config $C --init $OUT/sft_vlm/last --vdm $OUT/sft_vdm/last \
+stage grpo_stage1_text python grpo_stage1.py --config $C --init $OUT/sft_vlm/last --vdm $VDM \
     --rewards format=1,rouge_l=1 --out $OUT/grpo_stage1_text --seed $SEED --resume
 evaluate stage1_text --model $OUT/grpo_stage1_text/last
 
@@ -74,9 +85,9 @@ t = per_step('$OUT/grpo_stage1') * json.load(open('$OUT/grpo_stage1/last/meta.js
 print(max(1, round(t / per_step('$OUT/sft_vlm'))))")
 stage sft_more python sft_vlm.py --config $C --model $OUT/sft_vlm/last --steps "$steps" --lr 2e-4 --warmup 0 \
     --out $OUT/sft_more --seed $((SEED + 100)) --resume
-evaluate sft_more --model $OUT/sft_more/last --vdm $OUT/sft_vdm/last
+evaluate sft_more --model $OUT/sft_more/last --vdm $VDM
 
-stage grpo_stage2 python grpo_stage2.py --config $C --vlm $OUT/grpo_stage1/last --vdm $OUT/sft_vdm/last \
+stage grpo_stage2 python grpo_stage2.py --config $C --vlm $OUT/grpo_stage1/last --vdm $VDM \
     --out $OUT/grpo_stage2 --seed $SEED --resume
 evaluate joint_grpo --model $OUT/grpo_stage2/last
 # the ablation and the control differ in their reward only: they start from stage 2's anchor captions
@@ -84,16 +95,16 @@ for run in grpo_stage2_no_ct grpo_stage2_random; do
     mkdir -p $OUT/$run
     cp -n $OUT/grpo_stage2/anchors.* $OUT/$run/
 done
-stage grpo_stage2_no_ct python grpo_stage2.py --config $C --vlm $OUT/grpo_stage1/last --vdm $OUT/sft_vdm/last \
+stage grpo_stage2_no_ct python grpo_stage2.py --config $C --vlm $OUT/grpo_stage1/last --vdm $VDM \
     --rewards clip_v=1 --out $OUT/grpo_stage2_no_ct --seed $SEED --resume
 evaluate stage2_no_ct --model $OUT/grpo_stage2_no_ct/last
-stage grpo_stage2_random python grpo_stage2.py --config $C --vlm $OUT/grpo_stage1/last --vdm $OUT/sft_vdm/last \
+stage grpo_stage2_random python grpo_stage2.py --config $C --vlm $OUT/grpo_stage1/last --vdm $VDM \
     --rewards shapes:random_reward=1 --out $OUT/grpo_stage2_random --seed $SEED --resume
 evaluate stage2_random --model $OUT/grpo_stage2_random/last
 
 # the pairs to ship (weights/shapes-sft and weights/shapes are seed 0's): SFT's, and Joint-GRPO's as its
 # stage-1 LoRA and stage-2 DiT over SFT's
-stage ship_sft python model.py --vlm $OUT/sft_vlm/last --vdm $OUT/sft_vdm/last --clip $DATA/clip --out $OUT/shapes-sft
+stage ship_sft python model.py --vlm $OUT/sft_vlm/last --vdm $VDM --clip $DATA/clip --out $OUT/shapes-sft
 stage ship python model.py --vlm $OUT/grpo_stage2/last --vdm $OUT/grpo_stage2/last --on $OUT/shapes-sft \
     --clip $DATA/clip --out $OUT/shapes
 python plot_curves.py $OUT/grpo_stage1 $OUT/grpo_stage2 --out $OUT/curves.png
