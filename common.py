@@ -233,6 +233,24 @@ class Stop:
         return all_sum(float(self.asked)) > 0 if dist.is_initialized() else self.asked
 
 
+class Phases:
+    """Wall time of a step's phases, logged as time/<phase>: mark(name) ends the phase that ran since
+    the last mark (or start()), adding to name's total. On a GPU it waits for the queued kernels first."""
+
+    def __init__(self):
+        self.start()
+
+    def start(self):
+        self.seconds, self.t = {}, time.perf_counter()
+
+    def mark(self, name):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self.t
+        self.t = now
+
+
 def _leave_signals_to_the_main_process(worker_id):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -95,6 +95,10 @@ parser.add_argument("--sample-steps", type=int, default=20, help="SDE sampling s
 parser.add_argument("--noise-level", type=float, default=0.7, help="a of the SDE step")
 parser.add_argument("--cfg", type=float, default=5.0, help="guidance scale of rollouts and updates")
 parser.add_argument("--train-fraction", type=float, default=0.99, help="train on the first int(steps * f) SDE steps")
+parser.add_argument("--sde-window", type=int, default=0, help="Flow-GRPO-Fast: only this many consecutive steps are SDE "
+                                                              "steps, and trained; the rest ODE (0: every step, the paper)")
+parser.add_argument("--sde-window-range", type=lambda s: tuple(int(x) for x in s.split(",")), default=(0, 10),
+                    help="first,end: the window lies within these steps, its start drawn uniformly each step")
 # rewards and loss
 parser.add_argument("--rewards", default="clip_v=1,clip_t=1",
                     help="name=lambda list: clip_v, clip_t, or module:function (fn(videos, samples) -> floats)")
@@ -129,6 +133,10 @@ rep = lambda xs: [x for x in xs for _ in range(G)]  # a prompt's value for each 
 if not 1 <= int(args.sample_steps * args.train_fraction) <= args.sample_steps:
     parser.error(f"--train-fraction {args.train_fraction}: trains int({args.sample_steps} x it) SDE steps, which must be "
                  f"1 to --sample-steps")
+first, end_of_range = args.sde_window_range
+if args.sde_window and not (0 <= first and first + args.sde_window <= end_of_range <= args.sample_steps):
+    parser.error(f"--sde-window {args.sde_window} --sde-window-range {first},{end_of_range}: the window must fit in the "
+                 f"range, and the range in the {args.sample_steps} --sample-steps")
 
 try:
     reward_fns = rewards.parse(args.rewards, ("clip_v", "clip_t"))
@@ -300,11 +308,13 @@ end = min(args.steps, args.stop_at) if args.stop_at else args.steps
 sampler = data.StepSampler(len(usable), args.prompts, rank, world, args.seed, start, end)
 loader = common.loader(clips, sampler, args.workers, data.collate)
 sigmas = model.flow_sigmas(args.sample_steps).to(device)
-trained_steps = range(int(args.sample_steps * args.train_fraction))
+trained_steps = range(int(args.sample_steps * args.train_fraction))  # with --sde-window: the step's window
+phases = common.Phases()  # the wall time of each step's rollout, decode, rewards and update, logged
 t0 = time.time()
 stop = common.Stop()  # Ctrl-C / SIGTERM: finish the step, log, save, end
 progress = tqdm(total=args.steps, initial=start, disable=not master, desc="grpo_stage2")
 for step, batch in zip(range(start, end), loader):
+    phases.start()
     lr = common.lr_at(step, args.lr, args.warmup, args.steps)
     for g in optimizer.param_groups:
         g["lr"] = lr
@@ -321,19 +331,27 @@ for step, batch in zip(range(start, end), loader):
     # 1. rollouts in micro-batches, the layout the update reuses: trajectories (n, S + 1, C, T, h, w), log-probs (n, S)
     dit.eval()
     gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1009 + rank)
+    window = None
+    if args.sde_window:  # Flow-GRPO-Fast: one window for all of the step's rollouts
+        start_at = int(torch.randint(first, end_of_range - args.sde_window + 1, (1,), generator=gen))
+        window = (start_at, start_at + args.sde_window)
+        trained_steps = range(*window)
     rollouts = []
     for c in range(0, len(captions), mb):
         with torch.no_grad(), amp:
             rollouts.append(vdm.sample_sde(chunk(text, c), negs(c), chunk(refs, c), args.frames, args.height,
                                            args.width, args.sample_steps, args.cfg, noise_level=args.noise_level,
-                                           generator=gen))
+                                           generator=gen, window=window))
+    phases.mark("rollout")
     with torch.no_grad():
         videos = [data.to_uint8(v) for xs, _ in rollouts for v in vdm.decode(xs[:, -1])]
+    phases.mark("decode")
 
     # 2-3. rewards, their normalised sum, the group advantage
     raw = score(videos, captions, batch)
     total = rewards.combine(raw, weights, G, args.norm, common.all_sum)
     advantages = rewards.group_advantages(total, G).to(device)
+    phases.mark("rewards")
 
     # 4. the update over the trained SDE steps, gradients accumulated over a minibatch's videos and steps
     dit.train()
@@ -365,6 +383,7 @@ for step, batch in zip(range(start, end), loader):
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    phases.mark("update")
     progress.update(1)
 
     done = step + 1
@@ -380,7 +399,8 @@ for step, batch in zip(range(start, end), loader):
                    "motion": common.all_mean(motion(videos)),
                    "motion_gt": common.all_mean(motion(list(batch["target"].numpy()))),
                    "grad_norm": float(grad_norm), "lr": lr, "skipped": int(common.all_sum(skipped)),
-                   "sec_per_step": (time.time() - t0) / (done - start)}
+                   "sec_per_step": (time.time() - t0) / (done - start),
+                   **{f"time/{k}": round(v, 3) for k, v in phases.seconds.items()}}
         logger.log(metrics, done)
         progress.set_postfix(reward=f"{metrics['reward']:.3f}", motion=f"{metrics['motion']:.4f}")
     if master and (done % args.sample_every == 0 or done == end):

@@ -587,10 +587,12 @@ class VDM:
 
     @torch.no_grad()
     def sample_sde(self, text, neg=None, refs=None, frames=33, height=352, width=640, steps=20, cfg=5.0, shift=5.0,
-                   noise_level=0.7, generator=None):
+                   noise_level=0.7, generator=None, window=None):
         """Flow-GRPO's stochastic sampler: the schedule of `sample`, every step an
-        sde_step_with_logprob. -> (xs (B, steps + 1, C, T, h, w), the trajectory from the noise
-        to the final latents; log_probs (B, steps) of each transition)."""
+        sde_step_with_logprob. window = (start, end): only steps start..end-1 are stochastic, the
+        others Euler (ODE) steps, as Flow-GRPO-Fast samples. -> (xs (B, steps + 1, C, T, h, w), the
+        trajectory from the noise to the final latents; log_probs (B, steps) of each transition, nan
+        for an ODE step)."""
         B = text.shape[0]
         shape = (B, self.dit.config.in_channels, (frames - 1) // 4 + 1, height // 8, width // 8)
         gen_dev = generator.device if generator is not None else torch.device("cpu")
@@ -598,10 +600,14 @@ class VDM:
         if neg is None and cfg != 1.0:
             neg = self.encode_text([self.negative_prompt] * B)
         sigmas = flow_sigmas(steps, shift).to(x.device)
+        start, end = window or (0, steps)
         xs, log_probs = [x], []
         for i in range(steps):
             v = self.guided_velocity(x, sigmas[i], text, neg, refs, cfg)
-            x, lp, _, _ = sde_step_with_logprob(v, x, sigmas[i], sigmas[i + 1], noise_level, generator=generator)
+            if start <= i < end:
+                x, lp, _, _ = sde_step_with_logprob(v, x, sigmas[i], sigmas[i + 1], noise_level, generator=generator)
+            else:
+                x, lp = euler_step(v, x, sigmas[i], sigmas[i + 1]), x.new_full((B,), math.nan)
             xs.append(x)
             log_probs.append(lp)
         return torch.stack(xs, 1), torch.stack(log_probs, 1)

@@ -181,10 +181,14 @@ class CLIP:
         return torch.stack([(f @ c).mean() for f, c in zip(self._per_frame(videos), t)])
 
     def _per_frame(self, videos):
-        """Frame features of all videos in one batched pass, split back per video."""
+        """Frame features of all videos in one batched pass, split back per video. A video given more
+        than once (the same object: a group's ground truth, repeated for each of its G samples) is
+        encoded once."""
         import numpy as np
-        feats = self.image_features(np.concatenate([np.asarray(v) for v in videos]))
-        return feats.split([len(v) for v in videos])
+        unique = list({id(v): v for v in videos}.values())
+        feats = self.image_features(np.concatenate([np.asarray(v) for v in unique])).split([len(v) for v in unique])
+        by_id = {id(v): f for v, f in zip(unique, feats)}
+        return [by_id[id(v)] for v in videos]
 
 
 # -----------------------------------------------------------------------------

@@ -657,6 +657,110 @@ def test_flow_grpo_loss_against_direct_formula():
     assert loss.item() == pytest.approx(want, rel=1e-5) and st["kl"] == pytest.approx(sum(kls) / B, rel=1e-5)
 
 
+def _flow_grpo_wan_step_loss(log_prob, old_log_prob, adv, prev_sample_mean, prev_sample_mean_ref, std_dev_t, sqrt_dt,
+                             clip_range, beta, adv_clip_max=5.0):
+    """Flow-GRPO's stage-2 loss at one timestep, transcribed from its Wan2.1 trainer (yifan123/flow_grpo,
+    scripts/train_wan2_1.py at 9745241, the lines after `# grpo logic`): std_dev_t and sqrt_dt are
+    what its Wan sde_step_with_logprob returns with return_dt_and_std_dev_t (the step's sigma_t and
+    sqrt(-dt)), so its KL divides by the step's whole variance, as ours does."""
+    advantages = torch.clamp(adv, -adv_clip_max, adv_clip_max)
+    ratio = torch.exp(log_prob - old_log_prob)
+    unclipped_loss = -advantages * ratio
+    clipped_loss = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    policy_loss = torch.mean(torch.maximum(unclipped_loss, clipped_loss))
+    kl_loss = ((prev_sample_mean - prev_sample_mean_ref) ** 2).mean(dim=(1, 2, 3, 4), keepdim=True) / (2 * (std_dev_t * sqrt_dt) ** 2)
+    kl_loss = torch.mean(kl_loss)
+    return policy_loss + beta * kl_loss, kl_loss
+
+
+def test_stage2_update_is_flow_grpos_wan_update():
+    """The whole stage-2 update (2 micro-batches x 3 SDE steps, gradients accumulated) against
+    Flow-GRPO's Wan2.1 trainer transcribed: its per-step loss, averaged over the steps and
+    micro-batches as accelerate's accumulation divides it (gradient_accumulation_steps = steps x
+    batches). The gradient of a velocity parameter must match, and the KL must be Wan2.1's, which is
+    |dt| times SD3's `/ (2 * std_dev_t ** 2)` (train_sd3.py): the paper's beta 0.004 and clip range 1e-3
+    are the Wan2.1 config's. Catches: the SD3 KL scale, a per-step sum instead of a mean, a KL on the
+    samples, a policy term averaged another way."""
+    from rewards import flow_grpo_loss
+    torch.manual_seed(0)
+    B, steps, n_mb, clip_range, beta = 3, 3, 2, 1e-3, 0.004
+    sigmas = model.flow_sigmas(steps)
+    shift = (torch.randn(1, 4, 2, 2, 2) * 0.1).requires_grad_()  # a "parameter" that moves the velocity off the reference
+    xs = torch.randn(n_mb, B, steps + 1, 4, 2, 2, 2)
+    old = torch.randn(n_mb, B, steps) * 1e-3
+    adv = torch.tensor([[6.0, -0.5, 0.2], [-7.0, 1.0, 0.0]])
+    v_of = lambda m, j: (xs[m, :, j] * 0.3 + shift) * (1 + 0.1 * j)
+    v_ref_of = lambda m, j: xs[m, :, j] * 0.3 * (1 + 0.1 * j)
+    ours, theirs = 0.0, 0.0
+    for m in range(n_mb):
+        for j in range(steps):
+            _, logp, mean, step_std = model.sde_step_with_logprob(v_of(m, j), xs[m, :, j], sigmas[j], sigmas[j + 1],
+                                                                  prev_sample=xs[m, :, j + 1])
+            ref_mean = model.sde_step_with_logprob(v_ref_of(m, j), xs[m, :, j], sigmas[j], sigmas[j + 1],
+                                                   prev_sample=xs[m, :, j + 1])[2]
+            loss, st = flow_grpo_loss(logp, old[m, :, j], adv[m], mean, ref_mean, step_std, clip_range, beta,
+                                      norm=n_mb * B * steps)
+            ours = ours + loss
+            s, dt = float(sigmas[j]), float(sigmas[j + 1] - sigmas[j])
+            std_dev_t = 0.7 * math.sqrt(s / (1 - (float(sigmas[1]) if s == 1 else s)))  # Flow-GRPO's sigma_max = sigmas[1]
+            ref_loss, ref_kl = _flow_grpo_wan_step_loss(logp, old[m, :, j], adv[m], mean, ref_mean, std_dev_t,
+                                                        math.sqrt(-dt), clip_range, beta)
+            theirs = theirs + ref_loss / (n_mb * steps)
+            assert st["kl"] == pytest.approx(ref_kl.item(), rel=1e-5) and ref_kl.item() > 0
+            sd3_kl = (((mean - ref_mean) ** 2).mean(dim=(1, 2, 3, 4), keepdim=True) / (2 * std_dev_t ** 2)).mean()
+            assert sd3_kl.item() == pytest.approx(ref_kl.item() * -dt, rel=1e-5)  # SD3's form is |dt| times smaller
+    g_ours, = torch.autograd.grad(ours, shift, retain_graph=True)
+    g_theirs, = torch.autograd.grad(theirs, shift)
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-5, abs=1e-9)
+    torch.testing.assert_close(g_ours, g_theirs, rtol=1e-5, atol=1e-9)
+    assert g_ours.abs().max() > 0
+
+
+def test_cfg_gradient_flows_through_both_branches(tiny):
+    """The update's guided velocity backpropagates through the unconditional branch too, as
+    Flow-GRPO's trainers do since its "fix cfg gradient detach" (a482878, which removed
+    `noise_pred_uncond.detach()` from train_sd3.py; train_wan2_1.py runs two undetached forwards):
+    our one batched forward gives the gradient of its two separate ones. Catches: a detached branch."""
+    _, vdm = tiny
+    torch.manual_seed(0)
+    x, refs = torch.randn(2, 16, 3, H // 8, W // 8), torch.randn(2, 16, 2, H // 8, W // 8)
+    text, neg = vdm.encode_text(["a red square", "a blue ball"]), vdm.negative_text(2)
+    p = vdm.dit.proj_out.weight
+
+    def grad(fn):
+        p.requires_grad_(True)
+        try:
+            return torch.autograd.grad((fn() * torch.linspace(-1, 1, x[0].numel()).view(x[0].shape)).sum(), p)[0]
+        finally:
+            p.requires_grad_(False)
+    ours = grad(lambda: vdm.guided_velocity(x, 0.6, text, neg, refs, cfg=4.0))
+    two = lambda: (lambda u, c: u + 4.0 * (c - u))(vdm.velocity(x, 0.6, neg, refs), vdm.velocity(x, 0.6, text, refs))
+    detached = lambda: (lambda u, c: u + 4.0 * (c - u))(vdm.velocity(x, 0.6, neg, refs).detach(), vdm.velocity(x, 0.6, text, refs))
+    scale = ours.abs().max().item()
+    torch.testing.assert_close(ours, grad(two), rtol=1e-3, atol=1e-4 * scale)  # float32 rounding of two batchings
+    assert (ours - grad(detached)).abs().max() > 0.1 * scale
+
+
+def test_sde_window_is_flow_grpo_fast(tiny):
+    """--sde-window: only the window's steps are SDE steps with log-probs, the others Euler steps
+    (Flow-GRPO-Fast's noise level 0), from the same initial noise. Catches: noise outside the
+    window, log-probs for deterministic steps, a window off by one."""
+    _, vdm = tiny
+    text = vdm.encode_text(["a red square moves right", "it stops"])
+    xs_full, _ = vdm.sample_sde(text, None, None, T, H, W, steps=5, cfg=3.0, generator=gen(0))
+    xs, lps = vdm.sample_sde(text, None, None, T, H, W, steps=5, cfg=3.0, generator=gen(0), window=(1, 3))
+    assert torch.equal(xs[:, 0], xs_full[:, 0]) and not torch.equal(xs[:, -1], xs_full[:, -1])
+    assert lps[:, [0, 3, 4]].isnan().all() and lps[:, 1:3].isfinite().all()
+    neg, sigmas = vdm.negative_text(2), model.flow_sigmas(5)
+    for j in range(5):
+        v = vdm.guided_velocity(xs[:, j], sigmas[j], text, neg, None, 3.0)
+        if j in (1, 2):  # scored as sampled
+            _, logp, mean, _ = model.sde_step_with_logprob(v, xs[:, j], sigmas[j], sigmas[j + 1], prev_sample=xs[:, j + 1])
+            assert torch.equal(logp, lps[:, j]) and (xs[:, j + 1] - mean).abs().max() > 1e-3
+        else:  # deterministic
+            torch.testing.assert_close(xs[:, j + 1], model.euler_step(v, xs[:, j], sigmas[j], sigmas[j + 1]), rtol=0, atol=1e-6)
+
+
 def test_sde_rollout_replays_exactly_and_refs_stay_clean(tiny):
     """A stored SDE rollout replayed with unchanged weights gives the same log-probs (ratio 1, KL
     0); only the 9 target latents are sampled while the DiT sees the clean refs every call. Catches:
