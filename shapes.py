@@ -644,6 +644,73 @@ def train_clip(manifest, out, steps=1000, batch_size=64, lr=1e-3, frames_per_cli
     return losses
 
 
+def event_preference(scores, shows, group_size):
+    """How well a reward ranks the videos that show the event above those that do not, inside the
+    groups where both occur (the only groups whose advantages can tell them apart). scores, shows:
+    (N,) laid out group after group. -> {"pairs": P(an event video outscores a non-event video of its
+    group), ties count half; "r": the mean within-group Pearson correlation of score and shows;
+    "mixed_groups": how many groups have both}"""
+    s = np.asarray(scores, np.float64).reshape(-1, group_size)
+    e = np.asarray(shows, bool).reshape(-1, group_size)
+    wins, pairs, rs = 0.0, 0, []
+    for g, ev in zip(s, e):
+        if ev.all() or not ev.any():
+            continue
+        diff = g[ev][:, None] - g[~ev][None, :]
+        wins += (diff > 0).sum() + 0.5 * (diff == 0).sum()
+        pairs += diff.size
+        rs.append(float(np.corrcoef(g, ev)[0, 1]) if g.std() > 0 else 0.0)
+    return {"pairs": wins / pairs if pairs else None, "r": float(np.mean(rs)) if rs else None, "mixed_groups": len(rs)}
+
+
+def reward_check(vdm_path, manifest, clip_path, out, prompts=16, group_size=8, steps=20, cfg=3.0, noise_level=0.7,
+                 seed=0):
+    """Does stage 2's reward see the event? The VDM samples group_size videos per prompt, as stage 2's
+    rollouts are sampled (the SDE, from the prompt's caption and references), for the first `prompts`
+    samples of the manifest; each video gets r_v2 (CLIP-V to the ground truth), r_c2 (CLIP-T to the
+    caption), their stage-2 sum (each normalised as rewards.combine does) and the event check
+    (video_shows). Writes out (JSON): the settings, each video's numbers, and event_preference of each
+    reward. -> that dict"""
+    import torch
+    from tqdm import tqdm
+
+    import model
+    import rewards
+    samples, _ = data.read_manifest(manifest)
+    samples = samples[:prompts]
+    _, vdm = model.load(vdm_path, need=("vdm",), dtype=torch.float32, dit_dtype=torch.float32)
+    clip = rewards.CLIP(clip_path)
+    H, W = (model.CONFIGS[model.preset_of(vdm_path)]["infer"][k] for k in ("height", "width"))
+    clips = data.ClipDataset(samples, ("clip", "target"), 33, H, W, ref_clip=model.ref_clip_of(vdm_path))
+    gen = torch.Generator().manual_seed(seed)
+    raw, shows = {"clip_v": [], "clip_t": []}, []
+    for i in tqdm(range(len(samples)), desc="reward-check"):
+        item, G = clips[i], group_size
+        with torch.no_grad():
+            text = vdm.encode_text([item["caption"]]).expand(G, -1, -1)
+            refs = vdm.ref_latents(vdm.encode_video(data.to_tensor(item["clip"][None]))).expand(G, -1, -1, -1, -1)
+            xs, _ = vdm.sample_sde(text, vdm.negative_text(G), refs, 33, H, W, steps, cfg, noise_level=noise_level,
+                                   generator=gen)
+            videos = [data.to_uint8(v) for v in vdm.decode(xs[:, -1])]
+        raw["clip_v"] += clip.clip_v(videos, [item["target"]] * G).tolist()
+        raw["clip_t"] += clip.clip_t(videos, [item["caption"]] * G).tolist()
+        shows += [video_shows(v, item["event"]) for v in videos]
+    total = rewards.combine({k: torch.tensor(v) for k, v in raw.items()}, {}, group_size).tolist()
+    result = {"settings": dict(vdm=vdm_path, manifest=manifest, clip=clip_path, prompts=len(samples),
+                               group_size=group_size, steps=steps, cfg=cfg, noise_level=noise_level, seed=seed),
+              "event_videos": int(sum(shows)), "videos": len(shows),
+              "preference": {name: event_preference(v, shows, group_size)
+                             for name, v in (("r_v2", raw["clip_v"]), ("r_c2", raw["clip_t"]), ("r_v2 + r_c2", total))},
+              "videos_by_prompt": [{"id": s["id"], "caption": s["caption"],
+                                    "r_v2": [round(x, 5) for x in raw["clip_v"][i * group_size:(i + 1) * group_size]],
+                                    "r_c2": [round(x, 5) for x in raw["clip_t"][i * group_size:(i + 1) * group_size]],
+                                    "shows": shows[i * group_size:(i + 1) * group_size]} for i, s in enumerate(samples)]}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
 def split_by_caption(results):
     """eval.py's results.json (a Shapes manifest) -> one table row: the share of captions that name
     the object that acts, and how often the video shows the event and what CLIP-V it scores when the
@@ -684,6 +751,16 @@ if __name__ == "__main__":
     tc.add_argument("--width", type=int, default=112, help="frame width the CLIP sees")
     tc.add_argument("--seed", type=int, default=0, help="seed")
     tc.add_argument("--save-every", type=int, default=100, help="write <out>/train_state.pt every N steps (a rerun resumes)")
+    rc = sub.add_parser("reward-check", help="does stage 2's reward prefer the videos that show the event?")
+    rc.add_argument("--vdm", default="shapes-sft", help="the VDM whose rollouts are scored")
+    rc.add_argument("--manifest", default="data/shapes/val.jsonl", help="prompts: the first --prompts samples")
+    rc.add_argument("--clip", default="weights/shapes-sft/clip", help="the CLIP of the rewards")
+    rc.add_argument("--out", default="docs/results/reward_check.json", help="the result (JSON)")
+    rc.add_argument("--prompts", type=int, default=16, help="prompts")
+    rc.add_argument("--group-size", type=int, default=8, help="videos per prompt")
+    rc.add_argument("--sample-steps", type=int, default=20, help="SDE steps")
+    rc.add_argument("--cfg", type=float, default=3.0, help="guidance scale")
+    rc.add_argument("--seed", type=int, default=0, help="seed of the rollouts' noise")
     sp = sub.add_parser("split", help="eval.py's Shapes results split by whether the caption names the object")
     sp.add_argument("results", nargs="+", help="results.json files of eval.py on a Shapes manifest")
     a = parser.parse_args()
@@ -692,6 +769,12 @@ if __name__ == "__main__":
         for path in a.results:
             with open(path) as f:
                 print(f"| {os.path.basename(os.path.dirname(path))} | " + " | ".join(split_by_caption(json.load(f))) + " |")
+    elif a.cmd == "reward-check":
+        r = reward_check(a.vdm, a.manifest, a.clip, a.out, a.prompts, a.group_size, a.sample_steps, a.cfg, seed=a.seed)
+        print(f"{r['event_videos']} of {r['videos']} videos show the event; in groups with both, P(event video "
+              f"scores higher):")
+        for name, p in r["preference"].items():
+            print(f"  {name}: {p['pairs']} (r {p['r']}, {p['mixed_groups']} groups)")
     elif a.cmd == "data":
         make_shapes(a.out, a.n_train, a.n_val, a.n_test, a.height, a.width, a.seed, a.workers, a.world, a.vague)
     else:

@@ -49,7 +49,9 @@ grpo_stage1 = dict(data, init="out/shapes/sft_vlm/last", vdm="out/shapes/sft_vdm
                    steps=150, lr=1e-4, group_size=8, prompts=2, max_new_tokens=160, micro_batch=16, save_every=25,
                    log_every=1)
 
-# stage 2: stage 1's VLM writes the anchors, the SFT VDM is tuned
+# stage 2: stage 1's VLM writes the anchors, the SFT VDM is tuned. Flow-GRPO-Fast's window (2 SDE steps within the
+# first half of 10) makes a step 8.6 s on 2 cores instead of 29 s (docs/performance.md)
 grpo_stage2 = dict(data, vlm="out/shapes/grpo_stage1/last", vdm="out/shapes/sft_vdm/last", clip="data/shapes/clip", ref_clip="uniform",
                    height=64, width=112, cfg=3.0, max_new_tokens=160, steps=30, lr=1e-4, group_size=8, prompts=1,
+                   sample_steps=10, sde_window=2, sde_window_range=(0, 5),
                    micro_batch=8, save_every=10, sample_every=10, log_every=1)
