@@ -27,12 +27,18 @@ writes the anchor captions.
    each normalised (--norm), summed with the lambdas of --rewards; A = the group z-score.
 4. Update, on the first --train-fraction (99%) of the SDE steps, each step's
    rewards.flow_grpo_loss: ratio against the rollout's log-prob, clip range 1e-3, A clipped
-   to +-5 (Flow-GRPO's guard; a group z-score of G = 8 never exceeds sqrt(7)), beta 0.004 times the KL of the step means to the reference DiT (the starting
-   weights, frozen; with --lora, the adapter disabled). The videos are split into
-   --minibatches (2) parts, as in Flow-GRPO; gradients add up over a part's videos and steps,
-   and each part is one optimizer step, so the second sees a ratio != 1 and the clip acts
-   (--updates-per-rollout passes over the parts).
+   to +-5 (Flow-GRPO's guard; a group z-score of G = 8 never exceeds sqrt(7)), beta 0.004 times
+   the KL of the step means to the reference DiT (the starting weights, frozen; with --lora, the
+   adapter disabled), divided by the transition's variance as Flow-GRPO's Wan2.1 trainer does.
+   The guided velocity keeps the gradient of both CFG branches, as Flow-GRPO's does. The videos
+   are split into --minibatches (2) parts, as in Flow-GRPO; gradients add up over a part's
+   videos and steps, and each part is one optimizer step, so the second sees a ratio != 1 and
+   the clip acts (--updates-per-rollout passes over the parts). With --sde-window K (Flow-GRPO-
+   Fast) only K consecutive steps, placed at random within --sde-window-range each step, are
+   SDE steps and trained; the others are ODE steps. docs/design.md compares every term with
+   Flow-GRPO's code.
 
+Each step logs the seconds of its rollout, decode, rewards and update as time/<part>.
 The anti-hacking guard: `motion`, the mean absolute frame-to-frame difference of the
 generated videos (pixels in [0, 1]), is logged beside the rewards with the ground truth's
 `motion_gt`. A DiT drifting to static frames to please CLIP shows as motion falling.
@@ -67,6 +73,10 @@ parser = argparse.ArgumentParser(description="Joint-GRPO stage 2: tune the DiT, 
 # data
 parser.add_argument("--train", default="data/train.jsonl", help="training manifest (.jsonl or the official .csv)")
 parser.add_argument("--skip-bad", action="store_true", help="skip and count bad manifest lines / clips instead of stopping")
+parser.add_argument("--val", default=None, help="held-out manifest: its rewards at fixed noise are logged as val/*")
+parser.add_argument("--val-every", type=int, default=100, help="score the held-out prompts every N steps (and at steps 0 and the last)")
+parser.add_argument("--val-samples", type=int, default=16, help="held-out prompts scored (the manifest's first)")
+parser.add_argument("--val-steps", type=int, default=50, help="ODE steps of the held-out renders")
 # models
 parser.add_argument("--vlm", default="out/grpo_stage1/last", help="the stage-1 VLM (anchor captions): a checkpoint, vans or tiny")
 parser.add_argument("--vdm", default="out/sft_vdm/last", help="the VDM to tune (as trained: fp32 from SFT), also the KL reference: "
@@ -150,7 +160,7 @@ weights = {k: w for k, (w, _) in reward_fns.items()}
 common.check_models(vlm=args.vlm, vdm=args.vdm)
 common.check_frozen(last, resume, vlm=args.vlm, vdm=args.vdm)
 args.ref_clip = args.ref_clip or model.ref_clip_of(args.vdm)
-train, _ = common.read_manifests(args, min_frames=args.frames)
+train, val = common.read_manifests(args, min_frames=args.frames)
 clip = common.load_clip(args.clip, [args.vdm], device) if {"clip_v", "clip_t"} & set(reward_fns) else None
 os.makedirs(args.out, exist_ok=True)
 
@@ -252,18 +262,51 @@ def ref_velocity(x, sigma, text, neg, refs):
         dit.enable_adapters()
 
 
-def score(videos, captions, batch):
-    """-> {reward name: raw values (P * G,)}, group after group."""
+def score(videos, captions, samples, targets):
+    """-> {reward name: raw values (N,)} of N videos, each with the caption it was made from, its
+    sample's text fields and its ground-truth video."""
     raw = {}
     for name, (_, fn) in reward_fns.items():
         if fn is not None:  # a reward of your own
-            samples = [{k: batch[k][i] for k in ("id", "question", "think", "caption", "event")} for i in range(len(batch["id"]))]
-            raw[name] = fn(videos, [dict(s, anchor=c) for s, c in zip(rep(samples), captions)])
+            raw[name] = fn(videos, [dict(s, anchor=c) for s, c in zip(samples, captions)])
         elif name == "clip_v":
-            raw[name] = clip.clip_v(videos, rep(list(batch["target"].numpy())))
+            raw[name] = clip.clip_v(videos, targets)
         elif name == "clip_t":
             raw[name] = clip.clip_t(videos, captions)
     return {k: torch.as_tensor(v, dtype=torch.float32).flatten().cpu() for k, v in raw.items()}
+
+
+TEXT_FIELDS = ("id", "question", "think", "caption", "event")
+held_out = data.ClipDataset(val[:args.val_samples], ("clip", "target"), args.frames, args.height, args.width,
+                            ref_clip=args.ref_clip)
+
+
+def validate(step):
+    """The rewards of the held-out prompts (--val), each rendered once by the ODE sampler from its
+    ground-truth caption and prompt i's noise (seed i): the same videos at every call but for the
+    DiT. Rank r scores prompts r, r + world, ...; rank 0 appends each prompt's raw rewards to
+    <out>/val.jsonl. -> {val/reward: the lambda-weighted raw sum, val/rewards/<name>/mean}"""
+    dit.eval()
+    rows = []
+    for i in range(rank, len(held_out), world):
+        item = held_out[i]
+        with torch.no_grad(), amp:
+            refs = vdm.ref_latents(vdm.encode_video(data.to_tensor(item["clip"][None])))
+            x = vdm.sample(vdm.encode_text([item["caption"]]), vdm.negative_text(1), refs, args.frames, args.height,
+                           args.width, args.val_steps, args.cfg, generator=torch.Generator().manual_seed(i))
+            video = data.to_uint8(vdm.decode(x)[0])
+        raw = score([video], [item["caption"]], [{k: item[k] for k in TEXT_FIELDS}], [item["target"]])
+        rows.append({"id": item["id"], **{k: float(v[0]) for k, v in raw.items()}})
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, rows)
+        rows = [r for part in gathered for r in part]
+    if master:
+        with open(os.path.join(args.out, "val.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, "prompts": rows}) + "\n")
+    mean = lambda k: sum(r[k] for r in rows) / len(rows)
+    return {"val/reward": sum(weights[k] * mean(k) for k in reward_fns),
+            **{f"val/rewards/{k}/mean": mean(k) for k in reward_fns}}
 
 
 def motion(videos):
@@ -285,6 +328,11 @@ if resume:
 else:
     torch.manual_seed(args.seed + rank)
 logger = common.Logger(args.out, args, rank, start)
+if master:  # the held-out scores of a resumed run's later steps are redone, as its log's
+    path = os.path.join(args.out, "val.jsonl")
+    rows = [r for r in map(json.loads, open(path)) if r["step"] <= start] if start and os.path.isfile(path) else []
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
 def save(step):
@@ -310,9 +358,11 @@ loader = common.loader(clips, sampler, args.workers, data.collate)
 sigmas = model.flow_sigmas(args.sample_steps).to(device)
 trained_steps = range(int(args.sample_steps * args.train_fraction))  # with --sde-window: the step's window
 phases = common.Phases()  # the wall time of each step's rollout, decode, rewards and update, logged
-t0 = time.time()
+t0, val_seconds = time.time(), 0.0  # sec_per_step leaves the held-out scoring out
 stop = common.Stop()  # Ctrl-C / SIGTERM: finish the step, log, save, end
 progress = tqdm(total=args.steps, initial=start, disable=not master, desc="grpo_stage2")
+if val and start == 0:
+    logger.log(validate(0), 0)
 for step, batch in zip(range(start, end), loader):
     phases.start()
     lr = common.lr_at(step, args.lr, args.warmup, args.steps)
@@ -348,7 +398,8 @@ for step, batch in zip(range(start, end), loader):
     phases.mark("decode")
 
     # 2-3. rewards, their normalised sum, the group advantage
-    raw = score(videos, captions, batch)
+    samples = rep([{k: batch[k][i] for k in TEXT_FIELDS} for i in range(len(batch["id"]))])
+    raw = score(videos, captions, samples, rep(list(batch["target"].numpy())))
     total = rewards.combine(raw, weights, G, args.norm, common.all_sum)
     advantages = rewards.group_advantages(total, G).to(device)
     phases.mark("rewards")
@@ -389,9 +440,13 @@ for step, batch in zip(range(start, end), loader):
     done = step + 1
     if stop():
         end = done
+    metrics = {}
+    if val and (done % args.val_every == 0 or done == end):
+        metrics = validate(done)
+        phases.mark("val")
     if done % args.log_every == 0 or done == end:
         weighted = sum(weights[k] * v for k, v in raw.items()).view(-1, G)  # the un-normalised reward
-        metrics = {"reward": common.all_mean(weighted.flatten().tolist()),
+        metrics |= {"reward": common.all_mean(weighted.flatten().tolist()),
                    "reward_std": common.all_mean(weighted.std(1, unbiased=False).tolist()),
                    "frac_reward_zero_std": common.all_mean((total.view(-1, G).std(1) < 1e-6).float().tolist()),
                    **{f"rewards/{k}/mean": common.all_mean(v.tolist()) for k, v in raw.items()},
@@ -399,10 +454,12 @@ for step, batch in zip(range(start, end), loader):
                    "motion": common.all_mean(motion(videos)),
                    "motion_gt": common.all_mean(motion(list(batch["target"].numpy()))),
                    "grad_norm": float(grad_norm), "lr": lr, "skipped": int(common.all_sum(skipped)),
-                   "sec_per_step": (time.time() - t0) / (done - start),
+                   "sec_per_step": (time.time() - t0 - val_seconds) / (done - start),
                    **{f"time/{k}": round(v, 3) for k, v in phases.seconds.items()}}
-        logger.log(metrics, done)
         progress.set_postfix(reward=f"{metrics['reward']:.3f}", motion=f"{metrics['motion']:.4f}")
+    val_seconds += phases.seconds.get("val", 0.0)
+    if metrics:
+        logger.log(metrics, done)
     if master and (done % args.sample_every == 0 or done == end):
         side_by_side = torch.cat([torch.as_tensor(batch["target"][0]), torch.as_tensor(videos[0])], dim=2).numpy()
         data.write_video(os.path.join(args.out, "samples", f"step{done:06d}_{batch['id'][0]}.mp4"), side_by_side)

@@ -111,7 +111,7 @@ def _tower(H, W, names):
 
 def pick_scene(rng, H, W, questions):
     """A tower built from 4 or 5 blocks; the input clip shows the k-th placed (k = 1..n-2, so 2 or
-    more wait); each question names a waiting block, which goes on top.
+    more wait); each question names a waiting block, which goes on top (questions None: every one).
     -> (input frames, [(question, think, caption, target frames, event), ...])"""
     names = [str(c) for c in rng.permutation(list(COLORS))[:rng.integers(4, 6)]]
     n = len(names)
@@ -124,7 +124,7 @@ def pick_scene(rng, H, W, questions):
              f"({', '.join(names[:k])}, bottom to top); the {names[k - 1]} block was just put on top. "
              f"Waiting on the table: {', '.join(names[k:])}.")
     out = []
-    for j in sorted(rng.choice(range(k, n), size=questions, replace=False).tolist()):
+    for j in sorted(rng.choice(range(k, n), size=questions or n - k, replace=False).tolist()):
         p = _path(on_table(j), on_tower(k), N_OUT - hold, 3 * half)
         y = frames(names[j], p + [p[-1]] * hold, names[:k], [w for w in range(k, n) if w != j], N_OUT)
         out.append((f"I want the {names[j]} block on the tower next. What should I do?",
@@ -139,7 +139,7 @@ def push_scene(rng, H, W, questions):
     """Two or three balls at rest, one above the other (each on its own ground line, so none is in
     another's way), a wall at each side or not; each question pushes one ball to one side: it
     bounces back off the wall there, or leaves the frame. The input clip is still: only the
-    question says which ball moves, and where. -> as pick_scene"""
+    question says which ball moves, and where (questions None: every ball to every side). -> as pick_scene"""
     u = H / 16
     r, wall_w = u, u / 2
     names = [str(c) for c in rng.permutation(list(COLORS))[:rng.integers(2, 4)]]
@@ -170,7 +170,7 @@ def push_scene(rng, H, W, questions):
              f"{said('left').capitalize()}, and {said('right')}.")
     out = []
     pairs = [(i, s_) for i in range(len(names)) for s_ in ("left", "right")]
-    for m in sorted(rng.choice(len(pairs), size=questions, replace=False).tolist()):
+    for m in sorted(rng.choice(len(pairs), size=questions or len(pairs), replace=False).tolist()):
         i, side = pairs[m]
         outcome = "bounce" if walls[side] else "leave"
         caption = (f"The {names[i]} ball rolls to the {side}, hits the wall and bounces back." if outcome == "bounce"
@@ -282,14 +282,15 @@ def classic_ball_scene(rng, H, W, hypothetical):
 WORLDS = ("question", "classic")
 
 
-def scene(seed, split, i, H, W, world="question"):
-    """Scene i of a split, deterministic for (seed, split, i). Every 4th scene asks two questions."""
+def scene(seed, split, i, H, W, world="question", every=False):
+    """Scene i of a split, deterministic for (seed, split, i). Every 4th scene asks two questions;
+    every=True: the question world's scene with every question it could ask (its every future)."""
     rng = np.random.default_rng([seed, ["train", "val", "test"].index(split), i])
     if world == "classic":
         make = classic_stack_scene if rng.random() < 0.5 else classic_ball_scene
         return make(rng, H, W, hypothetical=(i % 4 == 3))
     make = pick_scene if rng.random() < 0.5 else push_scene
-    return make(rng, H, W, questions=2 if i % 4 == 3 else 1)
+    return make(rng, H, W, questions=None if every else 2 if i % 4 == 3 else 1)
 
 
 def texts(n_scenes, seed=0):
@@ -340,47 +341,85 @@ def caption_specific(text, event):
     return caption_event(text, event) and got["color"] == event["color"] and got.get("onto") == event.get("onto")
 
 
-def _blob(frame, color, min_px):
-    """Centroid (x, y) of the pixels whose nearest palette colour is `color`, or None if fewer than min_px."""
+def _mask(frame, color):
+    """(H, W) bool: the pixels whose nearest palette colour is `color` (and near it)."""
     palette = np.array([COLORS[color]] + [c for n, c in COLORS.items() if n != color] + [BACKGROUND, WALL], np.float32)
     d = ((frame[:, :, None, :].astype(np.float32) - palette) ** 2).sum(-1)  # (H, W, colours)
-    ys, xs = np.nonzero((d.argmin(-1) == 0) & (d[..., 0] < 80 ** 2))
+    return (d.argmin(-1) == 0) & (d[..., 0] < 80 ** 2)
+
+
+def _blob(frame, color, min_px):
+    """Centroid (x, y) of the pixels whose nearest palette colour is `color`, or None if fewer than min_px."""
+    ys, xs = np.nonzero(_mask(frame, color))
     return (float(xs.mean()), float(ys.mean())) if len(xs) >= min_px else None
 
 
+def perturb(frame, rng):
+    """A uint8 frame (H, W, 3) made wrong the way a small DiT's frames go wrong: one of its objects
+    recoloured to a colour the scene lacks, or drawn a second time 2 to 4 object sizes away. None
+    if no object is found."""
+    H, W, _ = frame.shape
+    u = H / 16
+    masks = {c: m for c in COLORS if (m := _mask(frame, c)).sum() >= max(4, int(u * u))}
+    if not masks:
+        return None
+    c = list(masks)[rng.integers(len(masks))]
+    out = frame.copy()
+    if rng.random() < 0.5:
+        out[masks[c]] = COLORS[[k for k in COLORS if k not in masks][rng.integers(len(COLORS) - len(masks))]]
+    else:
+        ys, xs = np.nonzero(masks[c])
+        dy, dx = (int(rng.choice([-1, 1]) * rng.uniform(2, 4) * 2 * u) for _ in range(2))
+        out[np.clip(ys + dy, 0, H - 1), np.clip(xs + dx, 0, W - 1)] = frame[ys, xs]
+    return out
+
+
 def video_shows(frames, event):
-    """True iff the uint8 clip (T, H, W, 3) shows the event done by its object, by tracking each
+    """True iff the uint8 clip (T, H, W, 3) shows the event done by its object (why_not_shown)."""
+    return why_not_shown(frames, event) is None
+
+
+def why_not_shown(frames, event):
+    """None if the uint8 clip (T, H, W, 3) shows the event done by its object, else what fails: by tracking each
     object's coloured blob (pixels nearest that palette colour) against the generator's geometry:
     a placed block ends on the tower at its height, a removed one on the table away from the tower;
     a bouncing ball comes back from the side by at least its radius, a leaving ball is gone at the
     end, a stopping ball is still in the last 5 frames and short of the side. The other objects
     (event["others"]) must end within a radius of where they started: the wrong one moving, or
-    changing colour, is not the event."""
+    changing colour, is not the event. The reasons: "another object lost" (not found, in its colour,
+    at the start or the end), "another object moved", "lost" (the acting object not found where it
+    must be), "wrong place", "no bounce", "not gone", "not still"."""
     T, H, W, _ = frames.shape
     u = H / 16
     for c in event.get("others", []):
         first, last = (_blob(frames[t], c, min_px=max(4, int(u * u))) for t in (0, -1))
-        if first is None or last is None or max(abs(first[0] - last[0]), abs(first[1] - last[1])) > u:
-            return False
+        if first is None or last is None:
+            return "another object lost"
+        if max(abs(first[0] - last[0]), abs(first[1] - last[1])) > u:
+            return "another object moved"
     track = [_blob(f, event["color"], min_px=max(4, int(u * u))) for f in frames]
     end = track[-1]
     if event["world"] == "stack":
         if end is None:
-            return False
+            return "lost"
         if event["action"] == "place":
-            return abs(end[0] - W * 0.22) < u and abs(end[1] - (H * 14 / 16 - u - 2 * u * event["height"])) < u
-        return abs(end[1] - (H * 14 / 16 - u)) < u and abs(end[0] - W * 0.22) > 2 * u
+            ok = abs(end[0] - W * 0.22) < u and abs(end[1] - (H * 14 / 16 - u - 2 * u * event["height"])) < u
+        else:
+            ok = abs(end[1] - (H * 14 / 16 - u)) < u and abs(end[0] - W * 0.22) > 2 * u
+        return None if ok else "wrong place"
     d = 1 if event["side"] == "right" else -1
     xs = [p[0] for p in track if p is not None]
     if event["outcome"] == "leave":
-        return end is None and len(xs) > 0 and d * (xs[-1] - xs[0]) > 0
+        if not xs or d * (xs[-1] - xs[0]) <= 0:
+            return "lost" if not xs else "wrong place"
+        return None if end is None else "not gone"
     if end is None or not xs:
-        return False
+        return "lost"
     if event["outcome"] == "bounce":
-        return d * (max(xs, key=lambda x: d * x) - end[0]) > u
+        return None if d * (max(xs, key=lambda x: d * x) - end[0]) > u else "no bounce"
     last = [p for p in track[-5:] if p is not None]
     still = len(last) == 5 and max(abs(p[0] - end[0]) for p in last) < u / 4
-    return still and (W - end[0] if d > 0 else end[0]) > u
+    return None if still and (W - end[0] if d > 0 else end[0]) > u else "not still"
 
 
 def caption_reward(completions, samples):
@@ -566,9 +605,15 @@ def load_tiny_clip(path):
 
 
 def train_clip(manifest, out, steps=1000, batch_size=64, lr=1e-3, frames_per_clip=5, seed=0, height=64, width=112,
-               save_every=100):
+               save_every=100, hard_negatives=0, pool=1000, perturbed=0):
     """Contrastive training of a tiny CLIP on (target frame, caption) pairs of a manifest: CLIP-V
-    then compares what this world's frames show, CLIP-T whether a frame fits a caption. Writes
+    then compares what this world's frames show, CLIP-T whether a frame fits a caption.
+    hard_negatives > 0 adds to each batch that many training scenes with every future they could have
+    (scene(every=True), drawn from the first `pool` training scenes of world seed 0), each future's
+    frame at the same late time with its named caption: the same scene with another object moved, or
+    the same object moved the other way, is then a negative, so the embeddings must tell which object
+    did what. perturbed > 0 adds that many of each batch's frames made wrong (perturb: an object
+    recoloured or doubled) as images no caption fits. Writes
     out/clip.json + out/clip.safetensors at the end (clip.safetensors, written last, means done),
     and out/train_state.pt every save_every steps and when Ctrl-C or SIGTERM stops it: a rerun
     resumes from there exactly. -> the losses of this call's steps."""
@@ -585,14 +630,19 @@ def train_clip(manifest, out, steps=1000, batch_size=64, lr=1e-3, frames_per_cli
                           for s in samples])  # (N, K, H, W, 3) uint8, K frames spread over each target
     cfg = {**TINY_CLIP, "vision_cfg": {**TINY_CLIP["vision_cfg"], "image_size": [height, width]}}
     torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)  # the perturbations (not resumed exactly: a resumed run draws others)
     net = build_tiny_clip(cfg)
     clip = CLIP.__new__(CLIP)  # only its preprocessing, on this model
     clip.model, clip.crop, clip.size, clip.device, clip.dtype = net, False, (height, width), torch.device("cpu"), torch.float32
+    late = np.linspace(N_OUT // 2, N_OUT - 1, 3).round().astype(int)  # when the futures of a scene differ
+    futures = [[(caption, y[late]) for _, _, caption, y, _ in scene(0, "train", k, height, width, every=True)[1]]
+               for k in range(pool if hard_negatives else 0)]
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.1)
     os.makedirs(out, exist_ok=True)
     common.same_settings(os.path.join(out, "train_settings.json"),  # a state of other settings is not resumed
                          dict(manifest=os.path.abspath(manifest), steps=steps, batch_size=batch_size, lr=lr,
-                              frames_per_clip=frames_per_clip, seed=seed, height=height, width=width))
+                              frames_per_clip=frames_per_clip, seed=seed, height=height, width=width,
+                              hard_negatives=hard_negatives, pool=pool, perturbed=perturbed))
     state_path, start = os.path.join(out, "train_state.pt"), 0
     if os.path.isfile(state_path):
         state = torch.load(state_path, weights_only=True)
@@ -614,13 +664,23 @@ def train_clip(manifest, out, steps=1000, batch_size=64, lr=1e-3, frames_per_cli
             for g in opt.param_groups:
                 g["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
             i = torch.randint(len(samples), (batch_size,))
-            img = clip.preprocess(frames[i, torch.randint(frames_per_clip, (batch_size,))])
-            a = F.normalize(net.encode_image(img), dim=-1)
-            b = F.normalize(net.encode_text(byte_tokens([samples[j]["caption"] for j in i.tolist()])), dim=-1)
-            same = torch.tensor([[samples[j]["caption"] == samples[k]["caption"] for k in i.tolist()] for j in i.tolist()])
-            logits = net.logit_scale.exp() * a @ b.T
-            target = same.float() / same.sum(1, keepdim=True)  # identical captions are all positives
-            loss = (-(target * logits.log_softmax(1)).sum(1).mean() - (target.T * logits.log_softmax(0)).sum(0).mean()) / 2
+            imgs = [frames[i, torch.randint(frames_per_clip, (batch_size,))]]
+            caps = [samples[j]["caption"] for j in i.tolist()]
+            if hard_negatives:  # scenes with every future, each at one late frame
+                for k, t in zip(torch.randint(len(futures), (hard_negatives,)).tolist(),
+                                torch.randint(3, (hard_negatives,)).tolist()):
+                    imgs.append(torch.from_numpy(np.stack([y[t] for _, y in futures[k]])))
+                    caps += [c for c, _ in futures[k]]
+            wrong = [w for f in imgs[0][:perturbed].numpy() if (w := perturb(f, rng)) is not None]
+            imgs += [torch.from_numpy(np.stack(wrong))] if wrong else []
+            a = F.normalize(net.encode_image(clip.preprocess(torch.cat(imgs))), dim=-1)
+            b = F.normalize(net.encode_text(byte_tokens(caps)), dim=-1)
+            same = torch.tensor([[x == y for y in caps] for x in caps]).float()
+            logits = net.logit_scale.exp() * b @ a.T  # (captions, images): the wrong images come last
+            target = same / same.sum(1, keepdim=True)  # identical captions are all positives
+            image_to_text = -(target * logits[:, :len(caps)].T.log_softmax(1)).sum(1).mean()
+            text_to_image = -(F.pad(target, (0, len(wrong))) * logits.log_softmax(1)).sum(1).mean()
+            loss = (image_to_text + text_to_image) / 2
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -663,14 +723,14 @@ def event_preference(scores, shows, group_size):
     return {"pairs": wins / pairs if pairs else None, "r": float(np.mean(rs)) if rs else None, "mixed_groups": len(rs)}
 
 
-def reward_check(vdm_path, manifest, clip_path, out, prompts=16, group_size=8, steps=20, cfg=3.0, noise_level=0.7,
+def reward_check(vdm_path, manifest, clip_paths, out, prompts=16, group_size=8, steps=20, cfg=3.0, noise_level=0.7,
                  seed=0):
     """Does stage 2's reward see the event? The VDM samples group_size videos per prompt, as stage 2's
     rollouts are sampled (the SDE, from the prompt's caption and references), for the first `prompts`
-    samples of the manifest; each video gets r_v2 (CLIP-V to the ground truth), r_c2 (CLIP-T to the
-    caption), their stage-2 sum (each normalised as rewards.combine does) and the event check
-    (video_shows). Writes out (JSON): the settings, each video's numbers, and event_preference of each
-    reward. -> that dict"""
+    samples of the manifest; each video gets the event check (why_not_shown) and, with each CLIP of
+    clip_paths, r_v2 (CLIP-V to the ground truth), r_c2 (CLIP-T to the caption) and their stage-2 sum
+    (each normalised as rewards.combine does). Writes out (JSON): the settings, each video's numbers,
+    why the others fail, and event_preference of each reward with each CLIP. -> that dict"""
     import torch
     from tqdm import tqdm
 
@@ -679,11 +739,11 @@ def reward_check(vdm_path, manifest, clip_path, out, prompts=16, group_size=8, s
     samples, _ = data.read_manifest(manifest)
     samples = samples[:prompts]
     _, vdm = model.load(vdm_path, need=("vdm",), dtype=torch.float32, dit_dtype=torch.float32)
-    clip = rewards.CLIP(clip_path)
+    clips_ = {path: rewards.CLIP(path) for path in clip_paths}
     H, W = (model.CONFIGS[model.preset_of(vdm_path)]["infer"][k] for k in ("height", "width"))
     clips = data.ClipDataset(samples, ("clip", "target"), 33, H, W, ref_clip=model.ref_clip_of(vdm_path))
     gen = torch.Generator().manual_seed(seed)
-    raw, shows = {"clip_v": [], "clip_t": []}, []
+    raw, why = {path: {"clip_v": [], "clip_t": []} for path in clip_paths}, []
     for i in tqdm(range(len(samples)), desc="reward-check"):
         item, G = clips[i], group_size
         with torch.no_grad():
@@ -692,19 +752,24 @@ def reward_check(vdm_path, manifest, clip_path, out, prompts=16, group_size=8, s
             xs, _ = vdm.sample_sde(text, vdm.negative_text(G), refs, 33, H, W, steps, cfg, noise_level=noise_level,
                                    generator=gen)
             videos = [data.to_uint8(v) for v in vdm.decode(xs[:, -1])]
-        raw["clip_v"] += clip.clip_v(videos, [item["target"]] * G).tolist()
-        raw["clip_t"] += clip.clip_t(videos, [item["caption"]] * G).tolist()
-        shows += [video_shows(v, item["event"]) for v in videos]
-    total = rewards.combine({k: torch.tensor(v) for k, v in raw.items()}, {}, group_size).tolist()
-    result = {"settings": dict(vdm=vdm_path, manifest=manifest, clip=clip_path, prompts=len(samples),
+        for path, clip in clips_.items():
+            raw[path]["clip_v"] += clip.clip_v(videos, [item["target"]] * G).tolist()
+            raw[path]["clip_t"] += clip.clip_t(videos, [item["caption"]] * G).tolist()
+        why += [why_not_shown(v, item["event"]) for v in videos]
+    shows = [w is None for w in why]
+    group = lambda xs, i: xs[i * group_size:(i + 1) * group_size]
+    preference, by_prompt = {}, [{"id": s["id"], "caption": s["caption"], "why": group(why, i)} for i, s in enumerate(samples)]
+    for path, r in raw.items():
+        total = rewards.combine({k: torch.tensor(v) for k, v in r.items()}, {}, group_size).tolist()
+        preference[path] = {name: event_preference(v, shows, group_size)
+                            for name, v in (("r_v2", r["clip_v"]), ("r_c2", r["clip_t"]), ("r_v2 + r_c2", total))}
+        for i, row in enumerate(by_prompt):
+            row[path] = {"r_v2": [round(x, 5) for x in group(r["clip_v"], i)], "r_c2": [round(x, 5) for x in group(r["clip_t"], i)]}
+    result = {"settings": dict(vdm=vdm_path, manifest=manifest, clips=list(clip_paths), prompts=len(samples),
                                group_size=group_size, steps=steps, cfg=cfg, noise_level=noise_level, seed=seed),
               "event_videos": int(sum(shows)), "videos": len(shows),
-              "preference": {name: event_preference(v, shows, group_size)
-                             for name, v in (("r_v2", raw["clip_v"]), ("r_c2", raw["clip_t"]), ("r_v2 + r_c2", total))},
-              "videos_by_prompt": [{"id": s["id"], "caption": s["caption"],
-                                    "r_v2": [round(x, 5) for x in raw["clip_v"][i * group_size:(i + 1) * group_size]],
-                                    "r_c2": [round(x, 5) for x in raw["clip_t"][i * group_size:(i + 1) * group_size]],
-                                    "shows": shows[i * group_size:(i + 1) * group_size]} for i, s in enumerate(samples)]}
+              "why_not": {w: why.count(w) for w in sorted(set(why) - {None})},
+              "preference": preference, "videos_by_prompt": by_prompt}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
@@ -751,10 +816,13 @@ if __name__ == "__main__":
     tc.add_argument("--width", type=int, default=112, help="frame width the CLIP sees")
     tc.add_argument("--seed", type=int, default=0, help="seed")
     tc.add_argument("--save-every", type=int, default=100, help="write <out>/train_state.pt every N steps (a rerun resumes)")
+    tc.add_argument("--hard-negatives", type=int, default=0, help="scenes with every future they could have, added to each batch")
+    tc.add_argument("--pool", type=int, default=1000, help="the training scenes those are drawn from")
+    tc.add_argument("--perturbed", type=int, default=0, help="frames of each batch also added made wrong (an object recoloured or doubled)")
     rc = sub.add_parser("reward-check", help="does stage 2's reward prefer the videos that show the event?")
     rc.add_argument("--vdm", default="shapes-sft", help="the VDM whose rollouts are scored")
     rc.add_argument("--manifest", default="data/shapes/val.jsonl", help="prompts: the first --prompts samples")
-    rc.add_argument("--clip", default="weights/shapes-sft/clip", help="the CLIP of the rewards")
+    rc.add_argument("--clip", default="weights/shapes-sft/clip", help="the CLIP of the rewards (several: comma-separated)")
     rc.add_argument("--out", default="docs/results/reward_check.json", help="the result (JSON)")
     rc.add_argument("--prompts", type=int, default=16, help="prompts")
     rc.add_argument("--group-size", type=int, default=8, help="videos per prompt")
@@ -770,16 +838,18 @@ if __name__ == "__main__":
             with open(path) as f:
                 print(f"| {os.path.basename(os.path.dirname(path))} | " + " | ".join(split_by_caption(json.load(f))) + " |")
     elif a.cmd == "reward-check":
-        r = reward_check(a.vdm, a.manifest, a.clip, a.out, a.prompts, a.group_size, a.sample_steps, a.cfg, seed=a.seed)
-        print(f"{r['event_videos']} of {r['videos']} videos show the event; in groups with both, P(event video "
-              f"scores higher):")
-        for name, p in r["preference"].items():
-            print(f"  {name}: {p['pairs']} (r {p['r']}, {p['mixed_groups']} groups)")
+        r = reward_check(a.vdm, a.manifest, a.clip.split(","), a.out, a.prompts, a.group_size, a.sample_steps, a.cfg,
+                         seed=a.seed)
+        print(f"{r['event_videos']} of {r['videos']} videos show the event; the others: {r['why_not']}")
+        for path, pref in r["preference"].items():
+            print(f"{path}: in groups with both, P(an event video scores higher):")
+            for name, p in pref.items():
+                print(f"  {name}: {p['pairs']:.3f} (within-group r {p['r']:.3f}, {p['mixed_groups']} groups)")
     elif a.cmd == "data":
         make_shapes(a.out, a.n_train, a.n_val, a.n_test, a.height, a.width, a.seed, a.workers, a.world, a.vague)
     else:
         try:
             train_clip(a.train, a.out, a.steps, a.batch_size, a.lr, seed=a.seed, height=a.height, width=a.width,
-                       save_every=a.save_every)
+                       save_every=a.save_every, hard_negatives=a.hard_negatives, pool=a.pool, perturbed=a.perturbed)
         except (data.ManifestError, data.VideoError) as e:
             raise SystemExit(f"error: --train {e}")

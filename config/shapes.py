@@ -54,4 +54,5 @@ grpo_stage1 = dict(data, init="out/shapes/sft_vlm/last", vdm="out/shapes/sft_vdm
 grpo_stage2 = dict(data, vlm="out/shapes/grpo_stage1/last", vdm="out/shapes/sft_vdm/last", clip="data/shapes/clip", ref_clip="uniform",
                    height=64, width=112, cfg=3.0, max_new_tokens=160, steps=30, lr=1e-4, group_size=8, prompts=1,
                    sample_steps=10, sde_window=2, sde_window_range=(0, 5),
+                   val="data/shapes/val.jsonl", val_every=100, val_samples=16, val_steps=20,
                    micro_batch=8, save_every=10, sample_every=10, log_every=1)

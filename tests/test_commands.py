@@ -34,7 +34,7 @@ def test_training_scripts_check_their_inputs_first(shapes_small, tmp_path):
     assert run("grpo_stage1.py", "--config", "config/shapes.py", "--init", "shapes-sft", "--out", "out/g1", *train) \
         .startswith("error: --vdm out/shapes/sft_vdm/last: no such checkpoint directory")
     for script in ("grpo_stage1.py", "grpo_stage2.py"):
-        flags = ["--init", "shapes-sft"] if script == "grpo_stage1.py" else ["--vlm", "shapes"]
+        flags = ["--init", "shapes-sft"] if script == "grpo_stage1.py" else ["--vlm", "shapes", "--val", str(shapes_small / "val.jsonl")]
         assert run(script, "--config", "config/shapes.py", *flags, "--vdm", "shapes", "--out", "out/g", *train) \
             .startswith("error: --clip data/shapes/clip: no such file or directory")
     if not torch.cuda.is_available():
@@ -142,8 +142,9 @@ SEQUENCE_FLAGS = {  # added to each command of the README's Shapes sequence: its
     "sft_vdm.py": ["--steps", "2", "--batch-size", "1", "--val-every", "0", "--val-loss-samples", "1", "--val-render", "1",
                    "--val-steps", "2"],
     "grpo_stage1.py": ["--steps", "1", "--prompts", "1", "--group-size", "2", "--render-steps", "2", "--max-new-tokens", "8"],
-    "grpo_stage2.py": ["--steps", "1", "--group-size", "2", "--sample-steps", "2", "--max-new-tokens", "8",
-                       "--anchor-min-rouge", "0", "--anchor-tries", "1"],
+    "grpo_stage2.py": ["--steps", "1", "--group-size", "2", "--sample-steps", "2", "--sde-window-range", "0,2",
+                       "--max-new-tokens", "8", "--anchor-min-rouge", "0", "--anchor-tries", "1", "--val-samples", "1",
+                       "--val-steps", "2"],
     "eval.py": ["--batch-size", "2", "--steps", "2", "--max-new-tokens", "8"],
     "infer.py": ["--steps", "2", "--max-new-tokens", "8"],
 }

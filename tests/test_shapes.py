@@ -256,6 +256,10 @@ def test_tiny_clip_trains_and_loads(shapes_small, tmp_path):
     untrained.__dict__.update(clip.__dict__, model=build_tiny_clip(json.load(open(tmp_path / "clip" / "clip.json"))).eval())
     assert margin(clip) > 0.05 and margin(clip) > margin(untrained) + 0.05, (margin(clip), margin(untrained))
     assert torch.allclose(clip.clip_v(videos, videos), torch.ones(len(videos)), atol=1e-5)
+    # with hard negatives (every future of a few scenes) in each batch it still learns the pairing
+    train_clip(str(shapes_small / "train.jsonl"), str(tmp_path / "clip_hard"), steps=60, batch_size=16, lr=2e-3,
+               height=32, width=64, hard_negatives=2, pool=8)
+    assert margin(CLIP(str(tmp_path / "clip_hard"))) > 0.05
     with pytest.raises(CLIPError, match="not a tiny-CLIP directory"):
         CLIP(str(tmp_path))
 
@@ -341,3 +345,71 @@ def test_split_by_caption_counts_each_group():
     samples = [q(True, True, True, 0.9), q(True, True, False, 0.7), q(True, False, False, 0.5), q(False, False, True, 0.1)]
     assert shapes.split_by_caption({"samples": samples}) == ["0.500", "0.500 (2)", "0.000 (1)", "1.000 (1)",
                                                              "0.800 (2)", "0.500 (1)"]
+
+
+def test_scene_with_every_future():
+    """scene(every=True): the same input and scene, every question it could ask: each asked future
+    among them, all different. Catches: another scene drawn, a future missing (hard negatives that
+    are the positive)."""
+    for i in range(8):
+        x, asked = shapes.scene(0, "train", i, 32, 64)
+        x2, every = shapes.scene(0, "train", i, 32, 64, every=True)
+        assert np.array_equal(x, x2) and len(every) >= max(2, len(asked))
+        assert all(any(a[2] == e[2] and np.array_equal(a[3], e[3]) for e in every) for a in asked)
+        assert len({e[2] for e in every}) == len(every)
+        assert all(not np.array_equal(e[3], f[3]) for e in every for f in every if e is not f)
+
+
+def test_event_preference_closed_form():
+    """shapes.event_preference on two mixed groups and one all-event group, against the numbers
+    by hand: pairs (4 + 0.5 + 1) / 7 wins, r the mean of 2 / sqrt(5) and 0. Catches: ties counted
+    as wins, unmixed groups counted."""
+    scores = [3, 1, 2, 0, 1, 1, 0, 2, 5, 6, 7, 8]
+    shows = [1, 0, 1, 0, 1, 0, 0, 0, 1, 1, 1, 1]
+    p = shapes.event_preference(scores, shows, 4)
+    assert p["mixed_groups"] == 2
+    assert p["pairs"] == pytest.approx(5.5 / 7) and p["r"] == pytest.approx((2 / 5 ** 0.5 + 0) / 2)
+    assert shapes.event_preference([1, 2], [0, 0], 2) == {"pairs": None, "r": None, "mixed_groups": 0}
+
+
+def test_why_not_shown_and_perturbed_frames():
+    """why_not_shown names what fails: a ground truth passes; an object of another colour recoloured
+    (perturb's kind of error) is "another object lost"; the acting ball gone where it must bounce
+    back is "lost"; a ball held at its start does not bounce. perturb changes one object's pixels and
+    nothing else in the scene's colours. Catches: a reason that does not match the failure."""
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        _, answers = shapes.scene(0, "val", i, 64, 112, every=True)
+        _, _, _, y, event = answers[0]
+        if event["world"] != "ball" or event["outcome"] != "bounce":
+            continue
+        assert shapes.why_not_shown(y, event) is None
+        other = y.copy()
+        other[shapes._mask(other[-1], event["others"][0])[None].repeat(len(y), 0)] = shapes.BACKGROUND
+        assert shapes.why_not_shown(other, event) == "another object lost"
+        gone = y.copy()
+        gone[-1][shapes._mask(y[-1], event["color"])] = shapes.BACKGROUND
+        assert shapes.why_not_shown(gone, event) == "lost"
+        assert shapes.why_not_shown(np.repeat(y[:1], len(y), 0), event) == "no bounce"
+        wrong = shapes.perturb(y[20], rng)
+        changed = (wrong != y[20]).any(-1)
+        assert 0 < changed.sum() < 0.05 * changed.size
+        break
+    else:
+        raise AssertionError("no bouncing ball in 40 scenes")
+
+
+def test_reward_check_scores_and_explains_every_video(tmp_path):
+    """shapes.py reward-check on the shipped SFT VDM (2 prompts x 2 videos, 2 steps): every video
+    scored by each CLIP and either shown or given a reason; the preference computed per CLIP.
+    Catches: a count that does not add up, a CLIP left out."""
+    world = tmp_path / "world"
+    shapes.make_shapes(str(world), 0, 2, 0, height=64, width=112, seed=3, workers=1)
+    clip = os.path.join(ROOT, "weights", "shapes-sft", "clip")
+    r = shapes.reward_check("shapes-sft", str(world / "val.jsonl"), [clip], str(tmp_path / "rc.json"), prompts=2,
+                            group_size=2, steps=2)
+    assert r == json.load(open(tmp_path / "rc.json")) and r["videos"] == 4
+    why = [w for p in r["videos_by_prompt"] for w in p["why"]]
+    assert r["event_videos"] == why.count(None) and sum(r["why_not"].values()) == 4 - r["event_videos"]
+    assert all(len(p[clip]["r_v2"]) == 2 and all(0 < v <= 1 for v in p[clip]["r_v2"]) for p in r["videos_by_prompt"])
+    assert set(r["preference"][clip]) == {"r_v2", "r_c2", "r_v2 + r_c2"}

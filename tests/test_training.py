@@ -854,7 +854,7 @@ def test_grpo_stage2_raises_a_pixel_reward_of_the_shipped_sft_dit(tmp_path):
     cfg = runpy.run_path(os.path.join(ROOT, "config", "shapes.py"))["grpo_stage2"]  # the preset's settings
     r = subprocess.run([sys.executable, "grpo_stage2.py", "--config", "config/shapes.py", "--vlm", "shapes-sft", "--vdm",
                         "shapes-sft", "--train", str(world / "train.jsonl"), "--rewards", "light:brightness=1",
-                        "--anchor-min-rouge", "0", "--anchor-tries", "1", "--steps", "50", "--save-every", "50",
+                        "--anchor-min-rouge", "0", "--anchor-tries", "1", "--steps", "50", "--save-every", "50", "--val", "",
                         "--sample-every", "1000", "--workers", "0", "--out", str(tmp_path / "run")],
                        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -872,27 +872,35 @@ def test_grpo_stage2_torchrun_lora_anchors_and_exact_resume(shapes_small, tmp_pa
     """Stage 2 under 2-rank DDP with a LoRA DiT: the metric names, a moved ratio at the second
     optimizer step of a rollout, a merged DiT checkpoint that names the frozen models instead of
     copying them, anchors computed once, exact resume, anchors of other flags refused,
-    all-skipped prompts one error. Catches: stale anchors reused, a resume that changes the run."""
+    all-skipped prompts one error; the held-out prompts scored at steps 0, 2, 4, shared over the
+    ranks; a resumed run with --sde-window the same as a straight one, held-out scores included.
+    Catches: stale anchors reused, a resume that changes the run."""
     flags = _stage2_flags(shapes_small, ["--steps", "4", "--prompts", "1", "--group-size", "2", "--micro-batch", "2",
-                                         "--lr", "1e-2", "--cfg", "2"])
+                                         "--lr", "1e-2", "--cfg", "2", "--val", str(shapes_small / "val.jsonl"),
+                                         "--val-every", "2", "--val-samples", "3", "--val-steps", "2"])
     r = train("grpo_stage2.py", flags + ["--lora", "4"], tmp_path / "ddp", nproc=2)
     assert "weights identical on all 2 ranks" in r.stdout and "anchors: 16 of 16 prompts kept" in r.stdout
     logs = [json.loads(l) for l in open(tmp_path / "ddp" / "log.jsonl")]
     names = {"reward", "reward_std", "frac_reward_zero_std", "rewards/clip_v/mean", "rewards/clip_t/mean", "kl",
              "clip_ratio", "approx_kl", "motion", "motion_gt"}
-    assert names <= set(logs[0]) and logs[-1]["approx_kl"] > 0  # the second optimizer step saw a moved ratio
+    assert names <= set(logs[1]) and logs[-1]["approx_kl"] > 0  # the second optimizer step saw a moved ratio
+    scored = [json.loads(l) for l in open(tmp_path / "ddp" / "val.jsonl")]
+    assert [v["step"] for v in scored] == [0, 2, 4] and all(len(v["prompts"]) == 3 for v in scored)
+    assert [r["step"] for r in logs if "val/reward" in r] == [0, 2, 4]
+    assert scored[0]["prompts"] != scored[-1]["prompts"]  # the DiT moved, the noise did not
     assert os.listdir(tmp_path / "ddp" / "samples")
     _, vdm = model.load(str(tmp_path / "ddp" / "last"))  # the merged DiT, a plain --model
     meta = json.load(open(tmp_path / "ddp" / "last" / "meta.json"))
     assert meta["parts"] == ["dit", "dit_lora"] and meta["from"] == {"vlm": "tiny", "vdm": "tiny"}
     # full fine-tuning: N straight == N/2 + resume + N/2; the anchors are computed once
-    no_clip = ["--rewards", "clip_t=1"]
+    no_clip = ["--rewards", "clip_t=1", "--sde-window", "1", "--sde-window-range", "0,3"]
     train("grpo_stage2.py", flags + no_clip, tmp_path / "straight")
     train("grpo_stage2.py", flags + no_clip + ["--stop-at", "2"], tmp_path / "split")
     lines = open(tmp_path / "split" / "anchors.rank0.jsonl").read()
     train("grpo_stage2.py", flags + no_clip + ["--resume"], tmp_path / "split")
     assert open(tmp_path / "split" / "anchors.rank0.jsonl").read() == lines
     same_weights(tmp_path / "straight" / "last", tmp_path / "split" / "last")
+    assert open(tmp_path / "straight" / "val.jsonl").read() == open(tmp_path / "split" / "val.jsonl").read()
     # anchors cached under other flags are not reused: one error line
     bar = ["--anchor-min-rouge", "0.6", "--anchor-tries", "2"]
     r = train("grpo_stage2.py", flags + bar, tmp_path / "split", check=False)
