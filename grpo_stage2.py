@@ -328,7 +328,7 @@ if resume:
 else:
     torch.manual_seed(args.seed + rank)
 logger = common.Logger(args.out, args, rank, start)
-if master:  # the held-out scores of a resumed run's later steps are redone, as its log's
+if master and val:  # the held-out scores of a resumed run's later steps are redone, as its log's
     path = os.path.join(args.out, "val.jsonl")
     rows = [r for r in map(json.loads, open(path)) if r["step"] <= start] if start and os.path.isfile(path) else []
     with open(path, "w") as f:
