@@ -358,11 +358,11 @@ loader = common.loader(clips, sampler, args.workers, data.collate)
 sigmas = model.flow_sigmas(args.sample_steps).to(device)
 trained_steps = range(int(args.sample_steps * args.train_fraction))  # with --sde-window: the step's window
 phases = common.Phases()  # the wall time of each step's rollout, decode, rewards and update, logged
-t0, val_seconds = time.time(), 0.0  # sec_per_step leaves the held-out scoring out
 stop = common.Stop()  # Ctrl-C / SIGTERM: finish the step, log, save, end
 progress = tqdm(total=args.steps, initial=start, disable=not master, desc="grpo_stage2")
 if val and start == 0:
     logger.log(validate(0), 0)
+t0, val_seconds = time.time(), 0.0  # sec_per_step leaves the held-out scoring out
 for step, batch in zip(range(start, end), loader):
     phases.start()
     lr = common.lr_at(step, args.lr, args.warmup, args.steps)
@@ -444,6 +444,7 @@ for step, batch in zip(range(start, end), loader):
     if val and (done % args.val_every == 0 or done == end):
         metrics = validate(done)
         phases.mark("val")
+        val_seconds += phases.seconds["val"]
     if done % args.log_every == 0 or done == end:
         weighted = sum(weights[k] * v for k, v in raw.items()).view(-1, G)  # the un-normalised reward
         metrics |= {"reward": common.all_mean(weighted.flatten().tolist()),
@@ -457,7 +458,6 @@ for step, batch in zip(range(start, end), loader):
                    "sec_per_step": (time.time() - t0 - val_seconds) / (done - start),
                    **{f"time/{k}": round(v, 3) for k, v in phases.seconds.items()}}
         progress.set_postfix(reward=f"{metrics['reward']:.3f}", motion=f"{metrics['motion']:.4f}")
-    val_seconds += phases.seconds.get("val", 0.0)
     if metrics:
         logger.log(metrics, done)
     if master and (done % args.sample_every == 0 or done == end):
