@@ -630,7 +630,7 @@ def train_clip(manifest, out, steps=1000, batch_size=64, lr=1e-3, frames_per_cli
                           for s in samples])  # (N, K, H, W, 3) uint8, K frames spread over each target
     cfg = {**TINY_CLIP, "vision_cfg": {**TINY_CLIP["vision_cfg"], "image_size": [height, width]}}
     torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)  # the perturbations (not resumed exactly: a resumed run draws others)
+    rng = np.random.default_rng(seed)  # the perturbations; its state is saved with torch's
     net = build_tiny_clip(cfg)
     clip = CLIP.__new__(CLIP)  # only its preprocessing, on this model
     clip.model, clip.crop, clip.size, clip.device, clip.dtype = net, False, (height, width), torch.device("cpu"), torch.float32
@@ -649,12 +649,13 @@ def train_clip(manifest, out, steps=1000, batch_size=64, lr=1e-3, frames_per_cli
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
+        rng.bit_generator.state = state["np_rng"]
         start = state["step"]
         print(f"resumed from {state_path} at step {start}", flush=True)
 
     def save_state(step):
         torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
-                    "step": step}, state_path + ".tmp")
+                    "np_rng": rng.bit_generator.state, "step": step}, state_path + ".tmp")
         os.replace(state_path + ".tmp", state_path)
 
     stop, losses = common.Stop(), []
@@ -739,20 +740,20 @@ def reward_check(vdm_path, manifest, clip_paths, out, prompts=16, group_size=8, 
     samples, _ = data.read_manifest(manifest)
     samples = samples[:prompts]
     _, vdm = model.load(vdm_path, need=("vdm",), dtype=torch.float32, dit_dtype=torch.float32)
-    clips_ = {path: rewards.CLIP(path) for path in clip_paths}
+    scorers = {path: rewards.CLIP(path) for path in clip_paths}
     H, W = (model.CONFIGS[model.preset_of(vdm_path)]["infer"][k] for k in ("height", "width"))
-    clips = data.ClipDataset(samples, ("clip", "target"), 33, H, W, ref_clip=model.ref_clip_of(vdm_path))
+    dataset = data.ClipDataset(samples, ("clip", "target"), 33, H, W, ref_clip=model.ref_clip_of(vdm_path))
     gen = torch.Generator().manual_seed(seed)
     raw, why = {path: {"clip_v": [], "clip_t": []} for path in clip_paths}, []
     for i in tqdm(range(len(samples)), desc="reward-check"):
-        item, G = clips[i], group_size
+        item, G = dataset[i], group_size
         with torch.no_grad():
             text = vdm.encode_text([item["caption"]]).expand(G, -1, -1)
             refs = vdm.ref_latents(vdm.encode_video(data.to_tensor(item["clip"][None]))).expand(G, -1, -1, -1, -1)
             xs, _ = vdm.sample_sde(text, vdm.negative_text(G), refs, 33, H, W, steps, cfg, noise_level=noise_level,
                                    generator=gen)
             videos = [data.to_uint8(v) for v in vdm.decode(xs[:, -1])]
-        for path, clip in clips_.items():
+        for path, clip in scorers.items():
             raw[path]["clip_v"] += clip.clip_v(videos, [item["target"]] * G).tolist()
             raw[path]["clip_t"] += clip.clip_t(videos, [item["caption"]] * G).tolist()
         why += [why_not_shown(v, item["event"]) for v in videos]

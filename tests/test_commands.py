@@ -94,7 +94,8 @@ def test_stopped_runs_keep_their_work(shapes_small, tmp_path):
     assert 2 <= step < 400 and "weights identical on all 2 ranks" in stdout and f"stopped: step {step} of 400" in stdout
 
     clip = [sys.executable, os.path.join(ROOT, "shapes.py"), "train-clip", "--train", str(shapes_small / "train.jsonl"),
-            "--steps", "30", "--batch-size", "8", "--height", "32", "--width", "64", "--save-every", "1000"]
+            "--steps", "30", "--batch-size", "8", "--height", "32", "--width", "64", "--save-every", "1000",
+            "--hard-negatives", "1", "--pool", "4", "--perturbed", "2"]  # their draws resume exactly too
     one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}  # as stop_midway runs it: the same float sums
     subprocess.run(clip + ["--out", str(tmp_path / "clip_straight")], check=True, capture_output=True, cwd=ROOT, env=one_thread)
     stop_midway(clip + ["--out", str(tmp_path / "clip_split")], tmp_path / "clip.err", signal.SIGINT, None)
