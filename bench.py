@@ -212,7 +212,7 @@ HUB_DTYPES = {"qwen": torch.bfloat16, "wan/transformer": torch.float32, "wan/vae
 
 
 def write_snapshot(preset, out, shard_gb=2.0):
-    """Models of a preset written as the hub's snapshots lay them out, for model.load_base: out/qwen
+    """Models of a preset written as the hub's snapshots lay them out, for checkpoint.load_base: out/qwen
     (Qwen2.5-VL and its processor) and out/wan (transformer/, vae/, text_encoder/, tokenizer/), each
     in its hub dtype (HUB_DTYPES), in safetensors shards with an index, a tied weight once. The small
     presets are written with their random initialisation (model.load_tiny's weights); the full one
@@ -259,7 +259,7 @@ def write_snapshot(preset, out, shard_gb=2.0):
     ByT5Tokenizer().save_pretrained(os.path.join(out, "wan", "tokenizer"))
 
 
-# --suite load: (row, what is run after `import model`); `load` is model.load_base on the snapshot,
+# --suite load: (row, what is run after `import checkpoint`); `load` is checkpoint.load_base on the snapshot,
 # onto --device. Each row runs in a process of its own.
 LOADS = [("imports only", ""),
          ("VLM in bf16 (infer; grpo_stage1/2 on a GPU)", "vlm, _ = load(need=('vlm',), dtype=torch.bfloat16)"),
@@ -281,8 +281,8 @@ def load_memory(snapshot, code, device):
     touch = ("for m in [x for x in (locals().get('vlm'), locals().get('vdm')) if x is not None]:\n"
              "    for net in (m.model,) if hasattr(m, 'model') else (m.dit, m.vae, m.text_encoder):\n"
              "        [p.reshape(-1)[::1024].sum() for p in net.parameters()]  # a read on every page\n")
-    script = (f"import functools, re, torch, model\nst = {st}\nDEVICE = {device!r}\n"
-              f"load = functools.partial(model.load_base, {os.path.join(snapshot, 'qwen')!r}, "
+    script = (f"import functools, re, torch, checkpoint\nst = {st}\nDEVICE = {device!r}\n"
+              f"load = functools.partial(checkpoint.load_base, {os.path.join(snapshot, 'qwen')!r}, "
               f"{os.path.join(snapshot, 'wan')!r}, device=DEVICE)\n{code}\npeak = st('VmHWM')\n{touch}"
               "print(peak, st('RssAnon'), st('RssFile'))")
     # /proc/self/status: VmHWM is this process's own peak (getrusage's maxrss carries the parent's over a fork)

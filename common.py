@@ -43,24 +43,6 @@ def parse_flags(parser, script, argv=None):
     return parser.parse_args(argv)
 
 
-def read_manifests(args, min_frames):
-    """(train, val) samples of --train / --val (if the script has it), validated down to the videos; a bad line is a
-    one-line error, or with --skip-bad skipped and counted."""
-    import data
-    try:
-        train, bad = data.read_manifest(args.train, check_videos=True, min_frames=min_frames, skip_bad=args.skip_bad)
-        val, bad_val = data.read_manifest(args.val, check_videos=True, min_frames=min_frames,
-                                          skip_bad=args.skip_bad) if getattr(args, "val", None) else ([], [])
-    except (data.ManifestError, data.VideoError) as e:
-        sys.exit(f"error: {e}")
-    for name, kept, skipped in (("train", train, bad), ("val", val, bad_val)):
-        if kept or skipped:
-            print0(f"{name}: {len(kept)} samples" + (f", {len(skipped)} skipped (first: {skipped[0]})" if skipped else ""))
-    if not train:
-        sys.exit(f"error: {args.train}: no usable samples")
-    return train, val
-
-
 def add_run_flags(parser, out, steps):
     """Flags every training script has: output, schedule, logging, compute. Defaults: the
     paper's number of steps, and out/<script> as the run directory."""
@@ -82,14 +64,14 @@ def add_run_flags(parser, out, steps):
 
 
 def check_models(**flags):
-    """Before any heavy work: each flag=value names a model that model.load knows (vans, base,
-    shapes, shapes-sft, tiny, random:shapes) or an existing checkpoint directory; else one error line naming
-    the flag and the path."""
-    import model
+    """Before any heavy work: each flag=value names a model that checkpoint.load knows (vans, base, a
+    model shipped in weights/, tiny, random:PRESET) or an existing checkpoint directory; else one error
+    line naming the flag and the path."""
+    import checkpoint
     for flag, name in flags.items():
         try:
-            model.check_name(name)
-        except model.CheckpointError as e:
+            checkpoint.check_name(name)
+        except checkpoint.CheckpointError as e:
             sys.exit(f"error: --{flag.replace('_', '-')} {e}")
 
 
@@ -97,24 +79,33 @@ def check_frozen(last, resume, **flags):
     """The frozen models a GRPO run names in its checkpoint instead of saving them ({"vlm" | "vdm":
     --model name}): never the checkpoint it writes, and on --resume the ones it started from (the
     KL reference and a LoRA's base must not change under a run). One error line otherwise."""
-    import model
+    import checkpoint
     for flag, name in flags.items():
         try:
-            recorded = model.source_of(name, last)
-        except model.CheckpointError as e:
+            recorded = checkpoint.source_of(name, last)
+        except checkpoint.CheckpointError as e:
             sys.exit(f"error: --{flag} {e}")
-        was = model.read_meta(last).get("from", {}).get(flag) if resume else None
+        was = checkpoint.read_meta(last).get("from", {}).get(flag) if resume else None
         if was is not None and was != recorded:
-            sys.exit(f"error: --{flag} {name}: {last} was trained from {model._source_path(last, was)}; resume with "
+            sys.exit(f"error: --{flag} {name}: {last} was trained from {checkpoint._source_path(last, was)}; resume with "
                      f"that --{flag}, or change --out")
 
 
-def load_model(name, **kw):
-    """(preset, model.load(name, ...)) for the training scripts: a bad checkpoint is one error line."""
+def hook(flag, spec):
+    """--flag module:function -> that function (model.hook); one error line if it is not there."""
     import model
     try:
-        return model.preset_of(name), model.load(name, **kw)
-    except model.CheckpointError as e:
+        return model.hook(spec)
+    except (ImportError, AttributeError, ValueError) as e:
+        sys.exit(f"error: --{flag} {spec}: {e} (expected module:function)")
+
+
+def load_model(name, **kw):
+    """(preset dict, checkpoint.load(name, ...)) for the training scripts: a bad checkpoint is one error line."""
+    import checkpoint
+    try:
+        return checkpoint.preset_of(name), checkpoint.load(name, **kw)
+    except checkpoint.CheckpointError as e:
         sys.exit(f"error: {e}")
 
 
@@ -122,9 +113,9 @@ def load_clip(weights, models, device):
     """rewards.CLIP for --clip `weights`; None (the default) takes the tiny CLIP that the first of
     `models` ships in its checkpoint directory (clip/, as weights/shapes does), else OpenAI's.
     Called before any heavy work: a missing file or weights not in the cache is one error line."""
-    import model
+    import checkpoint
     import rewards
-    weights = weights or next((d for d in (os.path.join(model.SHIPPED.get(m, m), "clip") for m in models)
+    weights = weights or next((d for d in (os.path.join(checkpoint.directory(m), "clip") for m in models)
                                if os.path.isdir(d)), "openai")
     try:
         clip = rewards.CLIP(None if weights == "random" else weights, device=device)
@@ -137,12 +128,12 @@ def load_clip(weights, models, device):
 def read_weights(path, own):
     """The safetensors file at `path`, whose keys and shapes must be those of `own` (name -> tensor,
     e.g. a module's state_dict()): a missing, truncated or mismatched file is one error line."""
-    import model
+    import checkpoint
     try:
-        sd = model._read(path)
-        model._check_keys(own, sd, path)
+        sd = checkpoint._read(path)
+        checkpoint._check_keys(own, sd, path)
         return sd
-    except model.CheckpointError as e:
+    except checkpoint.CheckpointError as e:
         sys.exit(f"error: {e}")
 
 
@@ -381,6 +372,52 @@ def rng_states():
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, state)
     return out
+
+
+def minibatches(parser, args, what):
+    """--minibatches must split a step's --prompts x --group-size rollouts into equal parts, each made of
+    whole micro-batches: -> the micro-batch size (at most --micro-batch); a parser error otherwise."""
+    n = args.prompts * args.group_size  # rollouts per rank and step
+    per_minibatch = n // args.minibatches if args.minibatches >= 1 else 0
+    if per_minibatch < 1 or per_minibatch * args.minibatches != n or per_minibatch % min(args.micro_batch, per_minibatch):
+        parser.error(f"--minibatches {args.minibatches} must split the {n} {what} of a step (--prompts x "
+                     f"--group-size) into equal parts, each made of whole --micro-batch chunks")
+    return min(args.micro_batch, per_minibatch)
+
+
+def start_state(last, resume, optimizer, seed):
+    """Where a run starts -> (step, skipped): on --resume, <last>'s step with its optimizer state, RNG
+    and count of skipped clips (rank 0 carries the total of earlier runs); else step 0, torch's RNG
+    seeded with seed + rank (each rank draws its own samples and noise)."""
+    rank = int(os.environ.get("RANK", 0))
+    if not resume:
+        torch.manual_seed(seed + rank)
+        return 0, 0
+    state = load_train_state(last)
+    optimizer.load_state_dict(state["optimizer"])
+    print0(f"resumed from {last} at step {state['step']}")
+    return state["step"], state["skipped"] if rank == 0 else 0
+
+
+def group_metrics(raw, weights, total, group_size, stats):
+    """The GRPO step's reward metrics, every rank's together: reward (the lambda-weighted raw sum) and its
+    in-group std, the share of groups whose combined reward does not vary (no gradient from them), each
+    reward's mean, and the loss's kl / clip_ratio / approx_kl (stats: rewards.grpo_loss' dicts)."""
+    weighted = sum(weights[k] * v for k, v in raw.items()).view(-1, group_size)
+    return {"reward": all_mean(weighted.flatten().tolist()),
+            "reward_std": all_mean(weighted.std(1, unbiased=False).tolist()),
+            "frac_reward_zero_std": all_mean((total.view(-1, group_size).std(1) < 1e-6).float().tolist()),
+            **{f"rewards/{k}/mean": all_mean(v.tolist()) for k, v in raw.items()},
+            **{k: all_mean([s[k] for s in stats]) for k in ("kl", "clip_ratio", "approx_kl")}}
+
+
+def finish(params, end, steps, t0, last, logger):
+    """A training run's end: every rank's weights checked equal, one line saying where it stopped, the
+    log closed, the process group left."""
+    check_in_sync(params)
+    print0(f"{'done' if end == steps else 'stopped'}: step {end} of {steps}, {time.time() - t0:.0f} s; checkpoint {last}")
+    logger.finish()
+    compute_cleanup()
 
 
 def train_state(step, optimizer_state, extra=None):

@@ -63,10 +63,11 @@ def shapes_small(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_vdm_ckpt(tmp_path_factory):
     """A tiny VDM checkpoint (random weights) for the DiT runs."""
+    import checkpoint
     import model
     path = tmp_path_factory.mktemp("vdm") / "ckpt"
     _, vdm = model.load_tiny()
-    model.save_checkpoint(str(path), None, vdm, {"preset": "tiny"}, ("dit", "vae", "text_encoder"))
+    checkpoint.save_checkpoint(str(path), None, vdm, {"preset": "tiny"}, ("dit", "vae", "text_encoder"))
     return path
 
 

@@ -34,7 +34,6 @@ import torch.nn.functional as F
 import common
 import data
 import rewards
-import shapes
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 I3D_PATH = os.environ.get("VANS_I3D", os.path.join(ROOT, "weights", "i3d_kinetics400.safetensors"))
@@ -219,8 +218,8 @@ def fetch_i3d(out=I3D_PATH):
     net.load_state_dict(sd, strict=True)  # every weight lands, nothing is left over
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     save_file(sd, out + ".tmp")
-    import model
-    model.respect_umask(out + ".tmp")
+    import checkpoint
+    checkpoint.respect_umask(out + ".tmp")
     os.replace(out + ".tmp", out)
     print(f"wrote {out} ({sum(v.numel() for v in sd.values()):,} parameters)")
 
@@ -315,11 +314,12 @@ def cached_i3d_logits(model, videos, paths, cache_dir=None):
 # -----------------------------------------------------------------------------
 # the evaluation run
 
-def score(samples, preds, clip, i3d, gt_cache=None):
+def score(samples, preds, clip, i3d, gt_cache=None, metrics=None):
     """samples: manifest rows; preds: matching dicts with caption and video (uint8 (T, H, W, 3)).
     -> (table dict, per-sample list). CLIP-T compares each generated frame with the ground-truth
     caption; the ground-truth video is read at the generated frame count and size. gt_cache: a
-    directory that keeps the ground truth's I3D logits (cached_i3d_logits)."""
+    directory that keeps the ground truth's I3D logits (cached_i3d_logits). metrics: a --metrics hook,
+    fn(samples, captions, videos) -> {name: [value or None per sample]}."""
     caps, refs = [p["caption"] for p in preds], [s["caption"] for s in samples]
     videos = [p["video"] for p in preds]
     gts = [data.resize_crop(data.read_frames(s["target_video"], len(v)), *v.shape[1:3]) for s, v in zip(samples, videos)]
@@ -335,18 +335,12 @@ def score(samples, preds, clip, i3d, gt_cache=None):
     per = [{"id": s["id"], "kind": s["kind"], "question": s["question"], "caption": p["caption"],
             "think": p.get("think"), "gt_caption": s["caption"], "rouge_l": r, "clip_v": v, "clip_t": t}
            for s, p, r, v, t in zip(samples, preds, rl, cv, ct)]
-    # Shapes, against the generator's own record of the event: the caption states the outcome
-    # (shapes.caption_event), it also names the object that acts (shapes.caption_specific), the
-    # video shows that object doing it (shapes.video_shows)
-    checks = {"event_caption": lambda p, e: shapes.caption_event(p["caption"], e),
-              "specific_caption": lambda p, e: shapes.caption_specific(p["caption"], e),
-              "event_video": lambda p, e: shapes.video_shows(p["video"], e)}
-    for k, check in checks.items():
-        row[k] = None
-        if all(s.get("event") for s in samples):
-            for s, p, q in zip(samples, preds, per):
-                q[k] = bool(check(p, s["event"]))
-            row[k] = float(np.mean([q[k] for q in per]))
+    # a world's own checks (--metrics; the Shapes world's: does the caption state the generator's event,
+    # name its object, does the video show it): a column where every sample has a value
+    for k, values in (metrics(samples, caps, videos) if metrics else {}).items():
+        for q, v in zip(per, values):
+            q[k] = v
+        row[k] = float(np.mean(values)) if all(v is not None for v in values) else None
     return row, per
 
 
@@ -489,6 +483,8 @@ if __name__ == "__main__":
     parser.add_argument("--captions", choices=("caption", "caption_specific"), default=None,
                         help="render the manifest's own captions instead of the VLM's (the VDM alone): its annotation, or "
                              "the Shapes world's fully specified caption")
+    parser.add_argument("--metrics", default=None, help="module:function adding a world's own per-sample checks to the "
+                                                   "table (e.g. shapes:metrics, the Shapes world's event checks)")
     parser.add_argument("--table", nargs="+", metavar="RESULTS", help="print the table of these results.json files, then exit")
     infer.add_flags(parser)
     args = parser.parse_args()
@@ -503,6 +499,7 @@ if __name__ == "__main__":
         sys.exit(0)
     if not args.manifest:
         infer.fail("--manifest is required")
+    metrics = common.hook("metrics", args.metrics) if args.metrics else None
     infer.settle_flags(args)
 
     # --- data
@@ -611,7 +608,7 @@ if __name__ == "__main__":
         if not isinstance(p.get("caption"), str):
             infer.fail(f"{path}.json: no 'caption' string")
         preds.append(p)
-    row, per = score(samples, preds, clip, i3d, args.gt_cache)
+    row, per = score(samples, preds, clip, i3d, args.gt_cache, metrics)
     results = {"model": name if args.predictions else (args.vdm or args.model) if args.captions else args.model, "manifest": os.path.abspath(args.manifest), "split": kind or "all",
                "clip": clip.weights, **row, "samples": per}
     with open(os.path.join(out_dir, "results.json"), "w") as f:

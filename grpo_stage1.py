@@ -54,6 +54,7 @@ Choices the paper leaves open, made here:
 
 import argparse
 import contextlib
+import math
 import os
 import time
 
@@ -61,11 +62,11 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import checkpoint
 import common
 import data
 import model
 import rewards
-import shapes
 
 # -----------------------------------------------------------------------------
 # flags
@@ -102,6 +103,8 @@ parser.add_argument("--rewards", default="format=1,rouge_l=1,clip_v=1",
                     help="name=lambda list: format, rouge_l, clip_v, or module:function (fn(completions, samples) -> floats)")
 parser.add_argument("--norm", default="pooled", choices=rewards.NORMALISATIONS,
                     help="how each reward is normalised before the sum (rewards.normalise)")
+parser.add_argument("--metrics", default=None, help="module:function checking the rollouts' captions, logged under its "
+                                               "names (e.g. shapes:metrics)")
 parser.add_argument("--clip-range", type=float, default=1e-3, help="epsilon of the clipped ratio")
 parser.add_argument("--beta", type=float, default=0.004, help="weight of the k3 KL to the reference (SFT) model")
 parser.add_argument("--loss-mean", default="sequence", choices=["sequence", "token"], help="average per sequence, or over all tokens")
@@ -115,17 +118,13 @@ args = common.parse_flags(parser, "grpo_stage1")
 # -----------------------------------------------------------------------------
 # compute
 
-n_rollout = args.prompts * args.group_size  # completions per rank and step
-part = n_rollout // args.minibatches if args.minibatches >= 1 else 0  # completions per optimizer step
-if part < 1 or part * args.minibatches != n_rollout or part % min(args.micro_batch, part):
-    parser.error(f"--minibatches {args.minibatches} must split the {n_rollout} completions of a step (--prompts x "
-                 f"--group-size) into equal parts, each made of whole --micro-batch chunks")
+mb = common.minibatches(parser, args, "completions")  # sequences per micro-batch
 rank, world, device = common.compute_init(args.device)
 master = rank == 0
 amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 last = os.path.join(args.out, "last")
-resume = args.resume and model.checkpoint_exists(last)
+resume = args.resume and checkpoint.checkpoint_exists(last)
 G = args.group_size
 rep = lambda xs: [x for x in xs for _ in range(G)]  # a prompt's value for each of its G completions
 
@@ -136,6 +135,7 @@ except (ValueError, ImportError, AttributeError) as e:
     parser.error(f"--rewards: {e}")
 weights = {k: w for k, (w, _) in reward_fns.items()}
 render = "clip_v" in reward_fns
+metrics_fn = common.hook("metrics", args.metrics) if args.metrics else None
 
 # -----------------------------------------------------------------------------
 # data: each prompt's VLM frames, and (for CLIP-V) its reference clip and ground-truth video. Every
@@ -143,8 +143,8 @@ render = "clip_v" in reward_fns
 
 common.check_models(**({} if resume else {"init": args.init}), vdm=args.vdm)
 common.check_frozen(last, resume, vdm=args.vdm)
-args.ref_clip = args.ref_clip or model.ref_clip_of(args.vdm)
-train, _ = common.read_manifests(args, min_frames=args.frames)
+args.ref_clip = args.ref_clip or checkpoint.ref_clip_of(args.vdm)
+train, _ = data.read_manifests(args, min_frames=args.frames)
 clip = common.load_clip(args.clip, [args.vdm], device) if render else None
 os.makedirs(args.out, exist_ok=True)
 dataset = data.ClipDataset(train, ("vlm", "clip", "target") if render else ("vlm",), args.frames, args.height,
@@ -170,7 +170,7 @@ if args.grad_checkpointing:
     net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 params = [p for p in net.parameters() if p.requires_grad]
 ddp_net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else net
-common.print0(f"{preset} VLM: {sum(p.numel() for p in params):,} LoRA parameters trained")
+common.print0(f"{preset['name']} VLM: {sum(p.numel() for p in params):,} LoRA parameters trained")
 
 _, (_, vdm) = common.load_model(args.vdm, qwen=args.qwen, wan=args.wan, vans=args.vans, dtype=dtype, device=device,
                                 need=("vdm",))
@@ -200,14 +200,18 @@ def render_videos(captions, clips, step):
     return [videos[(k // G, c)] for k, c in enumerate(captions)], len(jobs)
 
 
+def samples_of(batch):
+    """A batch's prompts as manifest rows (what a reward or metric of your own reads)."""
+    return [{k: batch[k][i] for k in ("id", "question", "think", "caption", "event")} for i in range(len(batch["id"]))]
+
+
 def score(completions, batch, step):
     """-> ({reward name: raw values (P * G,)}, group after group; the number of renders made)."""
     captions = [model.caption_of(c) for c in completions]
     raw, renders = {}, 0
     for name, (_, fn) in reward_fns.items():
         if fn is not None:  # a reward of your own
-            samples = [{k: batch[k][i] for k in ("id", "question", "think", "caption", "event")} for i in range(len(batch["id"]))]
-            raw[name] = fn(completions, rep(samples))
+            raw[name] = fn(completions, rep(samples_of(batch)))
         elif name == "format":
             raw[name] = [rewards.format_reward(c) for c in completions]
         elif name == "rouge_l":
@@ -222,15 +226,7 @@ def score(completions, batch, step):
 # optimizer and state
 
 optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
-start, skipped = 0, 0  # skipped: clips that failed to decode; rank 0 carries the total of earlier runs
-if resume:
-    state = common.load_train_state(last)
-    optimizer.load_state_dict(state["optimizer"])
-    start = state["step"]
-    skipped = state["skipped"] if master else 0
-    common.print0(f"resumed from {last} at step {start}")
-else:
-    torch.manual_seed(args.seed + rank)  # completions differ by rank
+start, skipped = common.start_state(last, resume, optimizer, args.seed)  # skipped: clips that failed to decode
 logger = common.Logger(args.out, args, rank, start)
 
 
@@ -240,10 +236,28 @@ def save(step):
     state = common.train_state(step, optimizer.state_dict(), {"skipped": int(common.all_sum(skipped))})
     if master:
         meta = {"preset": preset, "script": "grpo_stage1", "step": step, "flags": vars(args), "git": common.git_hash()}
-        model.save_checkpoint(last, vlm, None, meta, ("vlm", "vlm_lora"), extra={"train_state.pt": state},
+        checkpoint.save_checkpoint(last, vlm, None, meta, ("vlm", "vlm_lora"), extra={"train_state.pt": state},
                               sources={"vdm": args.vdm})
     if world > 1:
         torch.distributed.barrier()
+
+
+def completion_metrics(rollouts, batch):
+    """The completions' lengths (tokens up to the stop, as TRL counts them; inside [Think]), the share
+    that ran out of --max-new-tokens (no stop token), and a world's own checks of their captions
+    (--metrics: the Shapes world's event accuracy, where a prompt has an event), every rank's together."""
+    completions = [c for r in rollouts for c in r["completions"]]
+    stop_ids = torch.tensor(vlm.stop_ids())
+    lengths, ended = [], []
+    for r in rollouts:
+        mask, ids = r["inputs"]["completion_mask"], r["inputs"]["input_ids"]
+        lengths += mask.sum(1).tolist()
+        ended += torch.isin(ids[:, -mask.shape[1]:].cpu(), stop_ids).any(1).tolist()
+    think = [len(vlm.processor.tokenizer(model.extract(c, "Think") or "").input_ids) for c in completions]
+    checks = metrics_fn(rep(samples_of(batch)), captions=[model.caption_of(c) for c in completions]) if metrics_fn else {}
+    return {"completions/mean_length": common.all_mean(lengths), "completions/think_length": common.all_mean(think),
+            "completions/clipped_ratio": common.all_mean([float(not e) for e in ended]),
+            **{k: m for k, vs in checks.items() if not math.isnan(m := common.all_mean([float(v) for v in vs if v is not None]))}}
 
 
 # -----------------------------------------------------------------------------
@@ -261,40 +275,45 @@ for step, batch in zip(range(start, end), loader):
         g["lr"] = lr
     skipped += batch["skipped"]
     videos, questions = rep(batch["vlm"]), rep(batch["question"])
-    mb = min(args.micro_batch, len(videos) // args.minibatches)  # a minibatch is made of whole micro-batches
 
-    # 1. rollouts, in micro-batches: [(inputs of prompt + completion, completions)]
+    # 1. rollouts, in micro-batches of mb: each its inputs (prompt + completion, completion_mask) and completions
     net.eval()
-    with amp:  # the precision the log-probs are scored in
-        chunks = [vlm.rollout(videos[i:i + mb], questions[i:i + mb], args.max_new_tokens,
-                              **model.sampling(args.temperature, top_p=1.0)) for i in range(0, len(videos), mb)]
-    completions = [c for _, cs in chunks for c in cs]
+    rollouts = []
+    for i in range(0, len(videos), mb):
+        with amp:  # the precision the log-probs are scored in
+            inputs, texts = vlm.rollout(videos[i:i + mb], questions[i:i + mb], args.max_new_tokens,
+                                        **model.sampling(args.temperature, top_p=1.0))
+        rollouts.append({"inputs": inputs, "completions": texts})
+    completions = [c for r in rollouts for c in r["completions"]]
 
     # 2-4. rewards, their normalised lambda-weighted sum, and the group advantage
     raw, renders = score(completions, batch, step)
     total = rewards.combine(raw, weights, G, args.norm, common.all_sum)
     advantages = rewards.group_advantages(total, G).to(device)
 
-    # 5. old and reference log-probs (no grad), then the updates
+    # 5. old and reference log-probs (no grad; beta 0: no reference), then the updates
     net.train()  # dropout is 0: train mode only lets gradient checkpointing work
     with torch.no_grad(), amp:
-        old = [vlm.completion_logprobs(inp, args.temperature) for inp, _ in chunks]
-        ref = [None] * len(chunks)  # beta 0: no KL term
+        for i, r in enumerate(rollouts):
+            r["advantages"] = advantages[i * mb:(i + 1) * mb]
+            r["old_logp"] = vlm.completion_logprobs(r["inputs"], args.temperature)
+            r["ref_logp"] = None
         if args.beta:
             with net.disable_adapter():
-                ref = [vlm.completion_logprobs(inp, args.temperature) for inp, _ in chunks]
-    per_update = len(chunks) // args.minibatches  # micro-batches per optimizer step
+                for r in rollouts:
+                    r["ref_logp"] = vlm.completion_logprobs(r["inputs"], args.temperature)
+    per_minibatch = len(rollouts) // args.minibatches  # micro-batches per optimizer step
     stats = []
-    for part in [range(f, f + per_update) for f in range(0, len(chunks), per_update)] * args.updates_per_rollout:
-        norm = (sum(len(chunks[k][1]) for k in part) if args.loss_mean == "sequence"
-                else sum(int(chunks[k][0]["completion_mask"].sum()) for k in part))
-        for k in part:
-            inp = chunks[k][0]
-            with ddp_net.no_sync() if world > 1 and k < part[-1] else contextlib.nullcontext():
+    for minibatch in [rollouts[i:i + per_minibatch] for i in range(0, len(rollouts), per_minibatch)] * args.updates_per_rollout:
+        norm = (sum(len(r["completions"]) for r in minibatch) if args.loss_mean == "sequence"
+                else sum(int(r["inputs"]["completion_mask"].sum()) for r in minibatch))
+        for r in minibatch:  # gradients add up; DDP averages them over the ranks at the minibatch's last
+            with ddp_net.no_sync() if world > 1 and r is not minibatch[-1] else contextlib.nullcontext():
                 with amp:
-                    logp = vlm.completion_logprobs(inp, args.temperature, ddp_net)
-                loss, st = rewards.grpo_loss(logp, old[k], ref[k], advantages[k * mb:(k + 1) * mb],
-                                             inp["completion_mask"], args.clip_range, args.beta, args.loss_mean, norm)
+                    logp = vlm.completion_logprobs(r["inputs"], args.temperature, ddp_net)
+                loss, st = rewards.grpo_loss(logp, r["old_logp"], r["ref_logp"], r["advantages"],
+                                             r["inputs"]["completion_mask"], args.clip_range, args.beta, args.loss_mean,
+                                             norm)
                 loss.backward()
             stats.append(st)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
@@ -306,34 +325,14 @@ for step, batch in zip(range(start, end), loader):
     if stop():
         end = done
     if done % args.log_every == 0 or done == end:
-        weighted = sum(weights[k] * v for k, v in raw.items()).view(-1, G)  # the un-normalised reward
-        lengths = [int(n) for inp, _ in chunks for n in inp["completion_mask"].sum(1)]
-        stops = torch.tensor(vlm.stop_ids())
-        ended = [bool(e) for inp, _ in chunks  # a completion without a stop token ran out of --max-new-tokens
-                 for e in torch.isin(inp["input_ids"][:, -inp["completion_mask"].shape[1]:].cpu(), stops).any(1)]
-        metrics = {"reward": common.all_mean(weighted.flatten().tolist()),
-                   "reward_std": common.all_mean(weighted.std(1, unbiased=False).tolist()),
-                   "frac_reward_zero_std": common.all_mean((total.view(-1, G).std(1) < 1e-6).float().tolist()),
-                   **{f"rewards/{k}/mean": common.all_mean(v.tolist()) for k, v in raw.items()},
-                   "kl": common.all_mean([s["kl"] for s in stats]),
-                   "clip_ratio": common.all_mean([s["clip_ratio"] for s in stats]),
-                   "approx_kl": common.all_mean([s["approx_kl"] for s in stats]),  # to the rollout's policy: 0 at a first update
-                   "completions/mean_length": common.all_mean(lengths),  # tokens up to the stop, as TRL counts
-                   "completions/think_length": common.all_mean([len(vlm.processor.tokenizer(model.extract(c, "Think") or "").input_ids)
-                                                                for c in completions]),  # tokens inside [Think]
-                   "completions/clipped_ratio": common.all_mean([float(not e) for e in ended]),
-                   **({"renders": common.all_mean([renders])} if render else {}),
-                   # the Shapes world: the share of captions that state the generator's event, and that name its object
-                   **({"event_accuracy": common.all_mean([float(shapes.caption_event(model.caption_of(c), e))
-                                                          for c, e in zip(completions, rep(batch["event"]))]),
-                       "specific_accuracy": common.all_mean([float(shapes.caption_specific(model.caption_of(c), e))
-                                                             for c, e in zip(completions, rep(batch["event"]))])}
-                      if all(batch["event"]) else {}),
+        metrics = {**common.group_metrics(raw, weights, total, G, stats),  # approx_kl: 0 at a rollout's first update
+                   **completion_metrics(rollouts, batch), **({"renders": common.all_mean([renders])} if render else {}),
                    "grad_norm": float(grad_norm), "lr": lr, "skipped": int(common.all_sum(skipped)),
                    "sec_per_step": (time.time() - t0) / (done - start)}
         logger.log(metrics, done)
+        reward = sum(weights[k] * v for k, v in raw.items())  # each completion's un-normalised reward
         logger.log({"samples": [{"question": q, "completion": c, "reward": round(float(r), 4)} for q, c, r in
-                                zip(questions, completions, weighted.flatten())][:args.log_samples]}, done)
+                                zip(questions, completions, reward)][:args.log_samples]}, done)
         progress.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.4f}")
     if done % args.save_every == 0 or done == end:
         save(done)
@@ -344,8 +343,4 @@ progress.close()
 # -----------------------------------------------------------------------------
 # cleanup
 
-common.check_in_sync(params)
-common.print0(f"{'done' if end == args.steps else 'stopped'}: step {end} of {args.steps}, {time.time() - t0:.0f} s; "
-              f"checkpoint {last}")
-logger.finish()
-common.compute_cleanup()
+common.finish(params, end, args.steps, t0, last, logger)

@@ -61,6 +61,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import checkpoint
 import common
 import data
 import model
@@ -127,17 +128,13 @@ args = common.parse_flags(parser, "grpo_stage2")
 # -----------------------------------------------------------------------------
 # compute
 
-n_rollout = args.prompts * args.group_size  # videos per rank and step
-part = n_rollout // args.minibatches if args.minibatches >= 1 else 0  # videos per optimizer step
-if part < 1 or part * args.minibatches != n_rollout or part % min(args.micro_batch, part):
-    parser.error(f"--minibatches {args.minibatches} must split the {n_rollout} videos of a step (--prompts x "
-                 f"--group-size) into equal parts, each made of whole --micro-batch chunks")
+mb = common.minibatches(parser, args, "videos")  # videos per micro-batch
 rank, world, device = common.compute_init(args.device)
 master = rank == 0
 amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 frozen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 last = os.path.join(args.out, "last")
-resume = args.resume and model.checkpoint_exists(last)
+resume = args.resume and checkpoint.checkpoint_exists(last)
 G = args.group_size
 rep = lambda xs: [x for x in xs for _ in range(G)]  # a prompt's value for each of its G videos
 if not 1 <= int(args.sample_steps * args.train_fraction) <= args.sample_steps:
@@ -159,8 +156,8 @@ weights = {k: w for k, (w, _) in reward_fns.items()}
 
 common.check_models(vlm=args.vlm, vdm=args.vdm)
 common.check_frozen(last, resume, vlm=args.vlm, vdm=args.vdm)
-args.ref_clip = args.ref_clip or model.ref_clip_of(args.vdm)
-train, val = common.read_manifests(args, min_frames=args.frames)
+args.ref_clip = args.ref_clip or checkpoint.ref_clip_of(args.vdm)
+train, val = data.read_manifests(args, min_frames=args.frames)
 clip = common.load_clip(args.clip, [args.vdm], device) if {"clip_v", "clip_t"} & set(reward_fns) else None
 os.makedirs(args.out, exist_ok=True)
 
@@ -248,7 +245,7 @@ if args.grad_checkpointing:
 dit.train()
 params = [p for p in dit.parameters() if p.requires_grad]
 ddp_dit = DDP(dit, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else dit
-common.print0(f"{preset} DiT: {sum(p.numel() for p in params):,} parameters trained" + (f" (LoRA r{args.lora})" if args.lora else ""))
+common.print0(f"{preset['name']} DiT: {sum(p.numel() for p in params):,} parameters trained" + (f" (LoRA r{args.lora})" if args.lora else ""))
 
 
 def ref_velocity(x, sigma, text, neg, refs):
@@ -309,6 +306,24 @@ def validate(step):
             **{f"val/rewards/{k}/mean": mean(k) for k in reward_fns}}
 
 
+def step_loss(r, j, norm):
+    """Flow-GRPO's loss on SDE step j of a micro-batch r of rollouts: the trained DiT's log-prob of the
+    step the rollout took and its mean, against the rollout's log-prob and the reference DiT's mean
+    (rewards.flow_grpo_loss), divided by norm, the minibatch's number of terms."""
+    x, x_next = r["xs"][:, j], r["xs"][:, j + 1]  # (mb, C, T, h, w)
+    with amp:
+        v = vdm.guided_velocity(x, sigmas[j], r["text"], r["neg"], r["refs"], args.cfg, dit=ddp_dit)
+    _, logp, mean, std = model.sde_step_with_logprob(v, x, sigmas[j], sigmas[j + 1], args.noise_level, prev_sample=x_next)
+    ref_mean = None  # beta 0: no KL term
+    if args.beta:
+        with torch.no_grad(), amp:
+            v_ref = ref_velocity(x, sigmas[j], r["text"], r["neg"], r["refs"])
+        _, _, ref_mean, _ = model.sde_step_with_logprob(v_ref, x, sigmas[j], sigmas[j + 1], args.noise_level,
+                                                        prev_sample=x_next)
+    return rewards.flow_grpo_loss(logp, r["old_logp"][:, j], r["advantages"], mean, ref_mean, std, args.clip_range,
+                                  args.beta, args.adv_clip, norm)
+
+
 def motion(videos):
     """Mean absolute frame-to-frame difference, pixels in [0, 1]: one value per video."""
     return [float((torch.as_tensor(v[1:]).float() - torch.as_tensor(v[:-1]).float()).abs().mean() / 255) for v in videos]
@@ -318,15 +333,7 @@ def motion(videos):
 # optimizer and state
 
 optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
-start, skipped = 0, 0  # skipped: clips that failed to decode; rank 0 carries the total of earlier runs
-if resume:
-    state = common.load_train_state(last)
-    optimizer.load_state_dict(state["optimizer"])
-    start = state["step"]
-    skipped = state["skipped"] if master else 0
-    common.print0(f"resumed from {last} at step {start}")
-else:
-    torch.manual_seed(args.seed + rank)
+start, skipped = common.start_state(last, resume, optimizer, args.seed)  # skipped: clips that failed to decode
 logger = common.Logger(args.out, args, rank, start)
 if master and val:  # the held-out scores of a resumed run's later steps are redone, as its log's
     path = os.path.join(args.out, "val.jsonl")
@@ -343,7 +350,7 @@ def save(step):
         lora = {"dit": model.merged_lora_state(dit), "dit_lora": get_peft_model_state_dict(dit)} if args.lora else {}
         meta = {"preset": preset, "script": "grpo_stage2", "step": step, "flags": vars(args), "git": common.git_hash(),
                 "anchors_kept": len(usable), "anchors_skipped": len(train) - len(usable)}
-        model.save_checkpoint(last, None, vdm, meta, ("dit",), weights=lora, extra={"train_state.pt": state},
+        checkpoint.save_checkpoint(last, None, vdm, meta, ("dit",), weights=lora, extra={"train_state.pt": state},
                               sources={"vlm": args.vlm, "vdm": args.vdm})
     if world > 1:
         dist.barrier()
@@ -370,15 +377,13 @@ for step, batch in zip(range(start, end), loader):
         g["lr"] = lr
     skipped += batch["skipped"]
     captions = rep([anchor_captions[i] for i in batch["index"]])
-    mb = min(args.micro_batch, len(captions) // args.minibatches)  # a minibatch is made of whole micro-batches
     with torch.no_grad():  # a group's G videos share its prompt's caption and references
         text = vdm.encode_text(captions[::G]).repeat_interleave(G, 0)  # (P * G, 512, D)
         refs = vdm.ref_latents(vdm.encode_video(data.to_tensor(batch["clip"]))) if vdm.n_refs else None
         refs = refs.repeat_interleave(G, 0) if refs is not None else None  # (P * G, 16, n, h, w)
-    chunk = lambda t, c: None if t is None else t[c:c + mb]
-    negs = lambda c: vdm.negative_text(len(captions[c:c + mb])) if args.cfg != 1.0 else None
 
-    # 1. rollouts in micro-batches, the layout the update reuses: trajectories (n, S + 1, C, T, h, w), log-probs (n, S)
+    # 1. rollouts in micro-batches of mb videos, the layout the update reuses: each its conditions (text, neg,
+    # refs), trajectory xs (mb, S + 1, C, T, h, w) and log-probs (mb, S) (NaN at the ODE steps of a window)
     dit.eval()
     gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1009 + rank)
     window = None
@@ -387,14 +392,17 @@ for step, batch in zip(range(start, end), loader):
         window = (start_at, start_at + args.sde_window)
         trained_steps = range(*window)
     rollouts = []
-    for c in range(0, len(captions), mb):
+    for i in range(0, len(captions), mb):
+        r = {"text": text[i:i + mb], "refs": None if refs is None else refs[i:i + mb],
+             "neg": vdm.negative_text(len(captions[i:i + mb])) if args.cfg != 1.0 else None}
         with torch.no_grad(), amp:
-            rollouts.append(vdm.sample_sde(chunk(text, c), negs(c), chunk(refs, c), args.frames, args.height,
-                                           args.width, args.sample_steps, args.cfg, noise_level=args.noise_level,
-                                           generator=gen, window=window))
+            r["xs"], r["old_logp"] = vdm.sample_sde(r["text"], r["neg"], r["refs"], args.frames, args.height, args.width,
+                                                   args.sample_steps, args.cfg, noise_level=args.noise_level,
+                                                   generator=gen, window=window)
+        rollouts.append(r)
     phases.mark("rollout")
     with torch.no_grad():
-        videos = [data.to_uint8(v) for xs, _ in rollouts for v in vdm.decode(xs[:, -1])]
+        videos = [data.to_uint8(v) for r in rollouts for v in vdm.decode(r["xs"][:, -1])]
     phases.mark("decode")
 
     # 2-3. rewards, their normalised sum, the group advantage
@@ -402,35 +410,23 @@ for step, batch in zip(range(start, end), loader):
     raw = score(videos, captions, samples, rep(list(batch["target"].numpy())))
     total = rewards.combine(raw, weights, G, args.norm, common.all_sum)
     advantages = rewards.group_advantages(total, G).to(device)
+    for i, r in enumerate(rollouts):
+        r["advantages"] = advantages[i * mb:(i + 1) * mb]
     phases.mark("rewards")
 
-    # 4. the update over the trained SDE steps, gradients accumulated over a minibatch's videos and steps
+    # 4. the update: each minibatch's gradient added up over its videos and trained SDE steps, then one
+    # optimizer step; DDP averages over the ranks at the minibatch's last term
     dit.train()
-    per_update = len(rollouts) // args.minibatches  # micro-batches per optimizer step
+    per_minibatch = len(rollouts) // args.minibatches  # micro-batches per optimizer step
     stats = []
-    for part in [range(f, f + per_update) for f in range(0, len(rollouts), per_update)] * args.updates_per_rollout:
-        norm = sum(len(rollouts[k][1]) for k in part) * len(trained_steps)
-        for k in part:
-            xs, old_logp = rollouts[k]
-            c = k * mb
-            for j in trained_steps:
-                sync = k == part[-1] and j == trained_steps[-1]
-                with (contextlib.nullcontext() if sync or world == 1 else ddp_dit.no_sync()):
-                    with amp:
-                        v = vdm.guided_velocity(xs[:, j], sigmas[j], chunk(text, c), negs(c), chunk(refs, c), args.cfg,
-                                                dit=ddp_dit)
-                    _, logp, mean, step_std = model.sde_step_with_logprob(v, xs[:, j], sigmas[j], sigmas[j + 1],
-                                                                          args.noise_level, prev_sample=xs[:, j + 1])
-                    ref_mean = None
-                    if args.beta:
-                        with torch.no_grad(), amp:
-                            v_ref = ref_velocity(xs[:, j], sigmas[j], chunk(text, c), negs(c), chunk(refs, c))
-                        ref_mean = model.sde_step_with_logprob(v_ref, xs[:, j], sigmas[j], sigmas[j + 1],
-                                                               args.noise_level, prev_sample=xs[:, j + 1])[2]
-                    loss, st = rewards.flow_grpo_loss(logp, old_logp[:, j], advantages[c:c + mb], mean, ref_mean,
-                                                      step_std, args.clip_range, args.beta, args.adv_clip, norm)
-                    loss.backward()
-                stats.append(st)
+    for minibatch in [rollouts[i:i + per_minibatch] for i in range(0, len(rollouts), per_minibatch)] * args.updates_per_rollout:
+        terms = [(r, j) for r in minibatch for j in trained_steps]
+        norm = sum(len(r["old_logp"]) for r in minibatch) * len(trained_steps)
+        for n, (r, j) in enumerate(terms):
+            with contextlib.nullcontext() if n == len(terms) - 1 or world == 1 else ddp_dit.no_sync():
+                loss, st = step_loss(r, j, norm)
+                loss.backward()
+            stats.append(st)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -446,12 +442,7 @@ for step, batch in zip(range(start, end), loader):
         phases.mark("val")
         val_seconds += phases.seconds["val"]
     if done % args.log_every == 0 or done == end:
-        weighted = sum(weights[k] * v for k, v in raw.items()).view(-1, G)  # the un-normalised reward
-        metrics |= {"reward": common.all_mean(weighted.flatten().tolist()),
-                   "reward_std": common.all_mean(weighted.std(1, unbiased=False).tolist()),
-                   "frac_reward_zero_std": common.all_mean((total.view(-1, G).std(1) < 1e-6).float().tolist()),
-                   **{f"rewards/{k}/mean": common.all_mean(v.tolist()) for k, v in raw.items()},
-                   **{k: common.all_mean([s[k] for s in stats]) for k in ("kl", "clip_ratio", "approx_kl")},
+        metrics |= {**common.group_metrics(raw, weights, total, G, stats),
                    "motion": common.all_mean(motion(videos)),
                    "motion_gt": common.all_mean(motion(list(batch["target"].numpy()))),
                    "grad_norm": float(grad_norm), "lr": lr, "skipped": int(common.all_sum(skipped)),
@@ -472,8 +463,4 @@ progress.close()
 # -----------------------------------------------------------------------------
 # cleanup
 
-common.check_in_sync(params)
-common.print0(f"{'done' if end == args.steps else 'stopped'}: step {end} of {args.steps}, {time.time() - t0:.0f} s; "
-              f"checkpoint {last}")
-logger.finish()
-common.compute_cleanup()
+common.finish(params, end, args.steps, t0, last, logger)

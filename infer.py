@@ -35,7 +35,7 @@ def add_flags(parser):
     parser.add_argument("--model", default="vans", help="vans | base | shapes | shapes-sft | tiny | path to a checkpoint directory")
     parser.add_argument("--vdm", default=None, help="take the VDM from this --model instead (e.g. an SFT VLM with an SFT VDM)")
     parser.add_argument("--seed", type=int, default=0, help="seed for caption sampling and video noise")
-    # VLM; defaults of None come from the model's preset (model.CONFIGS[...]["infer"])
+    # VLM; defaults of None come from the model's preset (its "infer" dict)
     parser.add_argument("--decoding", default=None, choices=DECODINGS,
                         help="release: greedy with repetition penalty 1.05, what the release computes; sample: the "
                              "paper's temperature 0.7 / top_p 0.9; greedy (default: release; shapes: sample)")
@@ -93,19 +93,19 @@ def settle_flags(args):
     one the VDM's training run used, where its checkpoint records it), check the model names, the
     size and the device. Imports torch."""
     import torch
-    import model
+    import checkpoint
     try:
         for flag in ("model", "vdm"):
             if getattr(args, flag):
                 try:
-                    model.check_name(getattr(args, flag))
-                except model.CheckpointError as e:
-                    raise model.CheckpointError(f"--{flag} {e}") from None
-        preset = model.preset_of(args.model)
-        args.ref_clip = args.ref_clip or model.ref_clip_of(args.vdm or args.model)
-    except model.CheckpointError as e:
+                    checkpoint.check_name(getattr(args, flag))
+                except checkpoint.CheckpointError as e:
+                    raise checkpoint.CheckpointError(f"--{flag} {e}") from None
+        preset = checkpoint.preset_of(args.model)
+        args.ref_clip = args.ref_clip or checkpoint.ref_clip_of(args.vdm or args.model)
+    except checkpoint.CheckpointError as e:
         fail(e)
-    for k, v in model.CONFIGS[preset]["infer"].items():
+    for k, v in preset["infer"].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.height % 16 or args.width % 16 or (args.frames - 1) % 4:
@@ -123,35 +123,34 @@ def settle_flags(args):
         fail(f"--attention {args.attention}: not one of diffusers' attention backends "
              f"({', '.join(b.value for b in AttentionBackendName)})")
     if args.precision is None:  # the release's numerics are those of its own models on a GPU
-        args.precision = "release" if device.type == "cuda" and preset == "full" else "fp32"
+        args.precision = "release" if device.type == "cuda" and preset["name"] == "full" else "fp32"
     args.preset = preset
 
 
 def size_warning(path, size, args):
-    """The Shapes VLM reads the pixels of clips of its data's size: another size is worth a warning
-    (the full-size VLM and VDM take any size)."""
-    import model
-    trained = tuple(model.CONFIGS[args.preset]["infer"][k] for k in ("height", "width"))
-    if args.preset == "shapes" and tuple(size) != trained:
-        print(f"warning: {path} is {size[1]}x{size[0]}; the Shapes models were trained on {trained[1]}x{trained[0]} "
-              "clips (python shapes.py data), and answer others less well", file=sys.stderr)
+    """A small preset's VLM reads the pixels of clips of its data's size (the Shapes world's): another size
+    is worth a warning (the full-size VLM and VDM take any size)."""
+    trained = tuple(args.preset["infer"][k] for k in ("height", "width"))
+    if args.preset["name"] != "full" and tuple(size) != trained:
+        print(f"warning: {path} is {size[1]}x{size[0]}; the {args.preset['name']} models were trained on "
+              f"{trained[1]}x{trained[0]} clips, and answer others less well", file=sys.stderr)
 
 
 def load_models(args):
     """-> (vlm, vdm) on args.device (bf16 on GPU or with --precision release); with --offload the VLM
     and the text encoder stay on the CPU. A loading problem is one error line."""
     import torch
-    import model
+    import checkpoint
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" or args.precision == "release" else torch.float32
     at = None if args.offload else device  # with --offload, read onto the CPU and only the DiT and VAE moved
     try:
         if args.vdm:
-            vlm, _ = model.load(args.model, qwen=args.qwen, wan=args.wan, vans=args.vans, dtype=dtype, device=at, need=("vlm",))
-            _, vdm = model.load(args.vdm, qwen=args.qwen, wan=args.wan, vans=args.vans, dtype=dtype, device=at, need=("vdm",))
+            vlm, _ = checkpoint.load(args.model, qwen=args.qwen, wan=args.wan, vans=args.vans, dtype=dtype, device=at, need=("vlm",))
+            _, vdm = checkpoint.load(args.vdm, qwen=args.qwen, wan=args.wan, vans=args.vans, dtype=dtype, device=at, need=("vdm",))
         else:
-            vlm, vdm = model.load(args.model, qwen=args.qwen, wan=args.wan, vans=args.vans, dtype=dtype, device=at)
-    except model.CheckpointError as e:
+            vlm, vdm = checkpoint.load(args.model, qwen=args.qwen, wan=args.wan, vans=args.vans, dtype=dtype, device=at)
+    except checkpoint.CheckpointError as e:
         fail(e)
     for m in (vdm.dit, vdm.vae, *(() if args.offload else (vlm.model, vdm.text_encoder))):
         m.to(device)

@@ -15,27 +15,21 @@ timestep, and only its output on the 9 target frames is used. The refs stay
 clean at every step.
 
 Presets: "full" (hub weights; the configs below let tests build it on the meta
-device), "tiny" (same classes, small random configs, tokenizers built in
-process: no files needed; for tests) and "shapes" (the tiny VDM with a bigger
-VLM, a BPE tokenizer fitted to the Shapes text, pixels normalised around the
-Shapes background and a one-line system prompt: what it takes for a VLM trained
-from scratch to read the Shapes clips; its text encoder reads the same BPE at
-the VLM's width).
+device) and "tiny" (same classes, small random configs, tokenizers built in
+process: no files needed; for tests). A preset is a dict: a world of its own
+brings its own (loaded by `--model random:MODULE`), and a checkpoint of a small
+preset carries its preset in meta.json (checkpoint.py).
 """
 
 import contextlib
-import json
+import copy
 import math
-import os
 import re
-import shutil
-import tempfile
 import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 # The release's strings (its agent_mllm.py and inference.py): what the official checkpoint was
@@ -58,15 +52,16 @@ TEXT_LEN = 512        # umT5 max text length
 LORA = dict(r=8, lora_alpha=32, lora_dropout=0.05,
             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
-HUB = {"qwen": "Qwen/Qwen2.5-VL-3B-Instruct", "wan": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "vans": "KlingTeam/VANS"}
-PATTERNS = {"vans": ["vdm.safetensors", "vlm.safetensors"]}  # the files we need of a hub repo (default: all)
 
 # Architecture configs. "full" mirrors the hub configs (used on the meta device
-# and to check parameter counts); "tiny" is for tests and the Shapes world.
+# and to check parameter counts); "tiny" is for tests. Keys a small preset may add: vlm_norm (the VLM
+# processor's pixel mean and std), system_prompt, vlm_fps, negative_prompt, and tokenizer /
+# text_tokenizer ("module:function" building the VLM's / the text encoder's tokenizer; default bytes).
 QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                 "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 CONFIGS = {
     "full": dict(
+        name="full",
         vlm=dict(text_config=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
                                   num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=128000,
                                   rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
@@ -87,6 +82,7 @@ CONFIGS = {
         infer=dict(max_new_tokens=1024, steps=50, cfg=5.0, height=352, width=640, decoding="release", ref_clip="first"),
     ),
     "tiny": dict(
+        name="tiny",
         vlm=dict(text_config=dict(vocab_size=256 + len(QWEN_SPECIAL), hidden_size=64, intermediate_size=128,
                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                   max_position_embeddings=8192, rope_theta=1000000.0, rms_norm_eps=1e-6,
@@ -107,46 +103,10 @@ CONFIGS = {
         infer=dict(max_new_tokens=1024, steps=50, cfg=5.0, height=352, width=640, decoding="release", ref_clip="first"),
     ),
 }
-# Shapes: an object is ~1% of a 64x112 frame. A 128-wide VLM trained from scratch only finds it
-# when empty patches give zero vision tokens (pixels normalised around the background colour,
-# 235) and the text around the 24 video tokens is short (BPE tokens, a one-line system prompt).
-# Its text encoder reads the VLM's BPE tokens (each word of the world one token; saved with the
-# checkpoint as text_tokenizer/) at the VLM's width: in the question world the caption alone says
-# which object acts and which way, and a byte-level encoder 32 wide left the DiT blind to both
-# words (docs/shapes.md).
-CONFIGS["shapes"] = dict(
-    CONFIGS["tiny"],
-    vlm=dict(text_config=dict(CONFIGS["tiny"]["vlm"]["text_config"], vocab_size=None,  # None: the tokenizer's size
-                              hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-                              rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]}),
-             vision_config=dict(CONFIGS["tiny"]["vlm"]["vision_config"], hidden_size=64, intermediate_size=128,
-                                out_hidden_size=128, fullatt_block_indexes=[0, 1]),
-             tie_word_embeddings=True),
-    dit=dict(CONFIGS["tiny"]["dit"], num_attention_heads=4, attention_head_dim=32, ffn_dim=512, num_layers=4, text_dim=128),
-    text=dict(CONFIGS["tiny"]["text"], vocab_size=None, d_model=128, d_kv=32, d_ff=512),  # None: the tokenizer's size
-    text_tokenizer="bpe",
-    vlm_norm=(235 / 255, 0.1),  # pixel mean and std of the VLM's processor
-    system_prompt="Predict the next event.",
-    bpe_vocab=600,  # at most: the Shapes text runs out of merges before (485 tokens with the specials)
-    # what the shipped Shapes models were trained with: the VLM's video read as 1 fps, the DiT's unconditional
-    # branch on diffusers' Wan example negative prompt, 33 reference frames spread over the input clip, and
-    # captions sampled at the paper's temperature 0.7 / top_p 0.9 in their evaluations
-    vlm_fps=1.0,
-    negative_prompt=(
-        "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
-        "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly "
-        "drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy "
-        "background, three legs, many people in the background, walking backwards"),
-    infer=dict(max_new_tokens=160, steps=20, cfg=3.0, height=64, width=112, decoding="sample", ref_clip="uniform"),
-)
-
-
-class CheckpointError(ValueError):
-    pass
 
 
 @contextlib.contextmanager
-def _quiet_peft():
+def quiet_peft():
     """peft reads transformers' deprecated is_gradient_checkpointing alias whenever it wraps a model:
     a FutureWarning on every start that says nothing about this code."""
     with warnings.catch_warnings():
@@ -167,9 +127,22 @@ def byte_tokenizer():
     return Qwen2Tokenizer(vocab=vocab, merges=[], additional_special_tokens=QWEN_SPECIAL[1:])
 
 
+def config_of(preset):
+    """A preset's dict, given it or the name of a built-in one."""
+    return CONFIGS[preset] if isinstance(preset, str) else preset
+
+
+def hook(spec):
+    """"module:name" -> that module's object: how a world of its own plugs in its tokenizer,
+    preset or metrics, named in a config file or a preset, never imported here."""
+    import importlib
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def vlm_processor(tokenizer, preset):
     from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
-    c = CONFIGS[preset]
+    c = config_of(preset)
     lo, hi = c["vlm_pixels"]
     norm = dict(image_mean=[c["vlm_norm"][0]] * 3, image_std=[c["vlm_norm"][1]] * 3) if "vlm_norm" in c else {}
     video = Qwen2VLVideoProcessor(size={"shortest_edge": lo, "longest_edge": hi}, cap_pixels_per_frame=True, **norm)
@@ -182,7 +155,7 @@ def build_vlm_net(preset, tokenizer):
     ids = {f"{n}_token_id": tokenizer.convert_tokens_to_ids(t) for n, t in
            [("image", "<|image_pad|>"), ("video", "<|video_pad|>"), ("vision_start", "<|vision_start|>"),
             ("vision_end", "<|vision_end|>")]}
-    cfg = dict(CONFIGS[preset]["vlm"])
+    cfg = copy.deepcopy(config_of(preset)["vlm"])  # (transformers writes into rope_scaling)
     special = dict(bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
                    pad_token_id=tokenizer.pad_token_id)
     cfg["text_config"] = {**cfg["text_config"], **special}
@@ -194,9 +167,51 @@ def build_vdm_nets(preset, text_tokenizer=None):
     """Random-init (DiT, VAE, umT5 encoder) of a preset; a text vocabulary of None is the tokenizer's."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
-    c = CONFIGS[preset]
+    c = config_of(preset)
     text = dict(c["text"], vocab_size=c["text"]["vocab_size"] or len(text_tokenizer))
     return WanTransformer3DModel(**c["dit"]), AutoencoderKLWan(**c["vae"]), UMT5EncoderModel(UMT5Config(**text))
+
+
+def load_tiny(seed=0, need=("vlm", "vdm"), preset="tiny", tokenizer=None, text_tokenizer=None):
+    """Random models of a small preset (a name or a dict; deterministic for a seed); a model not in
+    `need` is None. tokenizer: the VLM's, text_tokenizer: the text encoder's (default: the preset's
+    own, built in process: its "tokenizer" / "text_tokenizer" hook, else bytes)."""
+    from transformers import ByT5Tokenizer
+    torch.manual_seed(seed)
+    c = config_of(preset)
+    built = {}  # a hook named twice builds one tokenizer
+
+    def own(key, default):
+        if key not in c:
+            return default()
+        if c[key] not in built:
+            built[c[key]] = hook(c[key])()
+        return built[c[key]]
+
+    tok = tokenizer or own("tokenizer", byte_tokenizer)
+    text_tok = text_tokenizer or own("text_tokenizer", ByT5Tokenizer)
+    vlm = VLM(build_vlm_net(c, tok).eval(), vlm_processor(tok, c),  # built either way: same RNG stream
+              c.get("system_prompt", SYSTEM_PROMPT), c.get("vlm_fps", VLM_FPS))
+    dit, vae, te = build_vdm_nets(c, text_tok)
+    vdm = VDM(dit.eval(), vae.eval(), te.eval(), text_tok, negative_prompt=c.get("negative_prompt", NEGATIVE_PROMPT))
+    return (vlm if "vlm" in need else None), (vdm if "vdm" in need else None)
+
+
+def add_lora(model):
+    from peft import LoraConfig, get_peft_model
+    with quiet_peft():
+        return get_peft_model(model, LoraConfig(**LORA))
+
+
+def merged_lora_state(module):
+    """The state dict of a module with peft adapters injected (add_adapter), with each LoRA folded
+    into its base weight (W + scale B A): the plain module's keys, for every loader."""
+    from peft.tuners.lora import LoraLayer
+    sd = {k.replace(".base_layer.", "."): v for k, v in module.state_dict().items() if ".lora_" not in k}
+    for name, m in module.named_modules():
+        if isinstance(m, LoraLayer):
+            sd[f"{name}.weight"] = (m.base_layer.weight + m.get_delta_weight("default")).detach()
+    return sd
 
 
 # -----------------------------------------------------------------------------
@@ -357,7 +372,7 @@ def flow_matching_loss(vdm, x0, text, refs=None, generator=None, sigma=None, shi
     w: DiffSynth's weight in t (weighted), else 1. With motion_weight m > 0 the mean over latent
     positions is weighted too, 1 + m on the moving ones (motion_mask), normalised per sample:
         mean (1 + m M) (v - (eps - x0))^2 / mean (1 + m M)
-    (the Shapes world's acting object covers ~1% of the frame; see sft_vdm --motion-weight).
+    (for an event that is a small object's motion; sft_vdm --motion-weight).
     A given sigma (validation) is unweighted in both. x0: (B, C, T, h, w) clean target latents;
     text: (B, L, D). -> scalar"""
     B = x0.shape[0]
@@ -611,519 +626,3 @@ class VDM:
             xs.append(x)
             log_probs.append(lp)
         return torch.stack(xs, 1), torch.stack(log_probs, 1)
-
-
-# -----------------------------------------------------------------------------
-# loading: presets, the official VANS release, and our own checkpoints
-
-def _check_keys(own, sd, what):
-    """Raise one line naming the first missing, unexpected and wrongly shaped key (own, sd: name -> tensor)."""
-    missing, extra = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    bad = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
-    parts = ([f"{len(missing)} missing (e.g. {missing[0]})"] if missing else []) + \
-            ([f"{len(extra)} unexpected (e.g. {extra[0]})"] if extra else []) + \
-            ([f"{len(bad)} of wrong shape (e.g. {bad[0]}: {tuple(sd[bad[0]].shape)} vs {tuple(own[bad[0]].shape)})"]
-             if bad else [])
-    if parts:
-        raise CheckpointError(f"{what}: keys do not match the model: " + "; ".join(parts))
-
-
-def _read(path):
-    """load_file, with an unreadable file (truncated, not safetensors) as a CheckpointError."""
-    from safetensors import SafetensorError
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-
-
-def _load_strict(module, sd, what):
-    _check_keys(module.state_dict(), sd, what)
-    module.load_state_dict(sd, strict=True)
-
-
-def wan_to_diffusers(sd):
-    """Original Wan / DiffSynth DiT key names -> diffusers' WanTransformer3DModel names."""
-    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
-    return convert_wan_transformer_to_diffusers(dict(sd))
-
-
-def lora_to_peft(sd):
-    """The official vlm.safetensors LoRA keys -> the keys of our peft model's state_dict.
-    Handles the `mllmagent.mllm_backbone.` / `pipe.mllm.mllm_backbone.` prefixes, with or
-    without `base_model.model.`, with or without the adapter name, and the pre-4.52
-    transformers layout (`model.layers.*`, `visual.*`) as well as the current one
-    (`model.language_model.layers.*`, `model.visual.*`)."""
-    out = {}
-    for k, v in sd.items():
-        k = re.sub(r"^(mllmagent\.mllm_backbone\.|pipe\.mllm\.mllm_backbone\.)", "", k)
-        k = re.sub(r"^base_model\.model\.", "", k)
-        if k.startswith("visual."):
-            k = "model." + k
-        elif k.startswith("model.") and not k.startswith(("model.language_model.", "model.visual.")):
-            k = "model.language_model." + k[len("model."):]
-        k = re.sub(r"\.(lora_[AB])\.weight$", r".\1.default.weight", k)
-        out["base_model.model." + k] = v
-    return out
-
-
-def add_lora(model):
-    from peft import LoraConfig, get_peft_model
-    with _quiet_peft():
-        return get_peft_model(model, LoraConfig(**LORA))
-
-
-def merged_lora_state(module):
-    """The state dict of a module with peft adapters injected (add_adapter), with each LoRA folded
-    into its base weight (W + scale B A): the plain module's keys, for every loader."""
-    from peft.tuners.lora import LoraLayer
-    sd = {k.replace(".base_layer.", "."): v for k, v in module.state_dict().items() if ".lora_" not in k}
-    for name, m in module.named_modules():
-        if isinstance(m, LoraLayer):
-            sd[f"{name}.weight"] = (m.base_layer.weight + m.get_delta_weight("default")).detach()
-    return sd
-
-
-def load_vans_lora(peft_model, sd, what="vlm.safetensors"):
-    """Load official LoRA weights into a peft model: every LoRA weight of the model
-    must be given and every given weight must land (the official loader drops mismatches)."""
-    sd = lora_to_peft(sd)
-    _check_keys({k: v for k, v in peft_model.state_dict().items() if ".lora_" in k}, sd, what)
-    peft_model.load_state_dict(sd, strict=False)
-
-
-def hub_paths(**given):
-    """Local paths of the hub repos named by keyword (qwen=..., wan=..., vans=...; a value
-    is a local copy or None): the cache if they are there, else a download. Offline or
-    unreachable, one error naming every missing repo instead of a retry loop."""
-    from huggingface_hub import snapshot_download
-    paths, missing = {}, []
-    for key, path in given.items():
-        if path is not None:
-            if not os.path.isdir(path):
-                raise CheckpointError(f"--{key} {path}: no such directory")
-            paths[key] = path
-            continue
-        try:
-            paths[key] = snapshot_download(HUB[key], allow_patterns=PATTERNS.get(key), local_files_only=True)
-        except Exception:
-            missing.append(key)
-    if missing:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-        if offline or not _hub_reachable():
-            raise CheckpointError(
-                f"weights not in the local Hugging Face cache and the hub is "
-                f"{'disabled (HF_HUB_OFFLINE=1)' if offline else 'unreachable'}: "
-                + "; ".join(f"{HUB[k]} (download with `hf download {HUB[k]}`, or pass --{k} /local/copy)"
-                            for k in missing))
-        for key in missing:
-            paths[key] = snapshot_download(HUB[key], allow_patterns=PATTERNS.get(key))
-    return paths
-
-
-def _hub_reachable(timeout=3.0):
-    import socket
-    from urllib.parse import urlparse
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def load_tiny(seed=0, need=("vlm", "vdm"), preset="tiny", tokenizer=None, text_tokenizer=None):
-    """Random models of a small preset (deterministic for a seed); a model not in `need` is None.
-    tokenizer: the VLM's, text_tokenizer: the text encoder's (default: the preset's own, built in
-    process: bytes, or the Shapes BPE)."""
-    from transformers import ByT5Tokenizer
-    torch.manual_seed(seed)
-    c = CONFIGS[preset]
-    text_bpe = c.get("text_tokenizer") == "bpe"
-    bpe = None
-    if (tokenizer is None and "bpe_vocab" in c) or (text_tokenizer is None and text_bpe):
-        import shapes
-        bpe = shapes.tokenizer()
-    tok = tokenizer or bpe or byte_tokenizer()
-    text_tok = text_tokenizer or (bpe if text_bpe else ByT5Tokenizer())
-    vlm = VLM(build_vlm_net(preset, tok).eval(), vlm_processor(tok, preset),  # built either way: same RNG stream
-              c.get("system_prompt", SYSTEM_PROMPT), c.get("vlm_fps", VLM_FPS))
-    dit, vae, te = build_vdm_nets(preset, text_tok)
-    vdm = VDM(dit.eval(), vae.eval(), te.eval(), text_tok, negative_prompt=c.get("negative_prompt", NEGATIVE_PROMPT))
-    return (vlm if "vlm" in need else None), (vdm if "vdm" in need else None)
-
-
-def load_base(qwen=None, wan=None, dtype=torch.bfloat16, need=("vlm", "vdm"), dit_dtype=None, device=None):
-    """Qwen2.5-VL-3B-Instruct and Wan2.1-T2V-1.3B-Diffusers from local snapshot directories;
-    a model not in `need` is None. Each model is read from its files straight into its dtype
-    (`dtype`; the DiT in `dit_dtype`, default `dtype`; the VAE in float32) and onto `device`
-    (default the CPU): a bf16 umT5-XXL never exists in float32 on the host (23 GB a process)."""
-    from diffusers import AutoencoderKLWan, WanTransformer3DModel
-    from transformers import AutoTokenizer, UMT5EncoderModel
-    on_gpu = device is not None and torch.device(device).type != "cpu"
-    at = {"device_map": {"": torch.device(device)}} if on_gpu else {}  # (from_pretrained's default is the CPU)
-    vlm = vdm = None
-    if "vlm" in need:
-        vlm = _load_qwen(qwen, dtype, at)
-    if "vdm" in need:
-        vdm = VDM(WanTransformer3DModel.from_pretrained(wan, subfolder="transformer", torch_dtype=dit_dtype or dtype, **at).eval(),
-                  AutoencoderKLWan.from_pretrained(wan, subfolder="vae", torch_dtype=torch.float32, **at).eval(),
-                  UMT5EncoderModel.from_pretrained(wan, subfolder="text_encoder", dtype=dtype, **at).eval(),
-                  AutoTokenizer.from_pretrained(wan, subfolder="tokenizer"), n_refs=0)
-    return vlm, vdm
-
-
-def _load_qwen(qwen, dtype, at):
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
-    processor = Qwen2_5_VLProcessor.from_pretrained(qwen)
-    lo, hi = CONFIGS["full"]["vlm_pixels"]
-    processor.video_processor.size = {"shortest_edge": lo, "longest_edge": hi}
-    processor.video_processor.cap_pixels_per_frame = True
-    return VLM(Qwen2_5_VLForConditionalGeneration.from_pretrained(qwen, dtype=dtype, **at).eval(), processor)
-
-
-def load_official(vlm, vdm, vans_dir):
-    """Put the official release (vdm.safetensors: the DiT in Wan naming; vlm.safetensors:
-    LoRA weights) onto base models (either may be None); turns reference conditioning on."""
-    paths = {n: os.path.join(vans_dir, f"{n}.safetensors") for n, m in (("vdm", vdm), ("vlm", vlm)) if m is not None}
-    for n, p in paths.items():
-        if not os.path.isfile(p):
-            raise CheckpointError(f"{vans_dir}: {n}.safetensors not found (expected the KlingTeam/VANS files)")
-    if vdm is not None:
-        sd = wan_to_diffusers(_read(paths["vdm"]))
-        _load_strict(vdm.dit, {k: v.to(vdm.dit.dtype) for k, v in sd.items()}, paths["vdm"])
-        vdm.n_refs = N_REFS
-    if vlm is not None:
-        vlm.model = add_lora(vlm.model).eval()
-        load_vans_lora(vlm.model, {k: v.to(vlm.model.dtype) for k, v in _read(paths["vlm"]).items()}, paths["vlm"])
-    return vlm, vdm
-
-
-# Our own checkpoint directory (written by save_checkpoint / the training scripts):
-#   meta.json               {"preset": "full" | "tiny" | "shapes", "n_refs": 6, ...}
-#   vlm.safetensors         full VLM weights (small presets: the base is random, so it is saved)
-#   vlm_tokenizer/          the VLM's tokenizer (small presets, saved with vlm.safetensors)
-#   vlm_lora/               peft adapter (adapter_config.json + adapter_model.safetensors)
-#   dit.safetensors         DiT, diffusers naming
-#   vae.safetensors, text_encoder.safetensors   (tiny preset, when trained)
-#   text_tokenizer/         the text encoder's tokenizer (the "shapes" preset's BPE, saved with text_encoder)
-# Every file is optional; whatever is present must match its model exactly. A model a training
-# run kept frozen is not saved again: meta.json's "from" names where it comes from ({"vlm": ...,
-# "vdm": ...}: a named model, or a checkpoint directory relative to this one), and this
-# checkpoint's own parts go on top of it (stage 2's DiT onto the SFT VDM it started from).
-
-def respect_umask(path):
-    """Give a file, or a directory and all in it, the permissions the umask gives new files:
-    safetensors writes owner-only files (0600) and mkdtemp an owner-only directory (0700)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
-    for root, dirs, files in os.walk(path):
-        for d in dirs:
-            os.chmod(os.path.join(root, d), 0o777 & ~umask)
-        for f in files:
-            os.chmod(os.path.join(root, f), 0o666 & ~umask)
-
-
-def _save(sd, path):
-    """safetensors save that keeps every key: tied weights (embeddings / lm_head) share
-    storage, which safetensors refuses, so repeats are saved as copies."""
-    seen, out = set(), {}
-    for k, v in sd.items():
-        ptr = v.untyped_storage().data_ptr()
-        out[k] = v.detach().clone() if ptr in seen else v.detach().contiguous()
-        seen.add(ptr)
-    save_file(out, path)
-
-
-def _named(name):
-    """Whether a --model value names a model (rather than a checkpoint directory)."""
-    return name in RANDOM or name in SHIPPED or name in ("base", "vans")
-
-
-def source_of(name, ckpt):
-    """How checkpoint `ckpt` records the --model name a frozen model came from: a named model as
-    its name, a checkpoint directory relative to `ckpt` (so that an out/ tree can move whole),
-    links resolved. A checkpoint cannot come from itself (it is replaced when saved)."""
-    if _named(name):
-        return name
-    rel = os.path.relpath(os.path.realpath(name), os.path.realpath(ckpt))
-    if rel == ".":
-        raise CheckpointError(f"{ckpt}: a frozen model cannot come from the checkpoint being written ({name}); "
-                              "use another --out")
-    return rel
-
-
-def _source_path(ckpt, source):
-    return source if _named(source) else os.path.normpath(os.path.join(os.path.realpath(ckpt), source))
-
-
-def vlm_base_state(m):
-    """The state dict of a VLM without its LoRA (a peft model's base weights, under the base's names)."""
-    from peft import PeftModel
-    if not isinstance(m, PeftModel):
-        return m.state_dict()
-    sd = {k: v for k, v in m.get_base_model().state_dict().items() if ".lora_" not in k}
-    return {k.replace(".base_layer.", "."): v for k, v in sd.items()}  # peft wraps targeted Linear layers
-
-
-def save_checkpoint(path, vlm, vdm, meta, parts=("vlm", "vlm_lora", "dit", "vae", "text_encoder"),
-                    weights=None, extra=None, sources=None):
-    """Write a checkpoint directory atomically (temp dir, then rename). vlm / vdm may be None.
-    weights: {part: state dict} written instead of the module's (e.g. gathered FSDP weights).
-    extra: {file name: object} written with torch.save (training state). sources: {"vlm" or
-    "vdm": --model name} of the frozen models, recorded in meta.json as "from", not saved."""
-    from peft import PeftModel
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-ckpt-")
-    weights, written = dict(weights or {}), []
-    is_peft = vlm is not None and isinstance(vlm.model, PeftModel)
-    if "vlm" in parts and vlm is not None and "vlm" not in weights:
-        weights["vlm"] = vlm_base_state(vlm.model)
-    if "vlm" in parts and vlm is not None and meta.get("preset") != "full":
-        vlm.processor.tokenizer.save_pretrained(os.path.join(tmp, "vlm_tokenizer"))
-        written.append("vlm_tokenizer")
-    if "vlm_lora" in parts and is_peft:
-        vlm.model.save_pretrained(os.path.join(tmp, "vlm_lora"))
-        os.remove(os.path.join(tmp, "vlm_lora", "README.md"))  # peft's blank model card
-        written.append("vlm_lora")
-    if vdm is not None:
-        for name, module in [("dit", vdm.dit), ("vae", vdm.vae), ("text_encoder", vdm.text_encoder)]:
-            if name in parts and name not in weights:
-                weights[name] = module.state_dict()
-        if "text_encoder" in parts and CONFIGS.get(meta.get("preset"), {}).get("text_tokenizer"):
-            vdm.tokenizer.save_pretrained(os.path.join(tmp, "text_tokenizer"))
-            written.append("text_tokenizer")
-        meta = {"n_refs": vdm.n_refs, "latents_mean": vdm.latents_mean.flatten().tolist(),
-                "latents_std": vdm.latents_std.flatten().tolist(), **meta}
-    for name, sd in weights.items():
-        _save(sd, os.path.join(tmp, f"{name}.safetensors"))
-        written.append(name)
-    for name, obj in (extra or {}).items():
-        torch.save(obj, os.path.join(tmp, name))
-    if sources:
-        meta = {**meta, "from": {m: source_of(name, path) for m, name in sources.items()}}
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump({**meta, "parts": sorted(written)}, f, indent=2)
-    respect_umask(tmp)
-    if os.path.exists(path):
-        old = path + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(path, old)
-        os.rename(tmp, path)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, path)
-
-
-def checkpoint_exists(path):
-    """Whether <path> holds a checkpoint. A save_checkpoint cut between its two renames left the
-    previous checkpoint at <path>.old and none at <path>: it is put back first."""
-    if not os.path.exists(path) and os.path.isdir(path + ".old"):
-        try:
-            os.rename(path + ".old", path)
-        except FileNotFoundError:  # another rank put it back
-            pass
-    return os.path.isdir(path)
-
-
-def read_meta(path):
-    """A checkpoint directory's meta.json; CheckpointError if it is missing, not JSON, or names no preset."""
-    meta_path = os.path.join(path, "meta.json")
-    if not os.path.isfile(meta_path):
-        raise CheckpointError(f"{path}: not a VANS checkpoint directory (no meta.json)")
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{meta_path}: not valid JSON ({e.msg})") from None
-    if not isinstance(meta, dict) or meta.get("preset") not in CONFIGS:
-        preset = meta.get("preset") if isinstance(meta, dict) else None
-        raise CheckpointError(f"{meta_path}: 'preset' must be one of {sorted(CONFIGS)}, got {preset!r}")
-    return meta
-
-
-def load_checkpoint(path, qwen=None, wan=None, vans=None, dtype=torch.bfloat16, need=("vlm", "vdm"), dit_dtype=None, device=None):
-    """Our checkpoint directory -> (vlm, vdm); a model not in `need` is None. A model the
-    checkpoint records as coming from elsewhere ("from") is loaded from there; the parts the
-    checkpoint holds go on top, else onto the preset's base models. A needed model must have its
-    weights somewhere (a full-size VLM: the LoRA at least; a full-size VDM: the DiT at least)."""
-    meta = read_meta(path)
-    _check_sources(path, meta, need)
-    have = set(meta.get("parts", []))
-    sources = {m: _source_path(path, src) for m, src in meta.get("from", {}).items() if m in need}
-    own = [m for m in need if m not in sources]
-    tiny = meta["preset"] != "full"  # random bases: every part must be here
-    own_text_tokenizer = bool(CONFIGS[meta["preset"]].get("text_tokenizer"))
-    required = {"vlm": [{"vlm", "vlm_tokenizer"}] if tiny else [{"vlm"}, {"vlm_lora"}],
-                "vdm": [{"dit", "vae", "text_encoder"} | ({"text_tokenizer"} if own_text_tokenizer else set())]
-                if tiny else [{"dit"}]}
-    for m in own:
-        if not any(files <= have for files in required[m]):
-            raise CheckpointError(f"{path}: has no {m.upper()} weights (needs {' or '.join('+'.join(sorted(f)) for f in required[m])}); "
-                                  f"it holds {', '.join(sorted(have)) or 'nothing'}")
-    vlm = vdm = None
-    if own and tiny:
-        from transformers import Qwen2Tokenizer
-        # the VLM's own tokenizer; a VDM-only load builds a throwaway VLM, any tokenizer will do
-        tok = Qwen2Tokenizer.from_pretrained(os.path.join(path, "vlm_tokenizer")) if "vlm" in own else byte_tokenizer()
-        text_tok = Qwen2Tokenizer.from_pretrained(os.path.join(path, "text_tokenizer")) \
-            if "vdm" in own and own_text_tokenizer else None
-        vlm, vdm = load_tiny(need=own, preset=meta["preset"], tokenizer=tok, text_tokenizer=text_tok)
-    elif own:
-        given = {k: v for k, v in (("qwen", qwen), ("wan", wan)) if ("vlm" if k == "qwen" else "vdm") in own}
-        vlm, vdm = load_base(**hub_paths(**given), dtype=dtype, need=own, dit_dtype=dit_dtype, device=device)
-    for m, src in sources.items():
-        got = load(src, qwen, wan, vans, dtype, need=(m,), dit_dtype=dit_dtype, device=device)
-        vlm, vdm = (got[0], vdm) if m == "vlm" else (vlm, got[1])
-    f = lambda name: os.path.join(path, name)
-    if vlm is not None:
-        if "vlm" in have:
-            _load_strict(vlm.model, _read(f("vlm.safetensors")), f("vlm.safetensors"))
-        if "vlm_lora" in have:
-            from peft import PeftModel
-            with _quiet_peft():
-                vlm.model = PeftModel.from_pretrained(vlm.model, f("vlm_lora")).eval()
-            # peft only warns about adapter keys that do not match: check them ourselves
-            saved = lora_to_peft(_read(f("vlm_lora/adapter_model.safetensors")))
-            _check_keys({k: v for k, v in vlm.model.state_dict().items() if ".lora_" in k}, saved, f("vlm_lora"))
-    if vdm is not None:
-        for name, module in [("dit", vdm.dit), ("vae", vdm.vae), ("text_encoder", vdm.text_encoder)]:
-            if name in have:
-                sd = _read(f(f"{name}.safetensors"))
-                _load_strict(module, {k: v.to(next(module.parameters()).dtype) for k, v in sd.items()},
-                             f(f"{name}.safetensors"))
-        if "dit" in have:
-            vdm.n_refs = meta.get("n_refs", N_REFS)
-        if "latents_mean" in meta:
-            vdm.set_latent_stats(meta["latents_mean"], meta["latents_std"])
-    return vlm, vdm
-
-
-RANDOM = {"tiny": "tiny", "random:shapes": "shapes"}  # --model names of random models -> their preset
-SHIPPED = {name: os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", name)  # in the repo
-           for name in ("shapes", "shapes-sft")}
-
-
-def meta_of(name):
-    """The meta.json of a --model name's checkpoint directory; {} for a name that is not one."""
-    name = SHIPPED.get(name, name)
-    return read_meta(name) if os.path.isfile(os.path.join(name, "meta.json")) else {}
-
-
-def preset_of(name):
-    """"full", "tiny" or "shapes": the architecture a --model name loads."""
-    return meta_of(name).get("preset") or RANDOM.get(name, "full")
-
-
-def ref_clip_of(name):
-    """The reference clip a --model's VDM was trained with (data.clip_indices): what its checkpoint's
-    run recorded (--ref-clip), else its preset's default."""
-    return meta_of(name).get("flags", {}).get("ref_clip") or CONFIGS[preset_of(name)]["infer"]["ref_clip"]
-
-
-def check_name(name, need=("vlm", "vdm")):
-    """A --model value must be a name load() knows or a checkpoint directory (whose meta.json is
-    read, and whose needed models from elsewhere are there); CheckpointError otherwise. Cheap:
-    nothing is loaded."""
-    if _named(name):
-        return
-    if not checkpoint_exists(name):
-        raise CheckpointError(f"{name}: no such checkpoint directory (nor one of vans, base, shapes, shapes-sft, tiny, random:shapes)")
-    _check_sources(name, read_meta(name), need)
-
-
-def _check_sources(path, meta, need=("vlm", "vdm")):
-    """The needed models a checkpoint takes from elsewhere ("from") must be there."""
-    for m, src in meta.get("from", {}).items():
-        src = _source_path(path, src)
-        if m in need and not (_named(src) or checkpoint_exists(src)):
-            raise CheckpointError(f"{path}: its {m.upper()} comes from {src} (meta.json \"from\"), which is not there "
-                                  f"(a training run records the frozen models it used instead of copying them: keep "
-                                  f"them where they were)")
-
-
-def load(name, qwen=None, wan=None, vans=None, dtype=torch.bfloat16, need=("vlm", "vdm"), dit_dtype=None, device=None):
-    """-> (VLM, VDM) for "vans" (official release), "base" (Qwen-Wan baseline, no refs),
-    "shapes" / "shapes-sft" (the Shapes models shipped in weights/: Joint-GRPO's and SFT's), "tiny" / "random:shapes"
-    (random models of those presets), or a checkpoint directory of
-    ours. Full-size weights are read in `dtype` (the DiT in `dit_dtype` when given, the VAE in
-    float32) onto `device` (load_base); the small presets' are float32 on the CPU. A model not
-    in `need` is not loaded (None)."""
-    if name in RANDOM:
-        return load_tiny(need=need, preset=preset_of(name))
-    if name in SHIPPED:
-        return load_checkpoint(SHIPPED[name], qwen, wan, vans, dtype, need, dit_dtype, device)
-    if name in ("base", "vans"):  # only the repos of the needed models are looked up
-        given = {k: v for k, v in (("qwen", qwen), ("wan", wan)) if ("vlm" if k == "qwen" else "vdm") in need}
-        p = hub_paths(**given, **({"vans": vans} if name == "vans" else {}))
-        vlm, vdm = load_base(p.get("qwen"), p.get("wan"), dtype, need, dit_dtype, device)
-        return load_official(vlm, vdm, p["vans"]) if name == "vans" else (vlm, vdm)
-    check_name(name, need)
-    return load_checkpoint(name, qwen, wan, vans, dtype, need, dit_dtype, device)
-
-
-def pack(out, vlm_path, vdm_path, clip=None, on=None):
-    """One checkpoint directory from the VLM of one checkpoint and the VDM of another, with no
-    training state (what weights/shapes-sft is); `clip`, a tiny-CLIP directory, is copied to
-    out/clip. `on`: a packed checkpoint (or a --model name) whose models these are but for the
-    VLM's LoRA and the DiT, as the SFT models are under Joint-GRPO's: only those two are written,
-    the rest is read from `on` (meta.json "from"; weights/shapes is packed on shapes-sft)."""
-    metas = {part: read_meta(path) for part, path in (("vlm", vlm_path), ("vdm", vdm_path))}
-    presets = {m["preset"] for m in metas.values()}
-    if len(presets) != 1 or "full" in presets:
-        raise CheckpointError(f"pack: {vlm_path} and {vdm_path} must be of one small preset, got {sorted(map(str, presets))}")
-    vlm, _ = load_checkpoint(vlm_path, dtype=torch.float32, need=("vlm",))
-    _, vdm = load_checkpoint(vdm_path, dtype=torch.float32, need=("vdm",))
-    origin = {part: {k: v for k, v in m.items() if k in ("script", "step", "git")} for part, m in metas.items()}
-    flags = {"ref_clip": ref_clip_of(vdm_path)}  # how the VDM reads its reference clip goes with it
-    parts = ("vlm", "vlm_lora", "dit", "vae", "text_encoder")
-    if on:
-        _check_same_but_lora_and_dit(vlm, vdm, on)
-        parts = ("vlm_lora", "dit")
-    save_checkpoint(out, vlm, vdm, {"preset": presets.pop(), "script": "pack", "flags": flags, **origin}, parts,
-                    sources={"vlm": on, "vdm": on} if on else None)
-    if clip:  # its weights, not its training run's records
-        os.makedirs(os.path.join(out, "clip"))
-        for f in ("clip.json", "clip.safetensors"):
-            shutil.copy(os.path.join(clip, f), os.path.join(out, "clip", f))
-
-
-def _check_same_but_lora_and_dit(vlm, vdm, on):
-    """pack --on: everything but the VLM's LoRA and the DiT must be `on`'s, exactly."""
-    from peft import PeftModel
-    vlm0, vdm0 = load(on, dtype=torch.float32)
-    if isinstance(vlm0.model, PeftModel):
-        raise CheckpointError(f"pack --on {on}: its VLM has a LoRA; the models under a LoRA must have none")
-    differs = lambda a, b: a.keys() != b.keys() or any(not torch.equal(a[k], b[k]) for k in a)
-    for what, a, b in (("the VLM's weights", vlm_base_state(vlm.model), vlm0.model.state_dict()),
-                       ("the VAE's weights", vdm.vae.state_dict(), vdm0.vae.state_dict()),
-                       ("the text encoder's weights", vdm.text_encoder.state_dict(), vdm0.text_encoder.state_dict()),
-                       ("the latent statistics", dict(m=vdm.latents_mean, s=vdm.latents_std),
-                        dict(m=vdm0.latents_mean, s=vdm0.latents_std))):
-        if differs(a, b):
-            raise CheckpointError(f"pack --on {on}: {what} are not the same as its (only the VLM's LoRA and the DiT may differ)")
-    for what, a, b in (("VLM's", vlm.processor.tokenizer, vlm0.processor.tokenizer), ("text", vdm.tokenizer, vdm0.tokenizer)):
-        if a.get_vocab() != b.get_vocab():
-            raise CheckpointError(f"pack --on {on}: the {what} tokenizer differs from {on}'s")
-    if vdm.n_refs != vdm0.n_refs:
-        raise CheckpointError(f"pack --on {on}: n_refs {vdm.n_refs} differs from its {vdm0.n_refs}")
-
-
-if __name__ == "__main__":
-    import argparse
-    import sys
-    parser = argparse.ArgumentParser(description="Pack a VLM and a VDM checkpoint into one --model directory.")
-    parser.add_argument("--vlm", required=True, help="checkpoint directory holding the VLM")
-    parser.add_argument("--vdm", required=True, help="checkpoint directory holding the VDM")
-    parser.add_argument("--clip", default=None, help="a tiny-CLIP directory to ship alongside (out/clip)")
-    parser.add_argument("--on", default=None, help="a packed checkpoint (or --model name) holding all but the VLM's "
-                                                   "LoRA and the DiT: only those are written, the rest is read from it")
-    parser.add_argument("--out", required=True, help="the new checkpoint directory")
-    args = parser.parse_args()
-    try:
-        pack(args.out, args.vlm, args.vdm, args.clip, args.on)
-    except CheckpointError as e:
-        sys.exit(f"error: {e}")
-    print(f"-> {args.out}")

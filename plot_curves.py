@@ -29,7 +29,7 @@ PANELS = [  # (stage, log key, title)
     (2, "rewards/clip_t/mean", "(g) stage 2: semantic alignment $r_{c2}$ (CLIP-T)"),
     (2, "reward", "(h) stage 2: total reward"),
     (2, "motion", "(i) stage 2: motion (mean |frame difference|)"),
-    (1, "event_accuracy", "(j) stage 1: caption event accuracy (Shapes)"),
+    (1, "event_caption", "(j) stage 1: caption event accuracy (Shapes)"),
 ]
 
 

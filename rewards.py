@@ -10,6 +10,7 @@ The scores Joint-GRPO trains on, each written once:
 then per-reward normalisation, the lambda-weighted sum, and GRPO's group advantage.
 """
 
+import json
 import os
 import re
 import string
@@ -93,12 +94,51 @@ class CLIPError(ValueError):
     pass
 
 
+# A tiny-CLIP directory: open_clip's own CLIP class at small sizes (clip.json, its config) and its
+# weights (clip.safetensors); it reads whole frames at its image size (no crop) and byte tokens. For a
+# world OpenAI's CLIP never saw: shapes.py trains one.
+
+def byte_tokens(texts, length=96):
+    """The tiny CLIP's tokenizer: 257 (start), UTF-8 bytes + 1, 258 (end, the largest id: open_clip
+    pools the text at its argmax), zero padding, cut to `length`. -> long (N, length)"""
+    out = torch.zeros(len(texts), length, dtype=torch.long)
+    for i, t in enumerate(texts):
+        ids = [257] + [b + 1 for b in t.encode("utf-8")][:length - 2] + [258]
+        out[i, :len(ids)] = torch.tensor(ids)
+    return out
+
+
+def build_tiny_clip(cfg):
+    """open_clip's CLIP class at the sizes of `cfg` (clip.json: embed_dim, quick_gelu, vision_cfg, text_cfg)."""
+    import open_clip
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+    return open_clip.CLIP(cfg["embed_dim"], CLIPVisionCfg(**cfg["vision_cfg"]), CLIPTextCfg(**cfg["text_cfg"]),
+                          quick_gelu=cfg["quick_gelu"])
+
+
+def load_tiny_clip(path):
+    from safetensors.torch import load_file
+    files = [os.path.join(path, f) for f in ("clip.json", "clip.safetensors")]
+    if not all(os.path.isfile(f) for f in files):
+        raise CLIPError(f"{path}: not a tiny-CLIP directory (needs clip.json and clip.safetensors)")
+    with open(files[0]) as f:
+        net = build_tiny_clip(json.load(f))
+    sd = load_file(files[1])
+    own = net.state_dict()
+    bad = sorted(set(own) ^ set(sd)) + sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
+    if bad:
+        raise CLIPError(f"{files[1]}: {len(bad)} keys missing, unexpected or misshapen (e.g. {bad[0]})")
+    net.load_state_dict(sd)
+    return net
+
+
+
 class CLIP:
     """CLIP-V and CLIP-T: raw cosines, no grad, float32 on every device (rewards and published
     metrics must not depend on the GPU's precision). weights: "openai" (open_clip ViT-B/32
     with QuickGELU, OpenAI's weights from the hub or its local cache), a local open_clip weights file
     for that model (.safetensors / .bin, open_clip's loader with weights_only), a tiny-CLIP directory
-    (clip.json + clip.safetensors, see shapes.train_clip), or None (random ViT-B/32: tests only)."""
+    (clip.json + clip.safetensors, load_tiny_clip), or None (random ViT-B/32: tests only)."""
 
     def __init__(self, weights="openai", device="cpu", batch_size=256):
         import logging
@@ -108,8 +148,7 @@ class CLIP:
                             f"weights file, or a tiny-CLIP directory: `python shapes.py train-clip --out {weights}` "
                             "trains one, and the Shapes models ship theirs in weights/shapes/clip)")
         if isinstance(weights, str) and os.path.isdir(weights):
-            import shapes
-            self.model, self.tokenizer, self.crop = shapes.load_tiny_clip(weights), shapes.byte_tokens, False
+            self.model, self.tokenizer, self.crop = load_tiny_clip(weights), byte_tokens, False
         else:
             logging.disable(logging.ERROR)  # open_clip logs its own download failure; ours is the one-line error
             try:
@@ -235,7 +274,7 @@ def normalise(r, group_size, mode="pooled", eps=1e-4, all_sum=None):
     group: z-score inside each group. Every reward gets unit spread in every group, so a reward
         whose in-group spread is noise (1e-4 of CLIP-V between near-identical captions) gets as
         much weight as a real difference: in a Shapes run this let CLIP-V's noise break the VLM
-        (docs/shapes.md, seed 1), where batch, from the same start, held.
+        where batch, from the same start, held (docs/design.md).
     batch: z-score over the step's batch. Also robust to noise, but the scale then includes the
         spread between prompts, which the group advantage removes anyway: a reward that varies
         mostly across prompts (CLIP-V: some clips are easier) is down-weighted inside every group.

@@ -42,7 +42,7 @@ stage() {  # stage NAME COMMAND...: run COMMAND unless OUT/times.txt records NAM
 evaluate() {  # evaluate ROW --model ... : eval.py on the test split into OUT/eval/ROW
     local row=$1
     shift
-    stage "eval $row" python eval.py --manifest $DATA/test.jsonl --clip $DATA/clip --gt-cache $DATA/gt_i3d \
+    stage "eval $row" python eval.py --manifest $DATA/test.jsonl --clip $DATA/clip --gt-cache $DATA/gt_i3d --metrics shapes:metrics \
         --seed $SEED --out $OUT/eval/$row "$@"
 }
 
@@ -59,7 +59,7 @@ if [ -n "$VDM" ]; then
     [ -e $DATA/clip ] || cp -r "$VDM/clip" $DATA/clip
 else
     OUT=$W stage clip python shapes.py train-clip --train $DATA/train.jsonl --out $DATA/clip --seed 0
-    OUT=$W stage vae python sft_vdm.py --config $C:sft_vae --out $DATA/vae --seed 0 --resume
+    OUT=$W stage vae python shapes.py train-vae --train $DATA/train.jsonl --val $DATA/val.jsonl --out $DATA/vae --seed 0 --resume
 fi
 
 stage sft_vlm python sft_vlm.py --config $C --out $OUT/sft_vlm --seed $SEED --resume
@@ -104,8 +104,8 @@ evaluate stage2_random --model $OUT/grpo_stage2_random/last
 
 # the pairs to ship (weights/shapes-sft and weights/shapes are seed 0's): SFT's, and Joint-GRPO's as its
 # stage-1 LoRA and stage-2 DiT over SFT's
-stage ship_sft python model.py --vlm $OUT/sft_vlm/last --vdm $VDM --clip $DATA/clip --out $OUT/shapes-sft
-stage ship python model.py --vlm $OUT/grpo_stage2/last --vdm $OUT/grpo_stage2/last --on $OUT/shapes-sft \
+stage ship_sft python checkpoint.py --vlm $OUT/sft_vlm/last --vdm $VDM --clip $DATA/clip --out $OUT/shapes-sft
+stage ship python checkpoint.py --vlm $OUT/grpo_stage2/last --vdm $OUT/grpo_stage2/last --on $OUT/shapes-sft \
     --clip $DATA/clip --out $OUT/shapes
 python plot_curves.py $OUT/grpo_stage1 $OUT/grpo_stage2 --out $OUT/curves.png
 python eval.py --table $OUT/eval/{sft,sft_more,stage1_text,stage1,joint_grpo,stage2_no_ct,stage2_random}/results.json

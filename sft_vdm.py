@@ -9,8 +9,7 @@ caption as the target clip, given the reference latents of the input clip.
     # two nodes: run on each, with NODE_RANK 0 / 1 and MASTER_ADDR the first node
     torchrun --nnodes=2 --node_rank=$NODE_RANK --nproc_per_node=8 --rdzv_backend=c10d \\
         --rdzv_endpoint=$MASTER_ADDR:29500 sft_vdm.py --config config/paper.py --fsdp
-    # the Shapes world on a CPU: first the tiny VAE, then the DiT (with the tiny text encoder)
-    python sft_vdm.py --config config/shapes.py:sft_vae --out out/shapes/vae
+    # the Shapes world on a CPU: the DiT (with the tiny text encoder) on the VAE `python shapes.py train-vae` made
     python sft_vdm.py --config config/shapes.py --out out/shapes/sft_vdm --model out/shapes/vae/last
 
 The loss (flow matching, as model.py samples, and as DiffSynth's Wan training computes it, which
@@ -31,12 +30,8 @@ has an unconditional branch to push against (the pretrained Wan has one; a tiny 
 from scratch needs this). --ema keeps an exponential moving average of the DiT: the
 checkpoint's dit.safetensors is then the average, and dit_raw.safetensors holds the raw
 weights (for --resume).
-
-For the Shapes world the VAE and text encoder are tiny and random, so they are trained too:
---train-vae trains the VAE alone (reconstruction MSE + --kl-weight KL, on single frames of the
-input and target clips; a random VAE starts as a per-frame one, shapes.keyframe_init) and
-measures the per-channel latent statistics that normalise its latents;
---train-text-encoder trains the text encoder jointly with the DiT through the same loss.
+--train-text-encoder trains the text encoder jointly with the DiT through the same loss (a small
+preset's encoder starts from random weights: the Shapes world's).
 """
 
 import argparse
@@ -56,10 +51,10 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import checkpoint
 import common
 import data
 import model
-import shapes
 
 # -----------------------------------------------------------------------------
 # flags
@@ -94,11 +89,9 @@ parser.add_argument("--val-loss-samples", type=int, default=32, help="validation
 parser.add_argument("--val-render", type=int, default=2, help="validation samples rendered to <out>/samples, shared out over the ranks (at least one each)")
 parser.add_argument("--val-steps", type=int, default=20, help="sampling steps of the rendered samples")
 parser.add_argument("--val-cfg", type=float, default=5.0, help="guidance scale of the rendered samples")
-# the Shapes world only: its tiny VAE and text encoder start from random weights, so they are trained too
-parser.add_argument("--train-vae", action="store_true", help="train the VAE alone, on single frames (shapes.vae_loss)")
-parser.add_argument("--kl-weight", type=float, default=1e-6, help="--train-vae: weight of the KL term")
-parser.add_argument("--fg-weight", type=float, default=0.0, help="--train-vae: extra weight of pixels off the frame's median colour")
-parser.add_argument("--train-text-encoder", action="store_true", help="train the text encoder with the DiT")
+parser.add_argument("--metrics", default=None, help="module:function checking the rendered samples, logged as val/<name> "
+                                               "(e.g. shapes:metrics)")
+parser.add_argument("--train-text-encoder", action="store_true", help="train the text encoder with the DiT (a random one)")
 common.add_run_flags(parser, out="out/sft_vdm", steps=20_000)  # the paper's steps
 args = common.parse_flags(parser, "sft_vdm")
 
@@ -109,17 +102,16 @@ rank, world, device = common.compute_init(args.device)
 master = rank == 0
 amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 last = os.path.join(args.out, "last")
-resume = args.resume and model.checkpoint_exists(last)
-if args.train_vae and (args.train_text_encoder or args.cache_latents or args.ema):
-    parser.error("--train-vae trains the VAE alone, from clips: no --train-text-encoder, --cache-latents or --ema")
+resume = args.resume and checkpoint.checkpoint_exists(last)
 
 # -----------------------------------------------------------------------------
 # data, and every input checked before any heavy work
 
 if not resume:
     common.check_models(model=args.model)
-args.ref_clip = args.ref_clip or model.ref_clip_of(last if resume else args.model)
-train, val = common.read_manifests(args, min_frames=args.frames)
+args.ref_clip = args.ref_clip or checkpoint.ref_clip_of(last if resume else args.model)
+metrics_fn = common.hook("metrics", args.metrics) if args.metrics else None
+train, val = data.read_manifests(args, min_frames=args.frames)
 os.makedirs(args.out, exist_ok=True)
 clips = data.ClipDataset(train, ("clip", "target"), args.frames, args.height, args.width, ref_clip=args.ref_clip)
 
@@ -130,14 +122,11 @@ frozen_text = device.type == "cuda" and not args.train_text_encoder  # read in b
 preset, (_, vdm) = common.load_model(last if resume else args.model, wan=args.wan, need=("vdm",), device=device,
                                      dtype=torch.bfloat16 if frozen_text else torch.float32, dit_dtype=torch.float32)
 vdm.n_refs = args.n_refs
-if args.train_vae and not resume and args.model in model.RANDOM:
-    shapes.keyframe_init(vdm.vae)
 if frozen_text:  # (the small presets are read in float32 on the CPU whatever the dtype)
     vdm.text_encoder.to(torch.bfloat16)
 for m in (vdm.dit, vdm.vae, vdm.text_encoder):
     m.to(device).requires_grad_(False).eval()
-trained = torch.nn.ModuleDict({"vae": vdm.vae} if args.train_vae else
-                              {"dit": vdm.dit, **({"text_encoder": vdm.text_encoder} if args.train_text_encoder else {})})
+trained = torch.nn.ModuleDict({"dit": vdm.dit, **({"text_encoder": vdm.text_encoder} if args.train_text_encoder else {})})
 trained.requires_grad_(True).train()
 ema, raw = None, os.path.join(last, "dit_raw.safetensors")  # with --ema, dit.safetensors is the average
 if resume and os.path.isfile(raw) != bool(args.ema):
@@ -156,10 +145,10 @@ if args.fsdp:  # FSDP2: every transformer block a shard unit, then the rest
         for block in net.blocks:
             fully_shard(block, mp_policy=mp)
         fully_shard(net, mp_policy=mp)
-elif world > 1 and not args.train_vae:
+elif world > 1:
     dit = DDP(vdm.dit, device_ids=[device.index] if device.type == "cuda" else None)
-manual_sync = [p for n, m in trained.items() if n != "dit" for p in m.parameters()]  # gradients averaged by hand
-common.print0(f"{preset} VDM, training {', '.join(trained)}: {sum(p.numel() for p in trained.parameters()):,} parameters"
+manual_sync = [p for n, m in trained.items() if n != "dit" for p in m.parameters()]  # the text encoder's, by hand
+common.print0(f"{preset['name']} VDM, training {', '.join(trained)}: {sum(p.numel() for p in trained.parameters()):,} parameters"
               + (" (FSDP2)" if args.fsdp else ""))
 
 # -----------------------------------------------------------------------------
@@ -254,13 +243,7 @@ def flow_matching_loss(refs, x0, text, captions, generator=None, sigma=None, dro
                                         motion_weight=args.motion_weight)
 
 
-def vae_loss(clip, target, generator=None):
-    return shapes.vae_loss(vdm.vae, torch.cat([clip, target]), args.fg_weight, args.kl_weight, device, generator)
-
-
 def step_loss(batch):
-    if args.train_vae:  # the Shapes world's VAE
-        return vae_loss(batch["clip"], batch["target"])
     if args.cache_latents:
         return flow_matching_loss(batch.get("refs"), batch["x0"], batch.get("text"), batch["caption"])
     refs, x0, text = encode(batch["clip"], batch["target"], batch["caption"])
@@ -291,26 +274,21 @@ def save(step):
                for n in trained}
     if ema is not None:
         weights["dit_raw"], weights["dit"] = weights["dit"], get_model_state_dict(ema, options=full)
-    if args.train_vae:  # the statistics that normalise the Shapes VAE's latents, over 16 training clips
-        vdm.set_latent_stats(*shapes.latent_stats(vdm.vae, [clips[i]["target"] for i in range(len(train))[:16][rank::world]],
-                                                  device))
     state = common.train_state(step, get_optimizer_state_dict(trained, optimizer, options=full),
                                {"skipped": int(common.all_sum(skipped))})
     if master:
-        parts = ("dit", "vae", "text_encoder") if preset != "full" else ("dit",)
+        parts = ("dit", "vae", "text_encoder") if preset["name"] != "full" else ("dit",)
         meta = {"preset": preset, "script": "sft_vdm", "step": step, "flags": vars(args), "git": common.git_hash()}
-        model.save_checkpoint(last, None, vdm, meta, parts, weights=weights, extra={"train_state.pt": state})
+        checkpoint.save_checkpoint(last, None, vdm, meta, parts, weights=weights, extra={"train_state.pt": state})
     if world > 1:
         dist.barrier()
 
 
 @torch.no_grad()
 def validate(step):
-    """Loss at fixed noise and timesteps (comparable across steps), and a few rendered samples
-    written next to their ground truth; on Shapes, the fraction of them that show the
-    generator's event (val/event_accuracy), and of renders from the caption that names the
-    acting object, at the same noise (val/event_accuracy_named): what the DiT makes of a vague
-    caption against a fully specified one. Every rank takes the same number of samples."""
+    """Loss at fixed noise and timesteps (comparable across steps), and a few samples rendered from
+    their captions, written next to their ground truth and checked by --metrics (the Shapes world's:
+    does the video show the event, val/event_video). Every rank takes the same number of samples."""
     trained.eval()
     mine = lambda n: [val[(rank + world * i) % len(val)] for i in range((n + world - 1) // world)]
     g = torch.Generator().manual_seed(1234 + rank)
@@ -319,38 +297,27 @@ def validate(step):
         if (item := clips.try_load(s)) is None:
             continue
         b = data.collate([item])
-        if args.train_vae:
-            losses.append(vae_loss(b["clip"], b["target"], g).item())
-        else:
-            refs, x0, text = encode(b["clip"], b["target"], b["caption"])
-            sigma = torch.rand(1, generator=g)
-            losses.append(flow_matching_loss(refs, x0, text, b["caption"], g, sigma, dropout=0.0).item())
+        refs, x0, text = encode(b["clip"], b["target"], b["caption"])
+        sigma = torch.rand(1, generator=g)
+        losses.append(flow_matching_loss(refs, x0, text, b["caption"], g, sigma, dropout=0.0).item())
     os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
-    shows, shows_named = [], []
-    render = lambda refs, caption: vdm.decode(vdm.sample(
-        vdm.encode_text([caption]), None, refs, args.frames, args.height, args.width, steps=args.val_steps,
-        cfg=args.val_cfg, generator=torch.Generator().manual_seed(0)))
+    checks = {k: [] for k in metrics_fn([], videos=[])} if metrics_fn else {}  # the same names on every rank
     for s in mine(args.val_render):
         if (item := clips.try_load(s)) is None:
             continue
         b = data.collate([item])
-        if args.train_vae:  # the VAE's reconstruction
-            video = vdm.vae.decode(vdm.vae.encode(data.to_tensor(b["target"]).to(device)).latent_dist.mode()).sample
-        else:
-            refs, _, _ = encode(b["clip"], b["target"], b["caption"])
-            video = render(refs, s["caption"])
-            if s["event"] and s.get("caption_specific"):  # and from the caption that names the object, same noise
-                named = video if s["caption_specific"] == s["caption"] else render(refs, s["caption_specific"])
-                shows_named.append(float(shapes.video_shows(data.to_uint8(named[0]), s["event"])))
-        if s["event"]:
-            shows.append(float(shapes.video_shows(data.to_uint8(video[0].clamp(-1, 1)), s["event"])))
-        side_by_side = torch.cat([data.to_tensor(b["target"]).to(video), video.clamp(-1, 1)], dim=-1)[0]
+        refs, _, _ = encode(b["clip"], b["target"], b["caption"])
+        video = vdm.decode(vdm.sample(vdm.encode_text([s["caption"]]), None, refs, args.frames, args.height, args.width,
+                                      steps=args.val_steps, cfg=args.val_cfg,
+                                      generator=torch.Generator().manual_seed(0))).clamp(-1, 1)  # (1, 3, T, H, W)
+        for k, values in (metrics_fn([s], videos=[data.to_uint8(video[0])]) if metrics_fn else {}).items():
+            checks[k] += [float(v) for v in values if v is not None]
+        side_by_side = torch.cat([data.to_tensor(b["target"]).to(video), video], dim=-1)[0]
         data.write_video(os.path.join(args.out, "samples", f"step{step:06d}_{s['id']}.mp4"), data.to_uint8(side_by_side))
     trained.train()
-    # every rank joins the all-reduces; nan where no sample has an event (or a named caption)
-    event, named = common.all_mean(shows), common.all_mean(shows_named)
-    return {"val/loss": common.all_mean(losses), **({} if math.isnan(event) else {"val/event_accuracy": event}),
-            **({} if math.isnan(named) else {"val/event_accuracy_named": named})}
+    # every rank joins the all-reduces; a check is left out where no sample has a value
+    return {"val/loss": common.all_mean(losses),
+            **{f"val/{k}": m for k, v in checks.items() if not math.isnan(m := common.all_mean(v))}}
 
 
 # -----------------------------------------------------------------------------

@@ -14,17 +14,14 @@ to write [Think]reasoning[/Think][Ans]caption of the next event[/Ans].
 
 What is trained: LoRA (r 8, alpha 32, dropout 0.05 on q,k,v,o,gate,up,down, matched across
 the whole model as the release) on Qwen2.5-VL-3B-Instruct. --finetune full trains every
-weight instead: the tiny Shapes VLM starts from random weights, which a low-rank update
-alone cannot turn into a captioner.
+weight instead: a VLM that starts from random weights (the Shapes world's) is more than a
+low-rank update can turn into a captioner.
 Loss: cross-entropy on the assistant tokens only ([Think]...[/Think][Ans]...[/Ans]<|im_end|>;
 system prompt, question, video tokens and padding are masked), mean over those tokens on
 each rank, averaged over ranks by DDP. AdamW, linear warmup + cosine decay, gradient
 clipping, bf16 autocast on GPU. Every --val-every steps: loss on the validation set and
 greedy captions for --val-generate samples, scored with the format reward and ROUGE-L
-(and, on Shapes, event accuracy: does the caption state the generator's event).
---stop-at-accuracy A saves and stops at the first validation whose event accuracy
-reaches A: an SFT that stops on its learning curve's knee, not at a fixed step, to
-leave Joint-GRPO room (config/shapes.py).
+(and with a world's own checks, --metrics: the Shapes world's event accuracy).
 Writes <out>/last (a checkpoint loadable as --model, with its training state) and
 <out>/log.jsonl. The paper does not give a batch size: --batch-size is per rank.
 """
@@ -39,11 +36,11 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import checkpoint
 import common
 import data
 import model
 import rewards
-import shapes
 
 # -----------------------------------------------------------------------------
 # flags
@@ -63,11 +60,10 @@ parser.add_argument("--val-every", type=int, default=500, help="validate every N
 parser.add_argument("--val-loss-samples", type=int, default=64, help="validation samples for the loss")
 parser.add_argument("--val-generate", type=int, default=8, help="validation samples to caption greedily")
 parser.add_argument("--max-new-tokens", type=int, default=512, help="generation budget at validation")
-# the Shapes world only: its VLM starts from random weights, and its captions can be checked
+parser.add_argument("--metrics", default=None, help="module:function checking the captions at validation, logged as "
+                                               "val/<name> (e.g. shapes:metrics)")
+# what is trained
 parser.add_argument("--finetune", default="lora", choices=["lora", "full"], help="train a LoRA adapter or every weight")
-parser.add_argument("--stop-at-accuracy", type=float, default=0.0,
-                    help="save and stop at the first validation whose caption event accuracy reaches this "
-                         "(0 = off); --resume from such a stop trains no further unless the bar is raised")
 common.add_run_flags(parser, out="out/sft_vlm", steps=10_000)  # the paper's steps
 args = common.parse_flags(parser, "sft_vlm")
 
@@ -78,16 +74,15 @@ rank, world, device = common.compute_init(args.device)
 master = rank == 0
 amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 last = os.path.join(args.out, "last")
-resume = args.resume and model.checkpoint_exists(last)
+resume = args.resume and checkpoint.checkpoint_exists(last)
 
 # -----------------------------------------------------------------------------
 # data, and every input checked before any heavy work
 
 if not resume:
     common.check_models(model=args.model)
-train, val = common.read_manifests(args, min_frames=args.frames)
-if args.stop_at_accuracy and not (val and args.val_generate):
-    raise SystemExit("error: --stop-at-accuracy needs --val and --val-generate > 0: it reads the validation's event accuracy")
+train, val = data.read_manifests(args, min_frames=args.frames)
+metrics_fn = common.hook("metrics", args.metrics) if args.metrics else None
 os.makedirs(args.out, exist_ok=True)
 dataset = data.ClipDataset(train, parts=("vlm",), frames=args.frames, vlm_frames=model.VLM_FRAMES)
 
@@ -111,7 +106,7 @@ net = vlm.model.to(device).train()
 if args.grad_checkpointing:
     net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 params = [p for p in net.parameters() if p.requires_grad]
-common.print0(f"{preset} VLM, {args.finetune}: {sum(p.numel() for p in params):,} trained parameters "
+common.print0(f"{preset['name']} VLM, {args.finetune}: {sum(p.numel() for p in params):,} trained parameters "
               f"of {sum(p.numel() for p in net.parameters()):,}")
 ddp_net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else net
 
@@ -128,13 +123,11 @@ def batch_loss(batch, net):
 
 optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
 start, skipped = 0, 0  # skipped: clips that failed to decode; rank 0 carries the total of earlier runs
-accuracy = float("nan")  # the last validation's caption event accuracy, kept for --stop-at-accuracy
 if resume:
     state = common.load_train_state(last)
     optimizer.load_state_dict(state["optimizer"])
     start = state["step"]
     skipped = state["skipped"] if master else 0
-    accuracy = state.get("accuracy", float("nan"))  # absent in checkpoints older than --stop-at-accuracy
     common.print0(f"resumed from {last} at step {start}")
 else:
     torch.manual_seed(args.seed + rank)  # dropout streams differ by rank
@@ -144,12 +137,12 @@ logger = common.Logger(args.out, args, rank, start)
 def save(step):
     """<out>/last: weights (LoRA in peft's format; the full VLM when it is trained or random-based)
     + meta + training state, atomically. Called on every rank (the RNG states are gathered)."""
-    state = common.train_state(step, optimizer.state_dict(), {"skipped": int(common.all_sum(skipped)), "accuracy": accuracy})
+    state = common.train_state(step, optimizer.state_dict(), {"skipped": int(common.all_sum(skipped))})
     if master:
         parts = ("vlm_lora",) if args.finetune == "lora" else ()
-        parts += ("vlm",) if args.finetune == "full" or preset != "full" else ()
+        parts += ("vlm",) if args.finetune == "full" or preset["name"] != "full" else ()
         meta = {"preset": preset, "script": "sft_vlm", "step": step, "flags": vars(args), "git": common.git_hash()}
-        model.save_checkpoint(last, vlm, None, meta, parts, extra={"train_state.pt": state})
+        checkpoint.save_checkpoint(last, vlm, None, meta, parts, extra={"train_state.pt": state})
     if world > 1:
         torch.distributed.barrier()
 
@@ -161,33 +154,26 @@ def validate():
     mine = lambda n: [(s, it) for s in val[:n][rank::world] if (it := dataset.try_load(s)) is not None]
     chunks = lambda xs: [xs[i:i + args.batch_size] for i in range(0, len(xs), args.batch_size)]
     losses = [batch_loss(data.collate([it for _, it in c]), net).item() for c in chunks(mine(args.val_loss_samples))]
-    fmt, rouge, event, specific = [], [], [], []
+    fmt, rouge = [], []
+    checks = {k: [] for k in metrics_fn([], captions=[])} if metrics_fn else {}  # the same names on every rank
     for c in chunks(mine(args.val_generate)):
         outs = vlm.generate([it["vlm"] for _, it in c], [s["question"] for s, _ in c], decoding="greedy",
                             max_new_tokens=args.max_new_tokens)
-        for (s, _), out in zip(c, outs):
-            fmt.append(rewards.format_reward(out))
-            rouge.append(rewards.rouge_l(model.caption_of(out), s["caption"]))
-            if s["event"]:  # the Shapes world: does the caption state the generator's event, and name its object?
-                event.append(float(shapes.caption_event(model.caption_of(out), s["event"])))
-                specific.append(float(shapes.caption_specific(model.caption_of(out), s["event"])))
+        captions = [model.caption_of(out) for out in outs]
+        fmt += [rewards.format_reward(out) for out in outs]
+        rouge += [rewards.rouge_l(cap, s["caption"]) for cap, (s, _) in zip(captions, c)]
+        for k, values in (metrics_fn([s for s, _ in c], captions=captions) if metrics_fn else {}).items():
+            checks[k] += [float(v) for v in values if v is not None]
     net.train()
-    metrics = {"val/loss": common.all_mean(losses), "val/format_reward": common.all_mean(fmt),
-               "val/rouge_l": common.all_mean(rouge)}
-    event, specific = common.all_mean(event), common.all_mean(specific)  # every rank joins; nan without events
-    if not math.isnan(event):
-        metrics.update({"val/event_accuracy": event, "val/specific_accuracy": specific})
-    return metrics
+    return {"val/loss": common.all_mean(losses), "val/format_reward": common.all_mean(fmt),
+            "val/rouge_l": common.all_mean(rouge),  # and each check where some sample has a value (every rank joins)
+            **{f"val/{k}": m for k, v in checks.items() if not math.isnan(m := common.all_mean(v))}}
 
 
 # -----------------------------------------------------------------------------
 # training loop
 
 end = min(args.steps, args.stop_at) if args.stop_at else args.steps
-reached = lambda: args.stop_at_accuracy > 0 and accuracy >= args.stop_at_accuracy  # False while nan
-if reached():
-    end = start
-    common.print0(f"{last}: its last val event accuracy, {accuracy:.4f}, reaches --stop-at-accuracy: nothing to do")
 sampler = data.StepSampler(len(dataset), args.batch_size, rank, world, args.seed, start, end)
 loader = common.loader(dataset, sampler, args.workers, data.collate)
 t0 = time.time()
@@ -218,9 +204,6 @@ for step, batch in zip(range(start, end), loader):
         metrics = validate()
         logger.log(metrics, done)
         common.print0(f"step {done}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        accuracy = metrics.get("val/event_accuracy", float("nan"))
-        if reached():
-            end = done
     if done % args.save_every == 0 or done == end:
         save(done)
     if done == end:

@@ -1,16 +1,20 @@
 """
 The Shapes world: a synthetic video-next-event world with known ground truth, and what it
 takes to train VANS on it from random weights on a CPU. Nothing here is on the paper's path:
-the stage scripts reach it only through the "shapes" preset and the flags marked "Shapes".
+the paper's files never import it; the scripts reach it by name (--model random:shapes, the preset
+PRESET; --metrics shapes:metrics; --rewards shapes:...; a config file that names them).
 
     python shapes.py data --out data/shapes                     # the world: clips, questions, answers
     python shapes.py train-clip --train data/shapes/train.jsonl --out data/shapes/clip   # its CLIP
+    python shapes.py train-vae --out out/shapes/vae             # its VAE, before sft_vdm.py
 
     the world      scenes, their clips and texts, and the generator's record of each event
-    the event      does a caption state it, does a video show it (eval.py's event accuracy), and
-                   the same as rewards (--rewards shapes:caption_reward=1 / shapes:video_reward=1)
-    the models     the preset's tokenizer (BPE fitted to the world's text), the VAE's per-frame
-                   start, and a tiny CLIP for CLIP-V / CLIP-T, which OpenAI's CLIP cannot give here
+    the event      does a caption state it, does a video show it (metrics: eval.py's and the
+                   training scripts' --metrics), and the same as rewards (--rewards
+                   shapes:caption_reward=1 / shapes:video_reward=1)
+    the models     the preset (PRESET) and its tokenizer (BPE fitted to the world's text), the VAE's
+                   per-frame start and training, and a tiny CLIP for CLIP-V / CLIP-T, which OpenAI's
+                   CLIP cannot give here
 """
 
 import json
@@ -38,8 +42,8 @@ import data
 # Annotations are written as people write them: with probability --vague a training caption
 # states the event without naming the object ("The ball rolls to the left and out of the
 # frame."), otherwise it names it. Every line keeps the named caption and the event too.
-# The "classic" world (one ball; blocks taken left to right, so the input decides) is the one
-# of docs/shapes.md's earlier sections; the shipped models (weights/) are of the question world.
+# The "classic" world (`--world classic`: one ball; blocks taken left to right, so the input
+# decides and every caption names its object) is the control; the shipped models are of the question world.
 # Everything is scaled to the frame height, so any size renders the same scene.
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30),
@@ -422,6 +426,21 @@ def why_not_shown(frames, event):
     return None if still and (W - end[0] if d > 0 else end[0]) > u else "not still"
 
 
+def metrics(samples, captions=None, videos=None):
+    """The world's event checks, as the --metrics hook of eval.py and the training scripts: for each
+    sample, event_caption / specific_caption (its caption states the event / and names the object
+    that acts) and event_video (its uint8 video (T, H, W, 3) shows that object doing it), of what is
+    given; None where a sample has no event. -> {name: [bool or None, ...]}"""
+    out = {}
+    check = lambda fn, xs: [None if not s.get("event") else bool(fn(x, s["event"])) for x, s in zip(xs, samples)]
+    if captions is not None:
+        out["event_caption"] = check(caption_event, captions)
+        out["specific_caption"] = check(caption_specific, captions)
+    if videos is not None:
+        out["event_video"] = check(video_shows, videos)
+    return out
+
+
 def caption_reward(completions, samples):
     """A stage-1 reward: 1.0 where the completion's caption states the sample's event and names its
     object, else 0.0. Not the paper's reward: a verifier, to tell a weak reward from a weak optimiser."""
@@ -499,20 +518,63 @@ def bpe_tokenizer(texts, vocab_size):
     return Qwen2Tokenizer(vocab=vocab, merges=merges, additional_special_tokens=QWEN_SPECIAL[1:])
 
 
+# The "shapes" preset (`--model random:shapes`; a checkpoint of it carries this dict in meta.json).
+# An object is ~1% of a 64x112 frame. A 128-wide VLM trained from scratch only finds it when empty
+# patches give zero vision tokens (pixels normalised around the background colour, 235) and the
+# text around the 24 video tokens is short (BPE tokens, a one-line system prompt). Its text encoder
+# reads the VLM's BPE tokens (each word of the world one token; saved with the checkpoint as
+# text_tokenizer/) at the VLM's width: in the question world the caption alone says which object
+# acts and which way, and a byte-level encoder 32 wide left the DiT blind to both words. The DiT,
+# VAE and vision tower are model.CONFIGS["tiny"]'s but for the widths.
+PRESET = dict(
+    name="shapes",
+    vlm=dict(text_config=dict(vocab_size=None,  # None: the tokenizer's size
+                              hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                              num_key_value_heads=2, max_position_embeddings=8192, rope_theta=1000000.0,
+                              rms_norm_eps=1e-6, tie_word_embeddings=True,
+                              rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]}),
+             vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
+                                fullatt_block_indexes=[0, 1], window_size=112, tokens_per_second=2),
+             tie_word_embeddings=True),
+    dit=dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=16, out_channels=16,
+             text_dim=128, freq_dim=32, ffn_dim=512, num_layers=4, cross_attn_norm=True,
+             qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
+    vae=dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+             latents_mean=[0.0] * 16, latents_std=[1.0] * 16),
+    text=dict(vocab_size=None, d_model=128, d_kv=32, d_ff=512, num_layers=2, num_heads=4,  # None: the tokenizer's
+              relative_attention_num_buckets=32, relative_attention_max_distance=128,
+              feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+    vlm_pixels=(4 * 28 * 28, 16 * 28 * 28),
+    tokenizer="shapes:tokenizer", text_tokenizer="shapes:tokenizer",  # one BPE for both
+    vlm_norm=(235 / 255, 0.1),  # pixel mean and std of the VLM's processor
+    system_prompt="Predict the next event.",
+    bpe_vocab=600,  # at most: the Shapes text runs out of merges before (485 tokens with the specials)
+    # what the shipped Shapes models were trained with: the VLM's video read as 1 fps, the DiT's unconditional
+    # branch on diffusers' Wan example negative prompt, 33 reference frames spread over the input clip, and
+    # captions sampled at the paper's temperature 0.7 / top_p 0.9 in their evaluations
+    vlm_fps=1.0,
+    negative_prompt=(
+        "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
+        "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly "
+        "drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy "
+        "background, three legs, many people in the background, walking backwards"),
+    infer=dict(max_new_tokens=160, steps=20, cfg=3.0, height=64, width=112, decoding="sample", ref_clip="uniform"),
+)
+
+
 def tokenizer():
     """The "shapes" preset's tokenizer: BPE fitted to the system prompt and the questions and
     answers of 1000 Shapes scenes (the generator's own text, no files)."""
     import model
-    c = model.CONFIGS["shapes"]
-    corpus = [c["system_prompt"]] + [q + model.answer_text(t, a) for q, t, a in texts(1000)]
-    return bpe_tokenizer(corpus, c["bpe_vocab"])
+    corpus = [PRESET["system_prompt"]] + [q + model.answer_text(t, a) for q, t, a in texts(1000)]
+    return bpe_tokenizer(corpus, PRESET["bpe_vocab"])
 
 
 def keyframe_init(vae):
     """Start a random AutoencoderKLWan as a per-frame autoencoder: each causal 3x3x3 kernel sees
     only the current frame, the encoder's temporal downsampling keeps the last frame of every
     2 (so of every 4-frame chunk) and the decoder's temporal upsampling repeats each frame.
-    Trained on single frames (sft_vdm --train-vae), which use no other weight, it encodes a
+    Trained on single frames (train_vae), which use no other weight, it encodes a
     1 + 4k clip as its frames 0, 4, ..., 4k and decodes each later latent frame as 4 copies.
     (From random time kernels the tiny VAE takes many times longer to learn the objects' colours.)"""
     import torch
@@ -531,7 +593,7 @@ def keyframe_init(vae):
 
 
 def vae_loss(vae, clips, fg_weight, kl_weight, device, generator=None):
-    """sft_vdm --train-vae: on one random frame of each uint8 clip (B, T, H, W, 3), the MSE in [-1, 1]
+    """train_vae's loss: on one random frame of each uint8 clip (B, T, H, W, 3), the MSE in [-1, 1]
     pixels of the posterior mean's reconstruction (the latents the DiT sees), with foreground pixels
     (off the frame's median colour by more than 0.1) weighted 1 + fg_weight, + kl_weight *
     KL(posterior || N(0, I)) per element. A frame is a whole chunk of the causal VAE: it trains every
@@ -562,46 +624,107 @@ def latent_stats(vae, clips, device):
     return mean.tolist(), (s2 / n - mean ** 2).clamp_min(1e-12).sqrt().tolist()
 
 
-# A CLIP small enough to train on a CPU, for worlds (Shapes) OpenAI's CLIP never saw: open_clip's
-# own CLIP class, whole frames at image_size (no crop), byte tokens. Saved as <dir>/clip.json + clip.safetensors.
+def train_vae(args):
+    """`python shapes.py train-vae`: the Shapes VDM's VAE from random weights (keyframe_init), trained
+    alone on single frames of the clips (vae_loss), before the DiT's SFT reads its latents
+    (sft_vdm.py --model <out>/last). Runs under torchrun too (the gradients averaged by hand). Writes
+    <out>/last, a checkpoint of the whole VDM with the latents' statistics (latent_stats), and
+    <out>/log.jsonl; every --val-every steps the val loss and reconstructions in <out>/samples."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    import checkpoint
+    import common
+    rank, world, device = common.compute_init(args.device)
+    last = os.path.join(args.out, "last")
+    resume = args.resume and checkpoint.checkpoint_exists(last)
+    train, val = data.read_manifests(args, min_frames=args.frames)
+    os.makedirs(args.out, exist_ok=True)
+    clips = data.ClipDataset(train, ("clip", "target"), args.frames, args.height, args.width, ref_clip=args.ref_clip)
+    preset, (_, vdm) = common.load_model(last if resume else "random:shapes", need=("vdm",), dtype=torch.float32)
+    vae = vdm.vae.to(device).train()
+    if not resume:
+        keyframe_init(vae)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+    start = 0
+    if resume:
+        state = common.load_train_state(last)
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+    else:
+        torch.manual_seed(args.seed + rank)
+    logger = common.Logger(args.out, args, rank, start)
+    loss_of = lambda b, g=None: vae_loss(vae, torch.cat([b["clip"], b["target"]]), args.fg_weight, args.kl_weight,
+                                         device, g)
+
+    def save(step):
+        vdm.set_latent_stats(*latent_stats(vae, [clips[i]["target"] for i in range(len(train))[:16][rank::world]], device))
+        state = common.train_state(step, optimizer.state_dict())
+        if rank == 0:
+            meta = {"preset": preset, "script": "shapes train-vae", "step": step, "flags": vars(args),
+                    "git": common.git_hash()}
+            checkpoint.save_checkpoint(last, None, vdm, meta, ("dit", "vae", "text_encoder"),
+                                       extra={"train_state.pt": state})
+        if world > 1:
+            dist.barrier()
+
+    @torch.no_grad()
+    def validate(step):
+        """The loss at fixed frames, and --val-render reconstructions beside their clips."""
+        vae.eval()
+        mine = lambda n: [val[(rank + world * i) % len(val)] for i in range((n + world - 1) // world)]
+        g = torch.Generator().manual_seed(1234 + rank)
+        batches = [data.collate([it]) for s in mine(args.val_loss_samples) if (it := clips.try_load(s)) is not None]
+        losses = [loss_of(b, g).item() for b in batches]
+        os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
+        for s in mine(args.val_render):
+            if (it := clips.try_load(s)) is not None:
+                x = data.to_tensor(it["target"][None]).to(device)
+                rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+                data.write_video(os.path.join(args.out, "samples", f"step{step:06d}_{s['id']}.mp4"),
+                                 data.to_uint8(torch.cat([x, rec], dim=-1)[0]))
+        vae.train()
+        return {"val/loss": common.all_mean(losses)}
+
+    end = min(args.steps, args.stop_at) if args.stop_at else args.steps
+    sampler = data.StepSampler(len(clips), args.batch_size, rank, world, args.seed, start, end)
+    t0, stop = time.time(), common.Stop()
+    for step, batch in zip(range(start, end), common.loader(clips, sampler, args.workers, data.collate)):
+        lr = common.lr_at(step, args.lr, args.warmup, args.steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss = loss_of(batch)
+        loss.backward()
+        if world > 1:
+            for p in vae.parameters():
+                if p.grad is not None:  # None on every rank alike (the time convolutions, on single frames)
+                    dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+        grad_norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        stopped = stop() and done < end
+        if stopped:
+            end = done
+        if done % args.log_every == 0 or done == end:
+            logger.log({"loss": common.all_mean([loss.item()]), "grad_norm": float(grad_norm), "lr": lr,
+                        "sec_per_step": (time.time() - t0) / (done - start)}, done)
+        if val and ((args.val_every and done % args.val_every == 0) or done == end) and not stopped:
+            logger.log(validate(done), done)
+        if done % args.save_every == 0 or done == end:
+            save(done)
+        if done == end:
+            break
+    common.finish(list(vae.parameters()), end, args.steps, t0, last, logger)
+
+
+# A CLIP small enough to train on a CPU, for a world OpenAI's CLIP never saw (rewards.load_tiny_clip: open_clip's
+# own CLIP class, whole frames at image_size, byte tokens). Saved as <dir>/clip.json + clip.safetensors.
 TINY_CLIP = dict(embed_dim=64, quick_gelu=False,
                  vision_cfg=dict(image_size=[64, 112], patch_size=8, width=64, layers=3, head_width=32),
                  text_cfg=dict(context_length=96, vocab_size=259, width=64, heads=2, layers=2))
-
-
-def byte_tokens(texts, length=96):
-    """The tiny CLIP's tokenizer: 257 (start), UTF-8 bytes + 1, 258 (end, the largest id: open_clip
-    pools the text at its argmax), zero padding, cut to `length`. -> long (N, length)"""
-    import torch
-    out = torch.zeros(len(texts), length, dtype=torch.long)
-    for i, t in enumerate(texts):
-        ids = [257] + [b + 1 for b in t.encode("utf-8")][:length - 2] + [258]
-        out[i, :len(ids)] = torch.tensor(ids)
-    return out
-
-
-def build_tiny_clip(cfg=TINY_CLIP):
-    import open_clip
-    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
-    return open_clip.CLIP(cfg["embed_dim"], CLIPVisionCfg(**cfg["vision_cfg"]), CLIPTextCfg(**cfg["text_cfg"]),
-                          quick_gelu=cfg["quick_gelu"])
-
-
-def load_tiny_clip(path):
-    from rewards import CLIPError
-    from safetensors.torch import load_file
-    files = [os.path.join(path, f) for f in ("clip.json", "clip.safetensors")]
-    if not all(os.path.isfile(f) for f in files):
-        raise CLIPError(f"{path}: not a tiny-CLIP directory (needs clip.json and clip.safetensors)")
-    with open(files[0]) as f:
-        net = build_tiny_clip(json.load(f))
-    sd = load_file(files[1])
-    own = net.state_dict()
-    bad = sorted(set(own) ^ set(sd)) + sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
-    if bad:
-        raise CLIPError(f"{files[1]}: {len(bad)} keys missing, unexpected or misshapen (e.g. {bad[0]})")
-    net.load_state_dict(sd)
-    return net
 
 
 def train_clip(manifest, out, steps=1000, batch_size=64, lr=1e-3, frames_per_clip=5, seed=0, height=64, width=112,
@@ -622,17 +745,17 @@ def train_clip(manifest, out, steps=1000, batch_size=64, lr=1e-3, frames_per_cli
     from safetensors.torch import save_file
     from tqdm import tqdm
 
+    import checkpoint
     import common
-    import model
-    from rewards import CLIP
+    import rewards
     samples, _ = data.read_manifest(manifest)
     frames = torch.stack([torch.from_numpy(data.load_clip(s["target_video"], frames_per_clip, height, width))
                           for s in samples])  # (N, K, H, W, 3) uint8, K frames spread over each target
     cfg = {**TINY_CLIP, "vision_cfg": {**TINY_CLIP["vision_cfg"], "image_size": [height, width]}}
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)  # the perturbations; its state is saved with torch's
-    net = build_tiny_clip(cfg)
-    clip = CLIP.__new__(CLIP)  # only its preprocessing, on this model
+    net = rewards.build_tiny_clip(cfg)
+    clip = rewards.CLIP.__new__(rewards.CLIP)  # only its preprocessing, on this model
     clip.model, clip.crop, clip.size, clip.device, clip.dtype = net, False, (height, width), torch.device("cpu"), torch.float32
     late = np.linspace(N_OUT // 2, N_OUT - 1, 3).round().astype(int)  # when the futures of a scene differ
     futures = [[(caption, y[late]) for _, _, caption, y, _ in scene(0, "train", k, height, width, every=True)[1]]
@@ -675,7 +798,7 @@ def train_clip(manifest, out, steps=1000, batch_size=64, lr=1e-3, frames_per_cli
             wrong = [w for f in imgs[0][:perturbed].numpy() if (w := perturb(f, rng)) is not None]
             imgs += [torch.from_numpy(np.stack(wrong))] if wrong else []
             a = F.normalize(net.encode_image(clip.preprocess(torch.cat(imgs))), dim=-1)
-            b = F.normalize(net.encode_text(byte_tokens(caps)), dim=-1)
+            b = F.normalize(net.encode_text(rewards.byte_tokens(caps)), dim=-1)
             same = torch.tensor([[x == y for y in caps] for x in caps]).float()
             logits = net.logit_scale.exp() * b @ a.T  # (captions, images): the wrong images come last
             target = same / same.sum(1, keepdim=True)  # identical captions are all positives
@@ -698,7 +821,7 @@ def train_clip(manifest, out, steps=1000, batch_size=64, lr=1e-3, frames_per_cli
         json.dump(cfg, f)
     path = os.path.join(out, "clip.safetensors")  # written last and atomically: its presence means done
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path + ".tmp")
-    model.respect_umask(path + ".tmp")
+    checkpoint.respect_umask(path + ".tmp")
     os.replace(path + ".tmp", path)
     if os.path.isfile(state_path):
         os.remove(state_path)
@@ -735,14 +858,14 @@ def reward_check(vdm_path, manifest, clip_paths, out, prompts=16, group_size=8, 
     import torch
     from tqdm import tqdm
 
-    import model
+    import checkpoint
     import rewards
     samples, _ = data.read_manifest(manifest)
     samples = samples[:prompts]
-    _, vdm = model.load(vdm_path, need=("vdm",), dtype=torch.float32, dit_dtype=torch.float32)
+    _, vdm = checkpoint.load(vdm_path, need=("vdm",), dtype=torch.float32, dit_dtype=torch.float32)
     scorers = {path: rewards.CLIP(path) for path in clip_paths}
-    H, W = (model.CONFIGS[model.preset_of(vdm_path)]["infer"][k] for k in ("height", "width"))
-    dataset = data.ClipDataset(samples, ("clip", "target"), 33, H, W, ref_clip=model.ref_clip_of(vdm_path))
+    H, W = (checkpoint.preset_of(vdm_path)["infer"][k] for k in ("height", "width"))
+    dataset = data.ClipDataset(samples, ("clip", "target"), 33, H, W, ref_clip=checkpoint.ref_clip_of(vdm_path))
     gen = torch.Generator().manual_seed(seed)
     raw, why = {path: {"clip_v": [], "clip_t": []} for path in clip_paths}, []
     for i in tqdm(range(len(samples)), desc="reward-check"):
@@ -792,6 +915,8 @@ def split_by_caption(results):
 
 if __name__ == "__main__":
     import argparse
+
+    import common
     parser = argparse.ArgumentParser(description="The Shapes world: its data, and a tiny CLIP for it.")
     sub = parser.add_subparsers(dest="cmd", required=True)
     sh = sub.add_parser("data", help="generate the world: clips and a manifest per split")
@@ -804,7 +929,7 @@ if __name__ == "__main__":
     sh.add_argument("--width", type=int, default=112, help="frame width")
     sh.add_argument("--seed", type=int, default=0, help="the world's seed")
     sh.add_argument("--world", default="question", choices=WORLDS,
-                    help="question: the question decides which object acts; classic: the input decides (docs/shapes.md)")
+                    help="question: the question decides which object acts; classic: the input decides")
     sh.add_argument("--vague", type=float, default=0.5, help="probability that a caption leaves the object unnamed")
     sh.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes")
     tc = sub.add_parser("train-clip", help="contrastive training of a tiny CLIP on a manifest's target frames and captions")
@@ -820,6 +945,22 @@ if __name__ == "__main__":
     tc.add_argument("--hard-negatives", type=int, default=0, help="scenes with every future they could have, added to each batch")
     tc.add_argument("--pool", type=int, default=1000, help="the training scenes those are drawn from")
     tc.add_argument("--perturbed", type=int, default=0, help="frames of each batch also added made wrong (an object recoloured or doubled)")
+    tv = sub.add_parser("train-vae", help="the VDM's VAE from random weights, on single frames (then sft_vdm.py --model <out>/last)")
+    tv.add_argument("--train", default="data/shapes/train.jsonl", help="training manifest")
+    tv.add_argument("--val", default="data/shapes/val.jsonl", help="validation manifest")
+    tv.add_argument("--skip-bad", action="store_true", help="skip and count bad manifest lines / clips")
+    tv.add_argument("--frames", type=int, default=33, help="frames of a clip (4k + 1)")
+    tv.add_argument("--height", type=int, default=64, help="frame height")
+    tv.add_argument("--width", type=int, default=112, help="frame width")
+    tv.add_argument("--ref-clip", default="uniform", choices=data.REF_CLIPS, help="the input frames read (data.clip_indices)")
+    tv.add_argument("--batch-size", type=int, default=2, help="clips per rank per step (a frame of each clip and of its target)")
+    tv.add_argument("--fg-weight", type=float, default=10.0, help="extra weight of the pixels off the frame's median colour")
+    tv.add_argument("--kl-weight", type=float, default=1e-6, help="weight of the KL term")
+    tv.add_argument("--val-every", type=int, default=500, help="validate every N steps (0 = only at the end)")
+    tv.add_argument("--val-loss-samples", type=int, default=32, help="validation samples for the loss")
+    tv.add_argument("--val-render", type=int, default=8, help="reconstructions written to <out>/samples")
+    common.add_run_flags(tv, out="out/shapes/vae", steps=1500)
+    tv.set_defaults(lr=2e-3, warmup=20, save_every=500, log_every=50, workers=1)  # what the shipped VAE was trained with
     rc = sub.add_parser("reward-check", help="does stage 2's reward prefer the videos that show the event?")
     rc.add_argument("--vdm", default="shapes-sft", help="the VDM whose rollouts are scored")
     rc.add_argument("--manifest", default="data/shapes/val.jsonl", help="prompts: the first --prompts samples")
@@ -846,6 +987,8 @@ if __name__ == "__main__":
             print(f"{path}: in groups with both, P(an event video scores higher):")
             for name, p in pref.items():
                 print(f"  {name}: {p['pairs']:.3f} (within-group r {p['r']:.3f}, {p['mixed_groups']} groups)")
+    elif a.cmd == "train-vae":
+        train_vae(a)
     elif a.cmd == "data":
         make_shapes(a.out, a.n_train, a.n_val, a.n_test, a.height, a.width, a.seed, a.workers, a.world, a.vague)
     else:

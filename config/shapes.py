@@ -2,20 +2,22 @@
 The Shapes world on a CPU, with the tiny models (python shapes.py data --out data/shapes):
 
     python sft_vlm.py --config config/shapes.py --out out/shapes/sft_vlm
-    python sft_vdm.py --config config/shapes.py:sft_vae --out out/shapes/vae
+    python shapes.py train-vae --out out/shapes/vae
     python sft_vdm.py --config config/shapes.py --out out/shapes/sft_vdm --model out/shapes/vae/last
     python grpo_stage1.py --config config/shapes.py --out out/shapes/grpo_stage1
     python grpo_stage2.py --config config/shapes.py --out out/shapes/grpo_stage2
 
 or all of it, with the data, the CLIP and the evaluation: bash run_shapes.sh
 
-The tiny models start from random weights, so the VLM is trained whole (not LoRA), the
-VAE first on its own, and the text encoder with the DiT; learning rates are higher than
-the paper's, as usual for small models trained from scratch.
+The tiny models start from random weights (--model random:shapes: shapes.PRESET), so the VLM
+is trained whole (not LoRA), the VAE first on its own (shapes.py train-vae), and the text
+encoder with the DiT; learning rates are higher than the paper's, as usual for small models
+trained from scratch. The world's event checks are logged beside the paper's metrics
+(--metrics shapes:metrics).
 """
 
 data = dict(train="data/shapes/train.jsonl", frames=33, workers=1)  # on a GPU when there is one
-sft = dict(data, val="data/shapes/val.jsonl")
+sft = dict(data, val="data/shapes/val.jsonl", metrics="shapes:metrics")
 # the shipped models were trained with 33 reference frames spread over the 40-frame input clip, and
 # with the DiT's loss unweighted
 video = dict(sft, height=64, width=112, ref_clip="uniform", val_render=1, val_steps=20, val_cfg=3.0)
@@ -24,18 +26,14 @@ video = dict(sft, height=64, width=112, ref_clip="uniform", val_render=1, val_st
 # change, whether the caption names the object, is the annotations' mixture, which SFT learns only
 # once the rate is low: at a peak of 2e-3 the loss stays at 0.137 and no greedy validation caption names
 # the object (2% of sampled test captions after 2,500 steps); at 5e-4, 46% do by step 2,250
-# (docs/shapes.md, "Rows 1 to 4 on the weighted DiT" and "The VLM's SFT run until it names the object")
+# (docs/shapes.md, "Why the preset is set as it is")
 sft_vlm = dict(sft, model="random:shapes", finetune="full", steps=4000, lr=5e-4, warmup=50,
                batch_size=16, val_every=250, val_generate=100, max_new_tokens=160, save_every=250, log_every=50)
-
-# the VAE learns from single frames (shapes.keyframe_init)
-sft_vae = dict(video, model="random:shapes", train_vae=True, fg_weight=10.0, steps=1500, lr=2e-3, warmup=20,
-               batch_size=2, kl_weight=1e-6, val_every=500, val_render=8, save_every=500, log_every=50)
 
 # the DiT and the tiny text encoder together, from latents cached once; caption dropout gives CFG an
 # unconditional branch, which a DiT trained from scratch does not have. The moving latents weigh 11
 # times the still ones: unweighted, which way the small ball goes is ~1% of the loss and the DiT does
-# not learn it (docs/shapes.md, "Does the DiT read the words?"); 8,000 steps, about 100 min on 2 cores
+# not learn it (docs/shapes.md, "Why the preset is set as it is"); 8,000 steps, about 100 min on 2 cores
 sft_vdm = dict(video, loss_weight="none", motion_weight=10.0, train_text_encoder=True, caption_dropout=0.1, cache_latents=True,
                steps=8000, lr=1e-3, warmup=100, batch_size=8, val_every=2000, val_render=8, save_every=1000, log_every=20)
 
@@ -43,11 +41,11 @@ sft_vdm = dict(video, loss_weight="none", motion_weight=10.0, train_text_encoder
 # The rate is a fifth of the SFT's peak: at 1e-3 the format reward fell to 0.19 by step 7 and the KL reached 4.3;
 # at 2.5e-4 r_v1's steady push on the tower scenes took the policy off its SFT answers (their named captions
 # went on in a loop, p(" and") 0.9993 where the SFT has ~0); at 1e-4 the KL stays below 0.005
-# (docs/shapes.md, "Where the loops come from")
+# (docs/shapes.md, "Why the preset is set as it is")
 grpo_stage1 = dict(data, init="out/shapes/sft_vlm/last", vdm="out/shapes/sft_vdm/last", clip="data/shapes/clip", ref_clip="uniform",
                    rewards="format=1,rouge_l=1,clip_v=1", height=64, width=112, render_steps=20, render_cfg=3.0,
                    steps=150, lr=1e-4, group_size=8, prompts=2, max_new_tokens=160, micro_batch=16, save_every=25,
-                   log_every=1)
+                   log_every=1, metrics="shapes:metrics")
 
 # stage 2: stage 1's VLM writes the anchors, the SFT VDM is tuned. Flow-GRPO-Fast's window (2 SDE steps within the
 # first half of 10) makes a step 8.6 s on 2 cores instead of 29 s (docs/performance.md)

@@ -109,8 +109,10 @@ def run_infer(*args):
 
 
 def train(script, args, out, nproc=1, check=True):
+    script, *command = script.split()  # "shapes.py train-vae": a script and its command
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1
-           else [sys.executable]) + [os.path.join(ROOT, script), "--out", str(out), "--device", "cpu", "--workers", "0"] + args
+           else [sys.executable]) + [os.path.join(ROOT, script), *command, "--out", str(out), "--device", "cpu",
+                                     "--workers", "0"] + args
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert not check or r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r

@@ -32,16 +32,17 @@ def test_bench_table_on_cpu():
 
 
 def test_base_models_load_in_their_own_dtypes(tmp_path):
-    """model.load_base reads the hub's layout (written by bench.write_snapshot in the hub's dtypes and
+    """checkpoint.load_base reads the hub's layout (written by bench.write_snapshot in the hub's dtypes and
     shards, here of the tiny preset) straight into each model's dtype: the trained DiT in float32
     beside a bf16 umT5 and VLM, the VAE in float32, every weight the one written. Catches: a frozen encoder read in float32 and
     cast afterwards (2x its size in host memory), a DiT trained in bf16, a weight lost on the way."""
     import torch
     sys.path.insert(0, ROOT)
     import bench
+    import checkpoint
     import model
     bench.write_snapshot("tiny", str(tmp_path), shard_gb=0.0005)  # several shards a model
-    vlm, vdm = model.load("base", qwen=str(tmp_path / "qwen"), wan=str(tmp_path / "wan"), dtype=torch.bfloat16,
+    vlm, vdm = checkpoint.load("base", qwen=str(tmp_path / "qwen"), wan=str(tmp_path / "wan"), dtype=torch.bfloat16,
                           dit_dtype=torch.float32)
     ref_vlm, ref_vdm = model.load_tiny()
     pairs = [(vlm.model, ref_vlm.model, "qwen", torch.bfloat16), (vdm.dit, ref_vdm.dit, "wan/transformer", torch.float32),
@@ -66,15 +67,15 @@ def test_cuda_loading_and_the_vlm_in_bf16(tmp_path):
         pytest.skip("needs a CUDA GPU")
     sys.path.insert(0, ROOT)
     import bench
-    import model
+    import checkpoint
     from helpers import vlm_logits
     bench.write_snapshot("tiny", str(tmp_path), shard_gb=0.0005)  # several shards a model
-    vlm, vdm = model.load("base", qwen=str(tmp_path / "qwen"), wan=str(tmp_path / "wan"), dtype=torch.bfloat16,
+    vlm, vdm = checkpoint.load("base", qwen=str(tmp_path / "qwen"), wan=str(tmp_path / "wan"), dtype=torch.bfloat16,
                           dit_dtype=torch.float32, device="cuda")
     for net, dtype in ((vlm.model, torch.bfloat16), (vdm.dit, torch.float32), (vdm.text_encoder, torch.bfloat16),
                        (vdm.vae, torch.float32)):
         assert {(p.device.type, p.dtype) for p in net.parameters()} == {("cuda", dtype)}
-    ref, _ = model.load("base", qwen=str(tmp_path / "qwen"), wan=str(tmp_path / "wan"), dtype=torch.float32,
+    ref, _ = checkpoint.load("base", qwen=str(tmp_path / "qwen"), wan=str(tmp_path / "wan"), dtype=torch.float32,
                         need=("vlm",))
     torch.testing.assert_close(vlm_logits(vlm).float().cpu(), vlm_logits(ref), rtol=0.05, atol=0.05)
     frames = [bench.np.zeros((4, 56, 56, 3), dtype=bench.np.uint8)]

@@ -10,6 +10,8 @@ import time
 import pytest
 import torch
 
+import checkpoint
+import data
 import model
 from helpers import ROOT, train, same_weights
 
@@ -30,7 +32,7 @@ def test_training_scripts_check_their_inputs_first(shapes_small, tmp_path):
         return lines[0]
 
     assert run("grpo_stage1.py", "--config", "config/shapes.py", "--out", "out/g1", *train) == \
-        "error: --init out/shapes/sft_vlm/last: no such checkpoint directory (nor one of vans, base, shapes, shapes-sft, tiny, random:shapes)"
+        "error: --init out/shapes/sft_vlm/last: no such checkpoint directory (nor one of vans, base, shapes, shapes-sft, tiny, random:PRESET)"
     assert run("grpo_stage1.py", "--config", "config/shapes.py", "--init", "shapes-sft", "--out", "out/g1", *train) \
         .startswith("error: --vdm out/shapes/sft_vdm/last: no such checkpoint directory")
     for script in ("grpo_stage1.py", "grpo_stage2.py"):
@@ -111,7 +113,7 @@ def test_files_respect_the_umask(tmp_path):
     _, vdm = model.load_tiny(need=("vdm",))
     old = os.umask(0o027)
     try:
-        model.save_checkpoint(str(tmp_path / "ckpt"), None, vdm, {"preset": "tiny"}, extra={"train_state.pt": {}})
+        checkpoint.save_checkpoint(str(tmp_path / "ckpt"), None, vdm, {"preset": "tiny"}, extra={"train_state.pt": {}})
     finally:
         os.umask(old)
     modes = {f: oct(os.stat(tmp_path / "ckpt" / f).st_mode & 0o777) for f in os.listdir(tmp_path / "ckpt")}
@@ -138,6 +140,8 @@ def test_quiet_lora_and_ignored_outputs():
 SEQUENCE_FLAGS = {  # added to each command of the README's Shapes sequence: its smallest size
     "shapes.py data": ["--n-train", "6", "--n-val", "2", "--n-test", "2"],
     "shapes.py train-clip": ["--steps", "2", "--batch-size", "4"],
+    "shapes.py train-vae": ["--steps", "2", "--batch-size", "1", "--val-every", "0", "--val-loss-samples", "1",
+                            "--val-render", "1"],
     "sft_vlm.py": ["--steps", "2", "--batch-size", "2", "--val-every", "0", "--val-generate", "2",
                    "--val-loss-samples", "2", "--max-new-tokens", "8"],
     "sft_vdm.py": ["--steps", "2", "--batch-size", "1", "--val-every", "0", "--val-loss-samples", "1", "--val-render", "1",
@@ -163,7 +167,7 @@ def test_readme_shapes_sequence(tmp_path):
     block = readme.split("<!-- shapes-sequence")[1].split("<!-- end shapes-sequence -->")[0]
     commands = [shlex.split(line.split("  #")[0]) for line in block.splitlines() if line.startswith("python ")]
     key = lambda c: " ".join(c[1:3]) if c[1] == "shapes.py" else c[1]
-    assert [key(c) for c in commands] == ["shapes.py data", "shapes.py train-clip", "sft_vlm.py", "sft_vdm.py",
+    assert [key(c) for c in commands] == ["shapes.py data", "shapes.py train-clip", "sft_vlm.py", "shapes.py train-vae",
                                            "sft_vdm.py", "grpo_stage1.py", "grpo_stage2.py", "eval.py", "infer.py"]
     for name in ("config", "examples"):
         os.symlink(os.path.join(ROOT, name), tmp_path / name)
@@ -173,4 +177,6 @@ def test_readme_shapes_sequence(tmp_path):
                            env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
         assert r.returncode == 0, (cmd, r.stdout[-2000:], r.stderr[-3000:])
         assert "FutureWarning" not in r.stderr, (cmd, r.stderr[-3000:])  # nothing a user can act on
-    assert (tmp_path / "answer.mp4").is_file() and (tmp_path / "eval" / "grpo_stage2" / "results.json").is_file()
+    res = json.loads((tmp_path / "eval" / "grpo_stage2" / "results.json").read_text())
+    assert res["n"] == 2 and all(s["event_caption"] is not None and s["event_video"] is not None for s in res["samples"])
+    assert data.read_frames(str(tmp_path / "answer.mp4")).shape == (33, 64, 112, 3)

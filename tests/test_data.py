@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import data
-from helpers import H, W, T
+from helpers import H, W, T, moving_clip
 
 
 def test_clip_reading(files):
@@ -25,12 +25,14 @@ def test_clip_reading(files):
         data.resize_crop(frames[:1], H, W)[0]).float(), rtol=0, atol=0)
     cols = lambda f: np.nonzero((f[..., 0] > 200) & (f[..., 1] < 120))[1].mean()
     assert cols(clip[-1]) > cols(clip[0]) + 40
-    img = data.load_clip(str(files / "image.png"), T, H, W)
-    assert img.shape == (T, H, W, 3) and (img == img[0]).all()
+    img = data.load_clip(str(files / "image.png"), T, H, W)  # a still clip of the picture (conftest's moving_clip frame)
+    assert np.array_equal(img, data.resize_crop(np.repeat(moving_clip(1, 90, 120), T, 0), H, W))
     assert data.uniform_indices(40, 6) == [0, 8, 16, 23, 31, 39]
-    # a constant image stays constant through resize/crop; aspect-ratio crop keeps the centre
-    flat = np.full((1, 90, 300, 3), 77, np.uint8)
-    assert (data.resize_crop(flat, H, W) == 77).all()
+    # the aspect-ratio crop keeps the centre: bands at both sides are cut away
+    side = np.full((1, 90, 300, 3), 77, np.uint8)
+    side[:, :, :50] = side[:, :, -50:] = 0
+    r = data.resize_crop(side, H, W)
+    assert r.shape == (1, H, W, 3) and (r == 77).all()
 
 
 def test_reference_clip_choices(files):
@@ -128,7 +130,7 @@ def test_manifest_validation_and_skip_bad(tmp_path, files):
     with pytest.raises(data.ManifestError, match=r"m\.jsonl:2: missing or empty field\(s\) question"):
         data.read_manifest(str(m), check_videos=True, min_frames=33)
     kept, skipped = data.read_manifest(str(m), check_videos=True, min_frames=33, skip_bad=True)
-    assert len(kept) == 2 and len(skipped) == 5
+    assert [s["id"] for s in kept] == ["1", "6"] and len(skipped) == 5
     want = [r"m\.jsonl:2: missing or empty field\(s\) question",
             r"m\.jsonl:3: input_video 'short\.mp4' has 10 frames, need at least 33",
             r"m\.jsonl:4: .*truncated\.mp4: not a readable video",
@@ -137,7 +139,7 @@ def test_manifest_validation_and_skip_bad(tmp_path, files):
     for msg, pattern in zip(skipped, want):
         assert re.search(pattern, msg) and "\n" not in msg, msg
     kept, skipped = data.read_manifest(str(m), check_files=False, skip_bad=True)  # only the text is checked
-    assert len(kept) == 5 and len(skipped) == 2
+    assert [s["id"] for s in kept] == ["1", "3", "4", "5", "6"] and len(skipped) == 2
 
 
 def test_step_sampler_is_a_resumable_sharded_permutation():
@@ -169,6 +171,7 @@ def test_clip_dataset_and_workers(shapes_small, files, capfd):
     sampler = lambda: data.StepSampler(len(ds), 3, seed=1, steps=4)
     batches = [list(torch.utils.data.DataLoader(ds, batch_sampler=sampler(), num_workers=w, collate_fn=data.collate))
                for w in (0, 2)]
+    assert len(batches[0]) == len(batches[1]) == 4
     for a, b in zip(*batches):
         assert a["id"] == b["id"] and torch.equal(a["clip"], b["clip"]) and a["clip"].shape == (3, 9, 32, 48, 3)
     # a clip that breaks after validation: a warning naming it, the next sample in its place, counted

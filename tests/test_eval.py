@@ -115,7 +115,7 @@ def test_reward_specs_name_each_reward_once():
 def test_pooled_normalisation_keeps_noise_from_deciding():
     """The default normalisation (pooled) lets a reward that is mere noise inside a group barely
     move that group's advantages, where a group z-score gives the noise as much say as the other
-    reward's signal (the mechanism that broke a Shapes run, docs/shapes.md seed 1). Catches: a
+    reward's signal (the mechanism that broke a Shapes run, docs/design.md). Catches: a
     default that amplifies in-group noise to full weight."""
     G = 8
     gen = torch.Generator().manual_seed(0)
@@ -152,7 +152,7 @@ def test_clip_preprocessing_and_scores(clip):
     assert t.shape == (2,) and t[0] == pytest.approx((fa @ clip.text_features(["a red square"])[0]).mean().item(), abs=1e-5)
     with pytest.warns(UserWarning, match="resampled uniformly to 5"):
         v2 = clip.clip_v([a], [moving_clip(9, seed=0)])
-    assert v2.shape == (1,)
+    assert v2.shape == (1,) and v2[0] == pytest.approx(1.0, abs=1e-5)  # frames 0, 2, 4, 6, 8 of 9 are a's 5
 
 
 def test_clip_missing_weights_error(tmp_path, monkeypatch):
@@ -301,10 +301,13 @@ def test_eval_run_resume_and_predictions(tmp_path):
     assert r.returncode == 0, r.stderr
     res = json.loads((out / "results.json").read_text())
     assert res["n"] == 3 and len(res["samples"]) == 3 and res["fvd"] > 0
-    for k in ("bleu1", "bleu4", "rouge_l", "clip_v", "clip_t"):
-        assert -1 <= res[k] <= 1
-    assert res["rouge_l"] == pytest.approx(np.mean([s["rouge_l"] for s in res["samples"]]))
-    assert "| tiny |" in r.stdout and r.stdout.count("\n") >= 3
+    caps, refs = [s["caption"] for s in res["samples"]], [f"the square keeps moving right {i}" for i in range(3)]
+    assert [s["gt_caption"] for s in res["samples"]] == refs
+    assert [res[f"bleu{i}"] for i in (1, 2, 3, 4)] == pytest.approx(ev.bleu(caps, refs))
+    assert all(s["rouge_l"] == pytest.approx(rewards.rouge_l(s["caption"], s["gt_caption"])) for s in res["samples"])
+    for k in ("rouge_l", "clip_v", "clip_t"):
+        assert res[k] == pytest.approx(np.mean([s[k] for s in res["samples"]]))
+    assert ev.table([("tiny", [res])]) + "\n" in r.stdout
     assert sorted(p.name for p in out.iterdir()) == ["made_by.json", "report.html", "results.json", "rng.pt", "s_0.json",
                                                      "s_0.mp4", "s_1.json", "s_1.mp4", "s_2.json", "s_2.mp4"]
     assert data.read_frames(str(out / "s_0.mp4")).shape == (9, 48, 80, 3)
@@ -329,7 +332,8 @@ def test_eval_run_resume_and_predictions(tmp_path):
     assert r2.returncode == 0, r2.stderr
     assert "generate" not in r2.stderr and {p.name: p.stat().st_mtime_ns for p in out.glob("s_*")} == mtimes
     sub = json.loads((out / "results.json").read_text())
-    assert sub["n"] == 2 and sub["split"] == "procedural" and sub["fvd"] is not None
+    assert sub["n"] == 2 and sub["split"] == "procedural" and [s["id"] for s in sub["samples"]] == ["s/0", "s/2"]
+    assert sub["rouge_l"] == pytest.approx(np.mean([res["samples"][i]["rouge_l"] for i in (0, 2)])) and sub["fvd"] is not None
     # --predictions scores a directory without loading any model; a missing output is an error
     score = cmd[:4] + ["--predictions", str(out), "--clip", "random", "--height", "48", "--width", "80",
                        "--gt-cache", str(tmp_path / "gt")]

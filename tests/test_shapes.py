@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import data
 import eval as ev
 import model
@@ -27,7 +28,7 @@ def test_shapes_preset_tokens_pixels_and_checkpoint(tmp_path):
     pixels normalised so empty patches are zeros, video read as 1 fps, and the tokenizer saved with
     the checkpoint. Catches: a reloaded model with another vocabulary, the shipped VLM given another
     frame rate."""
-    vlm, vdm = model.load_tiny(seed=0, preset="shapes")
+    vlm, vdm = model.load_tiny(seed=0, preset=shapes.PRESET)
     tok = vlm.processor.tokenizer
     # BPE fitted to the Shapes text: its words are single tokens, any other text still round-trips
     x, answers = shapes.scene(0, "test", 3, H, W)
@@ -47,17 +48,18 @@ def test_shapes_preset_tokens_pixels_and_checkpoint(tmp_path):
     assert prompt.startswith("<|im_start|>system\nPredict the next event.<|im_end|>") and model.SYSTEM_PROMPT not in prompt
     assert vlm.model.config.text_config.vocab_size == len(tok) and vlm.model.config.text_config.hidden_size == 128
     # the tokenizer travels with the checkpoint, and the loaded model is the same model
-    model.save_checkpoint(str(tmp_path / "ckpt"), vlm, vdm, {"preset": "shapes"})
-    vlm2, _ = model.load(str(tmp_path / "ckpt"), need=("vlm",))
+    checkpoint.save_checkpoint(str(tmp_path / "ckpt"), vlm, vdm, {"preset": shapes.PRESET})
+    vlm2, _ = checkpoint.load(str(tmp_path / "ckpt"), need=("vlm",))
     assert vlm2.processor.tokenizer.get_vocab() == tok.get_vocab() and vlm2.system_prompt == vlm.system_prompt
     inp2 = vlm2.inputs([frames], [q], [answer])
     assert torch.equal(inp2["input_ids"], inp["input_ids"]) and torch.equal(inp2["pixel_values_videos"], pix)
     with torch.no_grad():
         assert torch.equal(vlm2.model(**inp2).logits, vlm.model(**inp).logits)
     # --model random:shapes is the same random model (seed 0), built by name
-    vlm3, _ = model.load("random:shapes", need=("vlm",))
+    vlm3, _ = checkpoint.load("random:shapes", need=("vlm",))
+    as_json = lambda preset: json.loads(json.dumps(preset))  # a checkpoint carries its preset in meta.json
     for name in ("random:shapes", str(tmp_path / "ckpt"), "shapes", "shapes-sft"):  # the shipped models too
-        assert model.preset_of(name) == "shapes", name
+        assert as_json(checkpoint.preset_of(name)) == as_json(shapes.PRESET), name
     with torch.no_grad():
         assert torch.equal(vlm3.model(**vlm3.inputs([frames], [q], [answer])).logits, vlm.model(**inp).logits)
 
@@ -66,22 +68,22 @@ def test_shapes_text_encoder_tokens_and_checkpoint(tmp_path):
     """The "shapes" VDM's text encoder reads the VLM's BPE (one token per word of the world) at the
     VLM's width, and its tokenizer travels with the checkpoint. Catches: a reloaded VDM that tokenizes
     captions otherwise, a checkpoint without its tokenizer loading with another."""
-    vlm, vdm = model.load_tiny(seed=0, preset="shapes")
+    vlm, vdm = model.load_tiny(seed=0, preset=shapes.PRESET)
     caption = shapes.scene(0, "test", 3, H, W)[1][0][2]
     ids = vdm.tokenizer(caption).input_ids
     assert vdm.tokenizer.get_vocab() == vlm.processor.tokenizer.get_vocab()
     assert [vdm.tokenizer.decode([i]).strip() for i in ids] == re.findall(r"\w+|[^\w\s]", caption)  # a word, a token
     assert vdm.text_encoder.config.d_model == vdm.dit.config.text_dim == 128
     assert vdm.text_encoder.config.vocab_size == len(vdm.tokenizer)
-    model.save_checkpoint(str(tmp_path / "ckpt"), None, vdm, {"preset": "shapes"}, parts=("dit", "vae", "text_encoder"))
-    _, vdm2 = model.load(str(tmp_path / "ckpt"), need=("vdm",))
+    checkpoint.save_checkpoint(str(tmp_path / "ckpt"), None, vdm, {"preset": shapes.PRESET}, parts=("dit", "vae", "text_encoder"))
+    _, vdm2 = checkpoint.load(str(tmp_path / "ckpt"), need=("vdm",))
     assert vdm2.tokenizer.get_vocab() == vdm.tokenizer.get_vocab()
     assert torch.equal(vdm2.encode_text([caption, "Qu'arrive-t-il ? 球"]), vdm.encode_text([caption, "Qu'arrive-t-il ? 球"]))
     shutil.rmtree(tmp_path / "ckpt" / "text_tokenizer")  # a checkpoint written without it
     meta = json.loads((tmp_path / "ckpt" / "meta.json").read_text())
     (tmp_path / "ckpt" / "meta.json").write_text(json.dumps({**meta, "parts": [p for p in meta["parts"] if p != "text_tokenizer"]}))
-    with pytest.raises(model.CheckpointError, match=r"has no VDM weights \(needs dit\+text_encoder\+text_tokenizer\+vae\)"):
-        model.load(str(tmp_path / "ckpt"), need=("vdm",))
+    with pytest.raises(checkpoint.CheckpointError, match=r"has no VDM weights \(needs dit\+text_encoder\+text_tokenizer\+vae\)"):
+        checkpoint.load(str(tmp_path / "ckpt"), need=("vdm",))
 
 
 def _centroid(frame, color):
@@ -101,6 +103,9 @@ def test_shapes_deterministic_and_loadable(tmp_path):
         shapes.make_shapes(str(tmp_path / run), 10, 2, 2, height=64, width=112, seed=3, workers=2)
     assert (tmp_path / "one" / "train.jsonl").read_text() == (tmp_path / "two" / "train.jsonl").read_text()
     rows, _ = data.read_manifest(str(tmp_path / "one" / "train.jsonl"))
+    rows2, _ = data.read_manifest(str(tmp_path / "two" / "train.jsonl"))
+    assert all(np.array_equal(data.read_frames(a[k]), data.read_frames(b[k]))  # the clips too, not only the text
+               for a, b in zip(rows[:2], rows2[:2]) for k in ("input_video", "target_video"))
     assert len(rows) == 10 and {r["kind"] for r in rows} <= {"procedural", "predictive"}
     assert data.read_frames(rows[0]["input_video"]).shape == (shapes.N_IN, 64, 112, 3)
     assert data.read_frames(rows[0]["target_video"]).shape == (shapes.N_OUT, 64, 112, 3)
@@ -235,7 +240,8 @@ def test_tiny_clip_trains_and_loads(shapes_small, tmp_path):
     itself is 1. Catches: a tokenizer off by one (open_clip pools at the largest id), a loss that does
     not pair frames with their captions, a lossy save."""
     from rewards import CLIP, CLIPError
-    from shapes import build_tiny_clip, byte_tokens, train_clip
+    from rewards import build_tiny_clip, byte_tokens
+    from shapes import train_clip
     ids = byte_tokens(["ab", "\u00e9"], length=6)
     assert ids.tolist() == [[257, 98, 99, 258, 0, 0], [257, 0xC3 + 1, 0xA9 + 1, 258, 0, 0]]
     samples, _ = data.read_manifest(str(shapes_small / "train.jsonl"))
@@ -272,14 +278,14 @@ def test_shapes_models_warn_about_another_clip_size(tmp_path):
     assert r.returncode == 0, r.stderr
     sample = json.loads((tmp_path / "d" / "train.jsonl").read_text().splitlines()[0])
     size = data.probe(str(tmp_path / "d" / sample["input_video"]))[1]
-    c = model.CONFIGS["shapes"]["infer"]
+    c = shapes.PRESET["infer"]
     import runpy
     video = runpy.run_path(os.path.join(ROOT, "config", "shapes.py"))["video"]
     assert size == (c["height"], c["width"]) == (video["height"], video["width"]) == (64, 112)
     data.write_video(str(tmp_path / "big.mp4"), data.resize_crop(data.read_frames(str(tmp_path / "d" / sample["input_video"])), 96, 176))
     r = run_infer(tmp_path / "big.mp4", sample["question"], "--model", "shapes", "--out", tmp_path / "a.mp4", "--steps", 2)
     assert r.returncode == 0, r.stderr
-    assert "warning: " in r.stderr and "is 176x96; the Shapes models were trained on 112x64 clips" in r.stderr
+    assert "warning: " in r.stderr and "is 176x96; the shapes models were trained on 112x64 clips" in r.stderr
 
 
 @pytest.fixture(scope="module")
@@ -306,7 +312,7 @@ def test_shipped_shapes_models_stay_above_a_floor(tmp_path, fresh_scenes, name):
     (preprocessing, settings, loading)."""
     r = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--manifest", fresh_scenes, "--limit", "16",
                         "--model", name,  # no --clip: the shipped models bring theirs (weights/<name>/clip)
-                        "--out", str(tmp_path / "eval"), "--batch-size", "8"],
+                        "--out", str(tmp_path / "eval"), "--batch-size", "8", "--metrics", "shapes:metrics"],
                        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "eval" / "results.json").read_text())
@@ -322,10 +328,10 @@ def test_shipped_joint_grpo_vlm_names_the_object_more_often(fresh_scenes):
     Measured: 0.635 against 0.470, +0.165 +- 0.041 paired (docs/shapes.md). Catches: the pairs shipped the
     wrong way round, a Joint-GRPO VLM that lost what stage 1 taught it."""
     samples, _ = data.read_manifest(fresh_scenes)
-    c = model.CONFIGS["shapes"]["infer"]
+    c = shapes.PRESET["infer"]
     named = {}
     for name in ("shapes-sft", "shapes"):
-        vlm, _ = model.load(name, need=("vlm",))
+        vlm, _ = checkpoint.load(name, need=("vlm",))
         torch.manual_seed(0)
         captions = []
         for i in range(0, len(samples), 8):

@@ -1,0 +1,59 @@
+"""The repository's layout as a reader meets it: the paper's files never reach the Shapes world, and the
+modules import one another as a tree (every import counted, those inside functions too)."""
+
+import ast
+import os
+
+from helpers import ROOT
+
+PAPER = ["model.py", "checkpoint.py", "rewards.py", "data.py", "common.py", "infer.py", "eval.py", "bench.py",
+         "sft_vlm.py", "sft_vdm.py", "grpo_stage1.py", "grpo_stage2.py"]
+
+
+def imports(path):
+    """The repository modules a file imports, anywhere in it."""
+    own = {f[:-3] for f in os.listdir(ROOT) if f.endswith(".py")}
+    names = set()
+    for node in ast.walk(ast.parse(open(os.path.join(ROOT, path)).read())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names & own
+
+
+def test_the_paper_files_never_import_the_shapes_world():
+    """Catches: a lazy `import shapes` in the paper's path (the world plugs in by name: --model
+    random:shapes, --metrics shapes:metrics, a preset's tokenizer hook)."""
+    assert {f: sorted(imports(f)) for f in PAPER if "shapes" in imports(f)} == {}
+    assert "shapes" in imports("tests/test_shapes.py")  # (the reader sees imports inside functions too)
+
+
+def test_the_import_graph_has_no_circle():
+    """Every module of the repository, every import counted: a depth-first walk meets no module twice
+    on one path. Catches: model -> shapes -> model, however deep in a function."""
+    graph = {f[:-3]: imports(f) for f in os.listdir(ROOT) if f.endswith(".py")}
+
+    def walk(m, path):
+        assert m not in path, " -> ".join(path + [m])
+        for n in sorted(graph.get(m, ())):
+            walk(n, path + [m])
+    for m in graph:
+        walk(m, [])
+
+
+def test_a_worlds_checkpoint_loads_without_the_world():
+    """A checkpoint of a world's own preset carries the preset (meta.json "config") and its tokenizers,
+    so the shipped Shapes models load and answer in a process that never imports shapes.py. Catches:
+    a loader that reaches for the world's code (the circle back), or a checkpoint that cannot say
+    what it is."""
+    import subprocess
+    import sys
+    code = ("import sys, checkpoint\n"
+            "vlm, vdm = checkpoint.load('shapes', need=('vlm', 'vdm'))\n"
+            "assert vlm.system_prompt == 'Predict the next event.' and len(vdm.tokenizer) == len(vlm.processor.tokenizer)\n"
+            "print(sorted(m for m in sys.modules if m in ('shapes', 'checkpoint', 'model')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split("\n")[-2] == "['checkpoint', 'model']"
