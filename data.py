@@ -275,6 +275,24 @@ def read_manifest(path, check_files=True, check_videos=False, min_frames=1, skip
     return samples, skipped
 
 
+def read_manifests(args, min_frames):
+    """(train, val) samples of --train / --val (if the script has it), validated down to the videos; a bad line is a
+    one-line error, or with --skip-bad skipped and counted."""
+    import common
+    try:
+        train, bad = read_manifest(args.train, check_videos=True, min_frames=min_frames, skip_bad=args.skip_bad)
+        val, bad_val = read_manifest(args.val, check_videos=True, min_frames=min_frames,
+                                     skip_bad=args.skip_bad) if getattr(args, "val", None) else ([], [])
+    except (ManifestError, VideoError) as e:
+        sys.exit(f"error: {e}")
+    for name, kept, skipped in (("train", train, bad), ("val", val, bad_val)):
+        if kept or skipped:
+            common.print0(f"{name}: {len(kept)} samples" + (f", {len(skipped)} skipped (first: {skipped[0]})" if skipped else ""))
+    if not train:
+        sys.exit(f"error: {args.train}: no usable samples")
+    return train, val
+
+
 def _sample(row, line, root, check_files, check_videos, min_frames):
     """One manifest row (a JSON line or a CSV dict) -> a sample dict; ManifestError / VideoError if bad."""
     if isinstance(row, str):
@@ -557,7 +575,8 @@ def read_steps(path):
 
 
 def build(args):
-    """python data.py build: see the section's comment. -> the number of things skipped."""
+    """python data.py build: see the section's comment. -> (pairs in the manifests, {what: count skipped in
+    this run}), the same on every rank."""
     import fractions
     import zlib
 
@@ -677,8 +696,8 @@ def build(args):
     counts = dict(zip(kinds, map(int, common.all_sum([float(skipped.get(k, 0)) for k in kinds]))))
     if world > 1:
         torch.distributed.barrier()
-    if rank == 0:  # every rank's pairs, split by source video
-        kept = [r for _, r in sorted(read_pairs(args.out).items()) if "dropped" not in r]
+    kept = [r for _, r in sorted(read_pairs(args.out).items()) if "dropped" not in r]  # every rank's pairs
+    if rank == 0:  # split by source video
         split_of = lambda s: ("test" if (h := zlib.crc32(s.encode()) / 2 ** 32) < args.test_fraction
                               else "val" if h < args.test_fraction + args.val_fraction else "train")
         for split in ("train", "val", "test"):
@@ -694,7 +713,7 @@ def build(args):
             print(f"{split}: {len(mine)} samples -> {os.path.join(args.out, split + '.jsonl')}")
         said = ", ".join(f"{v} {k}" for k, v in counts.items() if v) or "none"
         print(f"{len(kept)} pairs from {len(sources)} videos in all; skipped in this run: {said}")
-    return sum(counts.values())
+    return len(kept), counts
 
 
 def read_pairs(out):
@@ -751,15 +770,22 @@ if __name__ == "__main__":
     b.add_argument("--seed", type=int, default=0, help="sampling seed (plus the rank)")
     b.add_argument("--device", default=None, help="where the annotator runs (default: cuda when there is a GPU, under "
                                                   "torchrun each rank its own)")
+    b.add_argument("--strict", action="store_true", help="exit 1 if anything was skipped (default: only if no pair was "
+                                                         "written; skipping short shots is filtering)")
     a = parser.parse_args()
     for flag, value in (("--videos", a.videos), ("--annotations", a.annotations)):
         if value is not None and not os.path.exists(value):
             sys.exit(f"error: {flag} {value}: no such file or directory")
     try:
-        n_skipped = build(a)
+        pairs, skipped = build(a)
     except ManifestError as e:
         sys.exit(f"error: --annotations {e}")
-    code = 1 if n_skipped else 0  # the exit status says whether anything was skipped
+    # the exit status: 1 when there is nothing to train on, or with --strict when anything was skipped
+    code = 0
+    if not pairs or (a.strict and any(skipped.values())):
+        said = ", ".join(f"{v} {k}" for k, v in skipped.items() if v) or "nothing skipped"
+        print(f"error: {'no pairs written' if not pairs else 'skipped (--strict)'}: {said}", file=sys.stderr)
+        code = 1
     import torch.distributed as dist
     if dist.is_initialized():  # as common.compute_cleanup: gloo's threads must not meet interpreter shutdown
         dist.barrier()

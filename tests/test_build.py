@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import data
-from helpers import ROOT, train
+from helpers import ROOT, logged, train
 
 FPS = 11  # data.write_video's rate
 
@@ -83,15 +83,20 @@ def test_build_predictive_and_procedural_then_train(raw, tmp_path):
     """Both ways of building data with --annotator tiny: consecutive shots of raw videos, and the
     steps of a COIN-format file. The manifests hold the pairs in the reader's format (and the
     official CSV), each source video in one split only; the clips are the end of one shot and the
-    start of the next; what is bad is skipped with one line, counted, and makes the exit status 1;
-    a rerun redoes nothing; sft_vlm trains a step on the result. Catches: pairs across the wrong
+    start of the next; what is bad is skipped with one line and counted, the exit status 0 since pairs
+    were written (1 with --strict); a rerun redoes nothing; sft_vlm trains a step on the result. Catches: pairs across the wrong
     boundary, a video in two splits, a bad input that stops the run or vanishes silently."""
     out = tmp_path / "shots"
     r = build("--videos", raw, "--out", out, "--annotator", "tiny", "--csv", "--val-fraction", "0.4",
-              "--test-fraction", "0.3", check=1)
+              "--test-fraction", "0.3", check=0)
     # a: 3 shots -> 2 pairs; b: 3 shots -> 1 pair, the other too short; bad.mp4 does not decode
     assert "skipped: " in r.stderr and "bad.mp4: not a readable video" in r.stderr and "b_001: " in r.stderr
     assert "3 pairs from 3 videos in all; skipped in this run: 1 videos that do not decode, 1 pairs too short" in r.stdout
+    r = build("--videos", raw, "--out", tmp_path / "strict", "--annotator", "tiny", "--val-fraction", "0.4",
+              "--test-fraction", "0.3", "--strict", check=1)  # the same pairs, and the skips refused
+    assert r.stderr.strip().splitlines()[-1] == \
+        "error: skipped (--strict): 1 videos that do not decode, 1 pairs too short"
+    assert (tmp_path / "strict" / "train.jsonl").read_text() == (out / "train.jsonl").read_text()
     split = {s: rows(out / f"{s}.jsonl") for s in ("train", "val", "test")}
     got = [x for s in split.values() for x in s]
     assert sorted(x["id"] for x in got) == ["a_000", "a_001", "b_000"]
@@ -127,7 +132,7 @@ def test_build_predictive_and_procedural_then_train(raw, tmp_path):
         "missing": {"annotation": [{"segment": [0, 5], "label": "x"}, {"segment": [5, 9], "label": "y"}]}}}
     (tmp_path / "coin.json").write_text(json.dumps(coin))
     out = tmp_path / "steps"
-    r = build("--videos", raw, "--annotations", tmp_path / "coin.json", "--out", out, "--annotator", "tiny", check=1)
+    r = build("--videos", raw, "--annotations", tmp_path / "coin.json", "--out", out, "--annotator", "tiny", check=0)
     assert "'drink the tea' at 30-40 s, outside the video's 0-19.9 s" in r.stderr
     assert "missing: no video file" in r.stderr
     got = rows(out / "train.jsonl") + rows(out / "val.jsonl") + rows(out / "test.jsonl")
@@ -138,7 +143,8 @@ def test_build_predictive_and_procedural_then_train(raw, tmp_path):
     manifest = out / ("train.jsonl" if rows(out / "train.jsonl") else "val.jsonl" if rows(out / "val.jsonl") else "test.jsonl")
     train("sft_vlm.py", ["--model", "tiny", "--finetune", "full", "--train", str(manifest), "--steps", "1",
                          "--batch-size", "2", "--max-new-tokens", "8"], tmp_path / "sft")
-    assert (tmp_path / "sft" / "last" / "vlm.safetensors").exists()
+    loss = logged(tmp_path / "sft")
+    assert (tmp_path / "sft" / "last" / "vlm.safetensors").exists() and len(loss) == 1 and 0 < loss[0] < float("inf")
 
 
 def test_vlm_annotator_path_retries_then_drops(raw, tmp_path, tiny):
@@ -155,13 +161,16 @@ def test_vlm_annotator_path_retries_then_drops(raw, tmp_path, tiny):
               "--device", "cpu", "--retries", "1", check=1)
     assert r.stderr.count("the annotator's reply was not in the asked form after 2 tries") == 2
     assert "0 pairs from 1 videos in all; skipped in this run: 2 replies not in the asked form" in r.stdout
+    assert r.stderr.strip().splitlines()[-1] == "error: no pairs written: 2 replies not in the asked form"
     assert not os.listdir(tmp_path / "out" / "clips")
     annotator = data.VLMAnnotator(str(tmp_path / "annotator"), __import__("torch").device("cpu"), max_new_tokens=4)
     pair = {"steps": None, "kind": "predictive", "fps": 11.0, "input_frames": data.read_frames(str(raw / "a.mp4"))[:73],
             "target_frames": data.read_frames(str(raw / "a.mp4"))[73:117]}
     inp = annotator.processor(text=[annotator.prompt(pair)], videos=[pair["input_frames"][:8], pair["target_frames"][:8]],
                               return_tensors="pt")
-    assert len(inp["video_grid_thw"]) == 2  # both clips, one prompt
+    vpad = annotator.processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    assert annotator.prompt(pair).count("<|video_pad|>") == 2  # both clips, one prompt, each its tokens
+    assert (inp["input_ids"] == vpad).sum().item() == inp["video_grid_thw"].prod(1).sum().item() // 4
     assert len(annotator([pair])) == 1
 
 
@@ -170,11 +179,11 @@ def test_build_shards_over_ranks_and_reads_youcook2(raw, tmp_path):
     are those of one process. YouCook2's format reads as COIN's; an annotation file of neither is one
     error line. Catches: ranks doing the same videos twice, or a rank's pairs missing from the split."""
     one, two = tmp_path / "one", tmp_path / "two"
-    build("--videos", raw, "--out", one, "--annotator", "tiny", check=1)
+    build("--videos", raw, "--out", one, "--annotator", "tiny", check=0)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         os.path.join(ROOT, "data.py"), "build", "--videos", str(raw), "--out", str(two), "--annotator",
                         "tiny", "--device", "cpu"], capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode != 0 and "3 pairs from 3 videos in all" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and "3 pairs from 3 videos in all" in r.stdout, r.stdout + r.stderr
     assert {x["key"] for x in rows(two / "pairs.rank0.jsonl")} == {"a_000", "a_001"}  # rank 0: a.mp4 (and bad.mp4)
     assert {x["key"] for x in rows(two / "pairs.rank1.jsonl")} == {"b_000", "b_001"}  # rank 1: b.mp4
     for split in ("train", "val", "test"):
