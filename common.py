@@ -302,13 +302,18 @@ def git_hash():
 # optimisation
 
 
-def lr_at(step, lr, warmup, steps):
-    """Linear warmup for `warmup` steps, then cosine decay to 0 at `steps`. A function of the
-    step alone, so the step is the scheduler's whole state."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+def set_lr(optimizer, step, args):
+    """The learning rate of a step, set on every parameter group: linear warmup for --warmup steps,
+    then cosine decay from --lr to 0 at --steps. A function of the step alone, so the step is the
+    scheduler's whole state. -> the rate"""
+    if step < args.warmup:
+        lr = args.lr * (step + 1) / args.warmup
+    else:
+        progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+        lr = args.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
 
 
 # -----------------------------------------------------------------------------

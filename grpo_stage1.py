@@ -270,9 +270,7 @@ t0 = time.time()
 stop = common.Stop()  # Ctrl-C / SIGTERM: finish the step, log, save, end
 progress = tqdm(total=args.steps, initial=start, disable=not master, desc="grpo_stage1")
 for step, batch in zip(range(start, end), loader):
-    lr = common.lr_at(step, args.lr, args.warmup, args.steps)
-    for g in optimizer.param_groups:
-        g["lr"] = lr
+    lr = common.set_lr(optimizer, step, args)
     skipped += batch["skipped"]
     videos, questions = rep(batch["vlm"]), rep(batch["question"])
 

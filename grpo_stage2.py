@@ -372,9 +372,7 @@ if val and start == 0:
 t0, val_seconds = time.time(), 0.0  # sec_per_step leaves the held-out scoring out
 for step, batch in zip(range(start, end), loader):
     phases.start()
-    lr = common.lr_at(step, args.lr, args.warmup, args.steps)
-    for g in optimizer.param_groups:
-        g["lr"] = lr
+    lr = common.set_lr(optimizer, step, args)
     skipped += batch["skipped"]
     captions = rep([anchor_captions[i] for i in batch["index"]])
     with torch.no_grad():  # a group's G videos share its prompt's caption and references

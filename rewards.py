@@ -273,8 +273,8 @@ def normalise(r, group_size, mode="pooled", eps=1e-4, all_sum=None):
         (its spread there is noise) gets a small contribution from it, not a full one.
     group: z-score inside each group. Every reward gets unit spread in every group, so a reward
         whose in-group spread is noise (1e-4 of CLIP-V between near-identical captions) gets as
-        much weight as a real difference: in a Shapes run this let CLIP-V's noise break the VLM
-        where batch, from the same start, held (docs/design.md).
+        much weight as a real difference, and the update follows noise (docs/design.md, where
+        this broke a run that batch, from the same start, did not).
     batch: z-score over the step's batch. Also robust to noise, but the scale then includes the
         spread between prompts, which the group advantage removes anyway: a reward that varies
         mostly across prompts (CLIP-V: some clips are easier) is down-weighted inside every group.

@@ -180,9 +180,7 @@ t0 = time.time()
 stop = common.Stop()  # Ctrl-C / SIGTERM: finish the step, log, save, end
 progress = tqdm(total=args.steps, initial=start, disable=not master, desc="sft_vlm")
 for step, batch in zip(range(start, end), loader):
-    lr = common.lr_at(step, args.lr, args.warmup, args.steps)
-    for g in optimizer.param_groups:
-        g["lr"] = lr
+    lr = common.set_lr(optimizer, step, args)
     loss = batch_loss(batch, ddp_net)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))

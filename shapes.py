@@ -692,9 +692,7 @@ def train_vae(args):
     sampler = data.StepSampler(len(clips), args.batch_size, rank, world, args.seed, start, end)
     t0, stop = time.time(), common.Stop()
     for step, batch in zip(range(start, end), common.loader(clips, sampler, args.workers, data.collate)):
-        lr = common.lr_at(step, args.lr, args.warmup, args.steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = common.set_lr(optimizer, step, args)
         loss = loss_of(batch)
         loss.backward()
         if world > 1:
