@@ -38,7 +38,7 @@ writes the anchor captions.
    SDE steps and trained; the others are ODE steps. docs/design.md compares every term with
    Flow-GRPO's code.
 
-Each step logs the seconds of its rollout, decode, rewards and update as time/<part>.
+Each step logs the seconds of its rollout, decode, rewards and update as time/<phase>.
 The anti-hacking guard: `motion`, the mean absolute frame-to-frame difference of the
 generated videos (pixels in [0, 1]), is logged beside the rewards with the ground truth's
 `motion_gt`. A DiT drifting to static frames to please CLIP shows as motion falling.
