@@ -117,7 +117,8 @@ def stage2_curve():
     """docs/results/stage2_curve.json: the training reward's trend, and the held-out reward against step 0's"""
     path = os.path.join(RESULTS, "stage2_curve.json")
     if not os.path.exists(path):
-        return "(the 1,000-step run's curve goes here: `python docs/make_shapes_page.py stage2 RUN`)"
+        return ("The preset's stage 2 over the paper's 1,000 steps has no committed results yet: `python "
+                "docs/make_shapes_page.py stage2 RUN` writes its curve here from the run's log.jsonl and val.jsonl.")
     r = load(path)
     x, y = np.array(r["steps"], float), np.array(r["reward"])
     b, se = slope(x, y)
