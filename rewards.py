@@ -238,14 +238,13 @@ def parse(spec, builtin):
     built-in rewards, or module:function for a reward of your own (fn(outputs, samples) -> floats,
     logged as rewards/<function>/mean). A lambda of 0 drops the reward; ValueError names an unknown one,
     or a name given twice (a function named like a built-in included)."""
-    import importlib
+    import model
     out = {}
     for item in filter(None, spec.split(",")):
         name, _, w = item.partition("=")
         fn = None
         if ":" in name:
-            mod, _, fname = name.partition(":")
-            fn = getattr(importlib.import_module(mod), fname)
+            fn = model.hook(name)
         elif name not in builtin:
             raise ValueError(f"unknown reward {name!r} ({', '.join(builtin)} or module:function)")
         key = name.rpartition(":")[2]
