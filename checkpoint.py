@@ -1,7 +1,9 @@
 """
 Loading and saving VANS models: the hub's base models, the official release's
 weights put onto them, our own checkpoint directories (atomic, resumable, each
-file checked against its model), and the --model names the scripts take.
+file checked against its model), and the --model names the scripts take. Importing it
+does not import torch or model.py: the scripts check a --model name, and read a
+checkpoint's meta.json, before they import either.
 
     python checkpoint.py --vlm out/shapes/sft_vlm/last --vdm out/shapes/sft_vdm/last --out weights/mine   # pack
 """
@@ -13,14 +15,10 @@ import re
 import shutil
 import tempfile
 
-import torch
-from safetensors.torch import load_file, save_file
-
-import model
-
 HUB = {"qwen": "Qwen/Qwen2.5-VL-3B-Instruct", "wan": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "vans": "KlingTeam/VANS"}
 PATTERNS = {"vans": ["vdm.safetensors", "vlm.safetensors"]}  # the files we need of a hub repo (default: all)
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")  # models shipped in the repo, by name
+BUILT_IN = ("full", "tiny")  # model.CONFIGS' names, here so that a name is checked without torch (a test keeps them equal)
 
 
 class CheckpointError(ValueError):
@@ -45,6 +43,7 @@ def _check_keys(own, sd, what):
 def _read(path):
     """load_file, with an unreadable file (truncated, not safetensors) as a CheckpointError."""
     from safetensors import SafetensorError
+    from safetensors.torch import load_file
     try:
         return load_file(path)
     except (SafetensorError, OSError) as e:
@@ -132,13 +131,17 @@ def _hub_reachable(timeout=3.0):
         return False
 
 
-def load_base(qwen=None, wan=None, dtype=torch.bfloat16, need=("vlm", "vdm"), dit_dtype=None, device=None):
+def load_base(qwen=None, wan=None, dtype=None, need=("vlm", "vdm"), dit_dtype=None, device=None):
     """Qwen2.5-VL-3B-Instruct and Wan2.1-T2V-1.3B-Diffusers from local snapshot directories;
     a model not in `need` is None. Each model is read from its files straight into its dtype
-    (`dtype`; the DiT in `dit_dtype`, default `dtype`; the VAE in float32) and onto `device`
-    (default the CPU): a bf16 umT5-XXL never exists in float32 on the host (23 GB a process)."""
+    (`dtype`, default bfloat16; the DiT in `dit_dtype`, default `dtype`; the VAE in float32) and onto
+    `device` (default the CPU): a bf16 umT5-XXL never exists in float32 on the host (23 GB a process)."""
+    import torch
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
+
+    import model
+    dtype = dtype or torch.bfloat16
     on_gpu = device is not None and torch.device(device).type != "cpu"
     at = {"device_map": {"": torch.device(device)}} if on_gpu else {}  # (from_pretrained's default is the CPU)
     vlm = vdm = None
@@ -154,6 +157,8 @@ def load_base(qwen=None, wan=None, dtype=torch.bfloat16, need=("vlm", "vdm"), di
 
 def _load_qwen(qwen, dtype, at):
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+
+    import model
     processor = Qwen2_5_VLProcessor.from_pretrained(qwen)
     lo, hi = model.CONFIGS["full"]["vlm_pixels"]
     processor.video_processor.size = {"shortest_edge": lo, "longest_edge": hi}
@@ -164,6 +169,7 @@ def _load_qwen(qwen, dtype, at):
 def load_official(vlm, vdm, vans_dir):
     """Put the official release (vdm.safetensors: the DiT in Wan naming; vlm.safetensors:
     LoRA weights) onto base models (either may be None); turns reference conditioning on."""
+    import model
     paths = {n: os.path.join(vans_dir, f"{n}.safetensors") for n, m in (("vdm", vdm), ("vlm", vlm)) if m is not None}
     for n, p in paths.items():
         if not os.path.isfile(p):
@@ -209,6 +215,7 @@ def respect_umask(path):
 def _save(sd, path):
     """safetensors save that keeps every key: tied weights (embeddings / lm_head) share
     storage, which safetensors refuses, so repeats are saved as copies."""
+    from safetensors.torch import save_file
     seen, out = set(), {}
     for k, v in sd.items():
         ptr = v.untyped_storage().data_ptr()
@@ -250,7 +257,10 @@ def save_checkpoint(path, vlm, vdm, meta, parts=("vlm", "vlm_lora", "dit", "vae"
     extra: {file name: object} written with torch.save (training state). sources: {"vlm" or
     "vdm": --model name} of the frozen models, recorded in meta.json as "from", not saved. meta["preset"]:
     the models' preset (its dict, or a built-in's name)."""
+    import torch
     from peft import PeftModel
+
+    import model
     preset = model.config_of(meta["preset"])
     meta = {**meta, "preset": preset["name"], **({"config": preset} if preset["name"] != "full" else {})}
     parent = os.path.dirname(os.path.abspath(path))
@@ -318,18 +328,19 @@ def read_meta(path):
             meta = json.load(f)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{meta_path}: not valid JSON ({e.msg})") from None
-    if not isinstance(meta, dict) or not (meta.get("preset") in model.CONFIGS or isinstance(meta.get("config"), dict)):
+    if not isinstance(meta, dict) or not (meta.get("preset") in BUILT_IN or isinstance(meta.get("config"), dict)):
         preset = meta.get("preset") if isinstance(meta, dict) else None
-        raise CheckpointError(f"{meta_path}: 'preset' must be one of {sorted(model.CONFIGS)} or come with its "
+        raise CheckpointError(f"{meta_path}: 'preset' must be one of {sorted(BUILT_IN)} or come with its "
                               f"'config', got {preset!r}")
     return meta
 
 
-def load_checkpoint(path, qwen=None, wan=None, vans=None, dtype=torch.bfloat16, need=("vlm", "vdm"), dit_dtype=None, device=None):
+def load_checkpoint(path, qwen=None, wan=None, vans=None, dtype=None, need=("vlm", "vdm"), dit_dtype=None, device=None):
     """Our checkpoint directory -> (vlm, vdm); a model not in `need` is None. A model the
     checkpoint records as coming from elsewhere ("from") is loaded from there; the parts the
     checkpoint holds go on top, else onto the preset's base models. A needed model must have its
     weights somewhere (a full-size VLM: the LoRA at least; a full-size VDM: the DiT at least)."""
+    import model
     meta = read_meta(path)
     _check_sources(path, meta, need)
     have = set(meta.get("parts", []))
@@ -394,6 +405,7 @@ def shipped():
 def _random_preset(name):
     """The preset of a random --model: "tiny", or "random:PRESET" with PRESET a built-in preset or a
     module that defines one as PRESET (random:shapes: shapes.PRESET); None for any other name."""
+    import model
     if name == "tiny":
         return model.CONFIGS["tiny"]
     if not name.startswith("random:"):
@@ -419,6 +431,7 @@ def meta_of(name):
 
 def preset_of(name):
     """The preset dict of the models a --model name loads (model.CONFIGS' "full" for the hub's)."""
+    import model
     meta = meta_of(name)
     if meta:
         return meta.get("config") or model.CONFIGS[meta["preset"]]
@@ -437,8 +450,8 @@ def check_name(name, need=("vlm", "vdm")):
     nothing is loaded."""
     if name.startswith("random:"):
         spec = name[len("random:"):]
-        if spec not in model.CONFIGS and importlib.util.find_spec(spec) is None:
-            raise CheckpointError(f"{name}: no preset {spec!r} (one of {', '.join(model.CONFIGS)}, or a module that "
+        if spec not in BUILT_IN and importlib.util.find_spec(spec) is None:
+            raise CheckpointError(f"{name}: no preset {spec!r} (one of {', '.join(BUILT_IN)}, or a module that "
                                   "defines PRESET)")
         return
     if _named(name):
@@ -459,13 +472,14 @@ def _check_sources(path, meta, need=("vlm", "vdm")):
                                   f"them where they were)")
 
 
-def load(name, qwen=None, wan=None, vans=None, dtype=torch.bfloat16, need=("vlm", "vdm"), dit_dtype=None, device=None):
+def load(name, qwen=None, wan=None, vans=None, dtype=None, need=("vlm", "vdm"), dit_dtype=None, device=None):
     """-> (VLM, VDM) for "vans" (official release), "base" (Qwen-Wan baseline, no refs),
     a model shipped in weights/ by its name (shapes, shapes-sft), "tiny" / "random:PRESET" (random models
     of a preset, _random_preset), or a checkpoint directory of
-    ours. Full-size weights are read in `dtype` (the DiT in `dit_dtype` when given, the VAE in
+    ours. Full-size weights are read in `dtype` (default bfloat16; the DiT in `dit_dtype` when given, the VAE in
     float32) onto `device` (load_base); the small presets' are float32 on the CPU. A model not
     in `need` is not loaded (None)."""
+    import model
     if (preset := _random_preset(name)) is not None:
         return model.load_tiny(need=need, preset=preset)
     if name in shipped():
@@ -485,6 +499,9 @@ def pack(out, vlm_path, vdm_path, clip=None, on=None):
     out/clip. `on`: a packed checkpoint (or a --model name) whose models these are but for the
     VLM's LoRA and the DiT, as the SFT models are under Joint-GRPO's: only those two are written,
     the rest is read from `on` (meta.json "from"; weights/shapes is packed on shapes-sft)."""
+    import torch
+
+    import model
     metas = {part: read_meta(path) for part, path in (("vlm", vlm_path), ("vdm", vdm_path))}
     presets = {json.dumps(m.get("config") or model.CONFIGS[m["preset"]], sort_keys=True) for m in metas.values()}
     if len(presets) != 1 or metas["vlm"]["preset"] == "full":
@@ -508,6 +525,7 @@ def pack(out, vlm_path, vdm_path, clip=None, on=None):
 
 def _check_same_but_lora_and_dit(vlm, vdm, on):
     """pack --on: everything but the VLM's LoRA and the DiT must be `on`'s, exactly."""
+    import torch
     from peft import PeftModel
     vlm0, vdm0 = load(on, dtype=torch.float32)
     if isinstance(vlm0.model, PeftModel):

@@ -1,6 +1,8 @@
 """
 Plumbing shared by the training scripts: flags and config presets, torch.distributed
-setup, the learning-rate schedule, logging, and resumable training state.
+setup, the learning-rate schedule, logging, and resumable training state. Importing it
+does not import torch (its functions that need torch import it), so a script checks its
+flags and paths first and answers a mistake within a second.
 """
 
 import argparse
@@ -13,9 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-
-import torch
-import torch.distributed as dist
 
 # -----------------------------------------------------------------------------
 # flags
@@ -59,7 +58,7 @@ def add_run_flags(parser, out, steps):
     parser.add_argument("--log-every", type=int, default=10, help="log metrics every N steps")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     parser.add_argument("--wandb", default=None, help="wandb project to log to (off by default)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda | cpu")
+    parser.add_argument("--device", default=None, help="cuda | cpu (default: cuda if there is a GPU)")
     parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
 
 
@@ -73,6 +72,13 @@ def check_models(**flags):
             checkpoint.check_name(name)
         except checkpoint.CheckpointError as e:
             sys.exit(f"error: --{flag.replace('_', '-')} {e}")
+
+
+def check_clip(weights):
+    """--clip before any heavy work: a named weight (openai, random) or a file or directory that is there."""
+    if weights not in (None, "openai", "random") and not os.path.exists(weights):
+        sys.exit(f"error: --clip {weights}: no such file or directory (expected openai, random, a local open_clip "
+                 "ViT-B/32 weights file or a tiny-CLIP directory)")
 
 
 def check_frozen(last, resume, **flags):
@@ -166,9 +172,12 @@ def same_settings(path, settings, write=True):
 
 
 def compute_init(device):
-    """-> (rank, world, device). Under torchrun, joins the process group: NCCL on GPUs, gloo on CPUs."""
+    """-> (rank, world, device); device None: cuda if there is a GPU. Under torchrun, joins the
+    process group: NCCL on GPUs, gloo on CPUs."""
+    import torch
+    import torch.distributed as dist
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device(device)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit(f"error: --device {device}: no CUDA GPU is available here (use --device cpu)")
     if device.type == "cuda":
@@ -188,6 +197,7 @@ def compute_cleanup():
     threads, alive past destroy_process_group, and those threads running into interpreter
     shutdown now and then abort a finished run (SIGABRT, "terminate called without an active
     exception")."""
+    import torch.distributed as dist
     if dist.is_initialized():
         dist.barrier()  # no rank tears its connections down while another still talks to it
         dist.destroy_process_group()
@@ -221,6 +231,7 @@ class Stop:
         self.asked = True
 
     def __call__(self):
+        import torch.distributed as dist
         return all_sum(float(self.asked)) > 0 if dist.is_initialized() else self.asked
 
 
@@ -235,6 +246,7 @@ class Phases:
         self.seconds, self.t = {}, time.perf_counter()
 
     def mark(self, name):
+        import torch
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         now = time.perf_counter()
@@ -251,6 +263,7 @@ def loader(dataset, sampler, workers, collate_fn):
     """The training DataLoader: a StepSampler's batches, a generator of its own (the global RNG stays
     the run's), and workers that ignore Ctrl-C and SIGTERM: those are for Stop, in the main
     process, which ends the workers once it has saved (a signal to the process group reaches them too)."""
+    import torch
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_fn,
                                        generator=torch.Generator(), worker_init_fn=_leave_signals_to_the_main_process)
 
@@ -262,6 +275,8 @@ def print0(*a, **k):
 
 def all_sum(x):
     """Sum over ranks of the number x (or element-wise, of the list x: every rank gives as many)."""
+    import torch
+    import torch.distributed as dist
     t = torch.tensor(x, dtype=torch.float64)
     if dist.is_initialized():
         t = t.cuda() if dist.get_backend() == "nccl" else t
@@ -278,6 +293,7 @@ def all_mean(xs):
 def check_in_sync(params):
     """Raise unless every rank holds bit-identical parameters (a sha256 over their bytes)."""
     import hashlib
+    import torch.distributed as dist
     h = hashlib.sha256()
     for p in params:
         h.update(p.detach().float().cpu().numpy().tobytes())
@@ -369,6 +385,8 @@ def _step(row):
 
 def rng_states():
     """This rank's torch RNG states, gathered to a list over ranks (every rank gets the list)."""
+    import torch
+    import torch.distributed as dist
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -394,6 +412,7 @@ def start_state(last, resume, optimizer, seed):
     """Where a run starts -> (step, skipped): on --resume, <last>'s step with its optimizer state, RNG
     and count of skipped clips (rank 0 carries the total of earlier runs); else step 0, torch's RNG
     seeded with seed + rank (each rank draws its own samples and noise)."""
+    import torch
     rank = int(os.environ.get("RANK", 0))
     if not resume:
         torch.manual_seed(seed + rank)
@@ -437,6 +456,7 @@ def load_train_state(ckpt):
     path = os.path.join(ckpt, "train_state.pt")
     if not os.path.isfile(path):
         sys.exit(f"error: {ckpt}: no train_state.pt, cannot resume from it")
+    import torch
     state = torch.load(path, map_location="cpu", weights_only=True)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if len(state["rng"]) == world:

@@ -81,4 +81,5 @@ def clip():
 @pytest.fixture(scope="session")
 def i3d():
     import eval as ev
-    return ev.load_i3d()
+    import fvd
+    return fvd.load_i3d(ev.I3D_PATH)

@@ -279,6 +279,9 @@ def read_manifests(args, min_frames):
     """(train, val) samples of --train / --val (if the script has it), validated down to the videos; a bad line is a
     one-line error, or with --skip-bad skipped and counted."""
     import common
+    for flag, path in (("train", args.train), ("val", getattr(args, "val", None))):  # both before any video is read
+        if path and not os.path.isfile(path):
+            sys.exit(f"error: --{flag} {path}: no such manifest")
     try:
         train, bad = read_manifest(args.train, check_videos=True, min_frames=min_frames, skip_bad=args.skip_bad)
         val, bad_val = read_manifest(args.val, check_videos=True, min_frames=min_frames,
@@ -584,7 +587,7 @@ def build(args):
     from tqdm import tqdm
 
     import common
-    rank, world, device = common.compute_init(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world, device = common.compute_init(args.device)
     os.makedirs(os.path.join(args.out, "clips"), exist_ok=True)
     steps = read_steps(args.annotations) if args.annotations else None
     files = {}

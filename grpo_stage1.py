@@ -58,15 +58,9 @@ import math
 import os
 import time
 
-import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
-
 import checkpoint
 import common
 import data
-import model
-import rewards
 
 # -----------------------------------------------------------------------------
 # flags
@@ -101,8 +95,8 @@ parser.add_argument("--render-batch", type=int, default=8, help="videos per VDM 
 # rewards and loss
 parser.add_argument("--rewards", default="format=1,rouge_l=1,clip_v=1",
                     help="name=lambda list: format, rouge_l, clip_v, or module:function (fn(completions, samples) -> floats)")
-parser.add_argument("--norm", default="pooled", choices=rewards.NORMALISATIONS,
-                    help="how each reward is normalised before the sum (rewards.normalise)")
+parser.add_argument("--norm", default="pooled", choices=("pooled", "group", "batch", "none"),
+                    help="how each reward is normalised before the sum (rewards.normalise, rewards.NORMALISATIONS)")
 parser.add_argument("--metrics", default=None, help="module:function checking the rollouts' captions, logged under its "
                                                "names (e.g. shapes:metrics)")
 parser.add_argument("--clip-range", type=float, default=1e-3, help="epsilon of the clipped ratio")
@@ -114,21 +108,34 @@ parser.add_argument("--updates-per-rollout", type=int, default=1, help="passes o
 parser.add_argument("--log-samples", type=int, default=2, help="completions written to the log at each log step")
 common.add_run_flags(parser, out="out/grpo_stage1", steps=800)  # the paper's steps
 args = common.parse_flags(parser, "grpo_stage1")
+mb = common.minibatches(parser, args, "completions")  # sequences per micro-batch
+
+# -----------------------------------------------------------------------------
+# the models and the data checked before torch is imported: a wrong path is one error line at once
+
+last = os.path.join(args.out, "last")
+resume = args.resume and checkpoint.checkpoint_exists(last)
+common.check_models(**({} if resume else {"init": args.init}), vdm=args.vdm)
+common.check_frozen(last, resume, vdm=args.vdm)
+common.check_clip(args.clip)
+train, _ = data.read_manifests(args, min_frames=args.frames)
+
+import torch  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import model  # noqa: E402
+import rewards  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # compute
 
-mb = common.minibatches(parser, args, "completions")  # sequences per micro-batch
 rank, world, device = common.compute_init(args.device)
 master = rank == 0
 amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-last = os.path.join(args.out, "last")
-resume = args.resume and checkpoint.checkpoint_exists(last)
 G = args.group_size
 rep = lambda xs: [x for x in xs for _ in range(G)]  # a prompt's value for each of its G completions
-
-
 try:
     reward_fns = rewards.parse(args.rewards, ("format", "rouge_l", "clip_v"))
 except (ValueError, ImportError, AttributeError) as e:
@@ -138,13 +145,10 @@ render = "clip_v" in reward_fns
 metrics_fn = common.hook("metrics", args.metrics) if args.metrics else None
 
 # -----------------------------------------------------------------------------
-# data: each prompt's VLM frames, and (for CLIP-V) its reference clip and ground-truth video. Every
-# input is checked, and CLIP loaded, before any heavy work.
+# data: each prompt's VLM frames, and (for CLIP-V) its reference clip and ground-truth video. CLIP is
+# loaded before any heavy work.
 
-common.check_models(**({} if resume else {"init": args.init}), vdm=args.vdm)
-common.check_frozen(last, resume, vdm=args.vdm)
 args.ref_clip = args.ref_clip or checkpoint.ref_clip_of(args.vdm)
-train, _ = data.read_manifests(args, min_frames=args.frames)
 clip = common.load_clip(args.clip, [args.vdm], device) if render else None
 os.makedirs(args.out, exist_ok=True)
 dataset = data.ClipDataset(train, ("vlm", "clip", "target") if render else ("vlm",), args.frames, args.height,

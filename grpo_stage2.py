@@ -56,16 +56,9 @@ import json
 import os
 import time
 
-import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
-
 import checkpoint
 import common
 import data
-import model
-import rewards
 
 # -----------------------------------------------------------------------------
 # flags
@@ -113,8 +106,8 @@ parser.add_argument("--sde-window-range", type=lambda s: tuple(int(x) for x in s
 # rewards and loss
 parser.add_argument("--rewards", default="clip_v=1,clip_t=1",
                     help="name=lambda list: clip_v, clip_t, or module:function (fn(videos, samples) -> floats)")
-parser.add_argument("--norm", default="pooled", choices=rewards.NORMALISATIONS,
-                    help="how each reward is normalised before the sum (rewards.normalise)")
+parser.add_argument("--norm", default="pooled", choices=("pooled", "group", "batch", "none"),
+                    help="how each reward is normalised before the sum (rewards.normalise, rewards.NORMALISATIONS)")
 parser.add_argument("--clip-range", type=float, default=1e-3, help="epsilon of the clipped ratio")
 parser.add_argument("--adv-clip", type=float, default=5.0, help="advantages clipped to +-this (binds only for groups over 26)")
 parser.add_argument("--beta", type=float, default=0.004, help="weight of the KL of the step means to the reference DiT")
@@ -124,19 +117,7 @@ parser.add_argument("--updates-per-rollout", type=int, default=1, help="passes o
 parser.add_argument("--sample-every", type=int, default=50, help="write a generated video to <out>/samples every N steps")
 common.add_run_flags(parser, out="out/grpo_stage2", steps=1000)  # the paper's steps
 args = common.parse_flags(parser, "grpo_stage2")
-
-# -----------------------------------------------------------------------------
-# compute
-
 mb = common.minibatches(parser, args, "videos")  # videos per micro-batch
-rank, world, device = common.compute_init(args.device)
-master = rank == 0
-amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-frozen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-last = os.path.join(args.out, "last")
-resume = args.resume and checkpoint.checkpoint_exists(last)
-G = args.group_size
-rep = lambda xs: [x for x in xs for _ in range(G)]  # a prompt's value for each of its G videos
 if not 1 <= int(args.sample_steps * args.train_fraction) <= args.sample_steps:
     parser.error(f"--train-fraction {args.train_fraction}: trains int({args.sample_steps} x it) SDE steps, which must be "
                  f"1 to --sample-steps")
@@ -145,6 +126,33 @@ if args.sde_window and not (0 <= first and first + args.sde_window <= end_of_ran
     parser.error(f"--sde-window {args.sde_window} --sde-window-range {first},{end_of_range}: the window must fit in the "
                  f"range, and the range in the {args.sample_steps} --sample-steps")
 
+# -----------------------------------------------------------------------------
+# the models and the data checked before torch is imported: a wrong path is one error line at once
+
+last = os.path.join(args.out, "last")
+resume = args.resume and checkpoint.checkpoint_exists(last)
+common.check_models(vlm=args.vlm, vdm=args.vdm)
+common.check_frozen(last, resume, vlm=args.vlm, vdm=args.vdm)
+common.check_clip(args.clip)
+train, val = data.read_manifests(args, min_frames=args.frames)
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import model  # noqa: E402
+import rewards  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# compute
+
+rank, world, device = common.compute_init(args.device)
+master = rank == 0
+amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+frozen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+G = args.group_size
+rep = lambda xs: [x for x in xs for _ in range(G)]  # a prompt's value for each of its G videos
 try:
     reward_fns = rewards.parse(args.rewards, ("clip_v", "clip_t"))
 except (ValueError, ImportError, AttributeError) as e:
@@ -152,12 +160,9 @@ except (ValueError, ImportError, AttributeError) as e:
 weights = {k: w for k, (w, _) in reward_fns.items()}
 
 # -----------------------------------------------------------------------------
-# data; every input is checked, and CLIP loaded, before any heavy work (the anchors)
+# data; CLIP is loaded before any heavy work (the anchors)
 
-common.check_models(vlm=args.vlm, vdm=args.vdm)
-common.check_frozen(last, resume, vlm=args.vlm, vdm=args.vdm)
 args.ref_clip = args.ref_clip or checkpoint.ref_clip_of(args.vdm)
-train, val = data.read_manifests(args, min_frames=args.frames)
 clip = common.load_clip(args.clip, [args.vdm], device) if {"clip_v", "clip_t"} & set(reward_fns) else None
 os.makedirs(args.out, exist_ok=True)
 

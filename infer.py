@@ -10,8 +10,8 @@ what happens next and writes a caption, the VDM renders it as the answer video.
     python infer.py in.mp4 "..." --model out/grpo_stage2/last       # a checkpoint of our training scripts
 
 Weights come from the Hugging Face cache (downloaded on first use); --qwen, --wan
-and --vans point at local copies instead. The command line, the input and --out are
-checked before torch is imported, so a mistake is one error line within a second.
+and --vans point at local copies instead. The command line, the input, --out and the
+model names are checked before torch is imported, so a mistake is one error line within a second.
 """
 
 import argparse
@@ -88,19 +88,24 @@ def check_out(path):
         fail(f"--out {path}: not writable")
 
 
+def check_models(args):
+    """--model and --vdm: names checkpoint.load knows, or checkpoint directories (nothing loaded, no torch)."""
+    import checkpoint
+    for flag in ("model", "vdm"):
+        if getattr(args, flag):
+            try:
+                checkpoint.check_name(getattr(args, flag))
+            except checkpoint.CheckpointError as e:
+                fail(f"--{flag} {e}")
+
+
 def settle_flags(args):
     """Fill the generation flags left unset with the model's preset defaults (the reference clip: the
-    one the VDM's training run used, where its checkpoint records it), check the model names, the
-    size and the device. Imports torch."""
+    one the VDM's training run used, where its checkpoint records it), check the size and the device.
+    Imports torch."""
     import torch
     import checkpoint
     try:
-        for flag in ("model", "vdm"):
-            if getattr(args, flag):
-                try:
-                    checkpoint.check_name(getattr(args, flag))
-                except checkpoint.CheckpointError as e:
-                    raise checkpoint.CheckpointError(f"--{flag} {e}") from None
         preset = checkpoint.preset_of(args.model)
         args.ref_clip = args.ref_clip or checkpoint.ref_clip_of(args.vdm or args.model)
     except checkpoint.CheckpointError as e:
@@ -227,7 +232,7 @@ def fail(msg):
 
 if __name__ == "__main__":
     args = parser.parse_args()
-    # the input, the question and --out first: a mistake fails in a fraction of a second
+    # the input, the question, --out and the model names first: a mistake fails in a fraction of a second
     try:
         _, size = data.probe(args.video)
     except data.VideoError as e:
@@ -235,6 +240,7 @@ if __name__ == "__main__":
     if not args.question.strip():
         fail("the question is empty")
     check_out(args.out)
+    check_models(args)
     settle_flags(args)
     size_warning(args.video, size, args)
 

@@ -47,6 +47,7 @@ if __name__ == "__main__":
         data.probe(args.video)
     except data.VideoError as e:
         infer.fail(e)
+    infer.check_models(args)
     infer.settle_flags(args)
     import torch
     vlm, vdm = infer.load_models(args)

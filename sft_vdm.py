@@ -42,19 +42,9 @@ import math
 import os
 import time
 
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
-from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
-
 import checkpoint
 import common
 import data
-import model
 
 # -----------------------------------------------------------------------------
 # flags
@@ -73,7 +63,7 @@ parser.add_argument("--cache-latents", action="store_true", help="encode every s
 # model
 parser.add_argument("--model", default="base", help="base (Wan2.1-T2V-1.3B) | tiny | a checkpoint directory")
 parser.add_argument("--wan", default=None, help="local copy of Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
-parser.add_argument("--n-refs", type=int, default=model.N_REFS, help="reference latent frames (0 = plain text-to-video)")
+parser.add_argument("--n-refs", type=int, default=6, help="reference latent frames (0 = plain text-to-video; 6: model.N_REFS)")
 parser.add_argument("--fsdp", action="store_true", help="shard the DiT per block with FSDP2 instead of DDP")
 # the loss
 parser.add_argument("--timestep-shift", type=float, default=5.0, help="shift of the training sigmas: u -> shift u / (1 + (shift - 1) u)")
@@ -96,22 +86,33 @@ common.add_run_flags(parser, out="out/sft_vdm", steps=20_000)  # the paper's ste
 args = common.parse_flags(parser, "sft_vdm")
 
 # -----------------------------------------------------------------------------
+# the model and the data checked before torch is imported: a wrong path is one error line at once
+
+last = os.path.join(args.out, "last")
+resume = args.resume and checkpoint.checkpoint_exists(last)
+if not resume:
+    common.check_models(model=args.model)
+train, val = data.read_manifests(args, min_frames=args.frames)
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,  # noqa: E402
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import model  # noqa: E402
+
+# -----------------------------------------------------------------------------
 # compute
 
 rank, world, device = common.compute_init(args.device)
 master = rank == 0
 amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-last = os.path.join(args.out, "last")
-resume = args.resume and checkpoint.checkpoint_exists(last)
-
-# -----------------------------------------------------------------------------
-# data, and every input checked before any heavy work
-
-if not resume:
-    common.check_models(model=args.model)
 args.ref_clip = args.ref_clip or checkpoint.ref_clip_of(last if resume else args.model)
 metrics_fn = common.hook("metrics", args.metrics) if args.metrics else None
-train, val = data.read_manifests(args, min_frames=args.frames)
 os.makedirs(args.out, exist_ok=True)
 clips = data.ClipDataset(train, ("clip", "target"), args.frames, args.height, args.width, ref_clip=args.ref_clip)
 

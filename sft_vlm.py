@@ -32,15 +32,9 @@ import math
 import os
 import time
 
-import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
-
 import checkpoint
 import common
 import data
-import model
-import rewards
 
 # -----------------------------------------------------------------------------
 # flags
@@ -68,20 +62,27 @@ common.add_run_flags(parser, out="out/sft_vlm", steps=10_000)  # the paper's ste
 args = common.parse_flags(parser, "sft_vlm")
 
 # -----------------------------------------------------------------------------
+# the model and the data checked before torch is imported: a wrong path is one error line at once
+
+last = os.path.join(args.out, "last")
+resume = args.resume and checkpoint.checkpoint_exists(last)
+if not resume:
+    common.check_models(model=args.model)
+train, val = data.read_manifests(args, min_frames=args.frames)
+
+import torch  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import model  # noqa: E402
+import rewards  # noqa: E402
+
+# -----------------------------------------------------------------------------
 # compute
 
 rank, world, device = common.compute_init(args.device)
 master = rank == 0
 amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-last = os.path.join(args.out, "last")
-resume = args.resume and checkpoint.checkpoint_exists(last)
-
-# -----------------------------------------------------------------------------
-# data, and every input checked before any heavy work
-
-if not resume:
-    common.check_models(model=args.model)
-train, val = data.read_manifests(args, min_frames=args.frames)
 metrics_fn = common.hook("metrics", args.metrics) if args.metrics else None
 os.makedirs(args.out, exist_ok=True)
 dataset = data.ClipDataset(train, parts=("vlm",), frames=args.frames, vlm_frames=model.VLM_FRAMES)

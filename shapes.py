@@ -632,15 +632,15 @@ def train_vae(args):
     <out>/log.jsonl; every --val-every steps the val loss and reconstructions in <out>/samples."""
     import time
 
-    import torch
-    import torch.distributed as dist
-
     import checkpoint
     import common
-    rank, world, device = common.compute_init(args.device)
     last = os.path.join(args.out, "last")
     resume = args.resume and checkpoint.checkpoint_exists(last)
-    train, val = data.read_manifests(args, min_frames=args.frames)
+    train, val = data.read_manifests(args, min_frames=args.frames)  # before torch: a wrong path fails at once
+
+    import torch
+    import torch.distributed as dist
+    rank, world, device = common.compute_init(args.device)
     os.makedirs(args.out, exist_ok=True)
     clips = data.ClipDataset(train, ("clip", "target"), args.frames, args.height, args.width, ref_clip=args.ref_clip)
     preset, (_, vdm) = common.load_model(last if resume else "random:shapes", need=("vdm",), dtype=torch.float32)
@@ -738,6 +738,8 @@ def train_clip(manifest, out, steps=1000, batch_size=64, lr=1e-3, frames_per_cli
     out/clip.json + out/clip.safetensors at the end (clip.safetensors, written last, means done),
     and out/train_state.pt every save_every steps and when Ctrl-C or SIGTERM stops it: a rerun
     resumes from there exactly. -> the losses of this call's steps."""
+    samples, _ = data.read_manifest(manifest)  # before torch: a wrong path fails at once
+
     import torch
     import torch.nn.functional as F
     from safetensors.torch import save_file
@@ -746,7 +748,6 @@ def train_clip(manifest, out, steps=1000, batch_size=64, lr=1e-3, frames_per_cli
     import checkpoint
     import common
     import rewards
-    samples, _ = data.read_manifest(manifest)
     frames = torch.stack([torch.from_numpy(data.load_clip(s["target_video"], frames_per_clip, height, width))
                           for s in samples])  # (N, K, H, W, 3) uint8, K frames spread over each target
     cfg = {**TINY_CLIP, "vision_cfg": {**TINY_CLIP["vision_cfg"], "image_size": [height, width]}}

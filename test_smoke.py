@@ -434,7 +434,7 @@ def test_infer_bad_input_one_line(files, name):
 
 
 def test_infer_checks_its_input_before_torch(files, tmp_path, no_torch):
-    """A wrong input, an empty question or an unusable --out is one error line, before torch is
+    """A wrong input, an empty question, an unusable --out or --model is one error line, before torch is
     imported (so within a second) and before anything is written. Catches: a check done after the
     models load, a traceback, a junk answer for a frame nothing can be read from, a silently created
     directory."""
@@ -449,17 +449,16 @@ def test_infer_checks_its_input_before_torch(files, tmp_path, no_torch):
              ([clip, "   "], "the question is empty"),
              ([clip, "q", "--out", tmp_path / "out_dir"], "out_dir: is a directory"),
              ([clip, "q", "--out", tmp_path / "answer.txt"], "answer.txt: the answer is a video"),
-             ([clip, "q", "--out", tmp_path / "no" / "where" / "a.mp4"], "no such directory")]
+             ([clip, "q", "--out", tmp_path / "no" / "where" / "a.mp4"], "no such directory"),
+             ([clip, "q", "--model", tmp_path / "nothere"], f"--model {tmp_path / 'nothere'}: no such checkpoint "
+              "directory (nor one of vans, base, shapes, shapes-sft, tiny, random:PRESET)")]
     for argv, msg in cases:
-        r = subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), *map(str, argv), "--model", "tiny"],
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), "--model", "tiny", *map(str, argv)],
                            capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(no_torch)})
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and msg in lines[0], (argv, r.stderr)
     assert sorted(os.listdir(tmp_path)) == ["dot.png", "out_dir", "strip.png"]  # nothing written, no directory made
-    # the model and the device are checked once torch is there, still before any weight is read
-    r = run_infer(clip, "q", "--model", tmp_path / "nothere")
-    assert r.returncode == 1 and r.stderr.strip() == f"error: --model {tmp_path / 'nothere'}: no such checkpoint " \
-        "directory (nor one of vans, base, shapes, shapes-sft, tiny, random:PRESET)"
+    # the device is checked once torch is there, still before any weight is read
     if not torch.cuda.is_available():
         r = run_infer(clip, "q", "--model", "tiny", "--device", "cuda")
         assert r.returncode == 1 and r.stderr.strip() == "error: --device cuda: no CUDA GPU is available here (use --device cpu)"

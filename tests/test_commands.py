@@ -16,39 +16,60 @@ import model
 from helpers import ROOT, train, same_weights
 
 
-def test_training_scripts_check_their_inputs_first(shapes_small, tmp_path):
+def test_scripts_check_their_inputs_before_torch(shapes_small, tmp_path, no_torch):
     """As a new user meets them: a preset pointing at runs not made yet, a CLIP directory that is not
-    there, no GPU. One error line naming the flag and the path, before the models load, and no run
+    there, a manifest or a weight file misspelt, no GPU. One error line naming the flag and the path,
+    before torch is imported (so within a second: the PYTHONPATH's `torch` fails to import) and no run
     directory left behind. Catches: `--model` named for `--vdm`, a CLIP traceback after minutes of
-    anchor captions, an empty run directory."""
+    anchor captions, a check made after the models load, an empty run directory."""
     os.symlink(os.path.join(ROOT, "config"), tmp_path / "config")
     train = ["--train", str(shapes_small / "train.jsonl")]
+    val = ["--val", str(shapes_small / "val.jsonl")]
+    no_such = "no such checkpoint directory (nor one of vans, base, shapes, shapes-sft, tiny, random:PRESET)"
 
-    def run(script, *argv):
+    def run(script, *argv, env=None):
+        env = env or {"PYTHONPATH": str(no_torch)}
         r = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], capture_output=True, text=True,
-                           cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                           cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
         lines = r.stderr.strip().splitlines()
         assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-2000:]
         return lines[0]
 
     assert run("grpo_stage1.py", "--config", "config/shapes.py", "--out", "out/g1", *train) == \
-        "error: --init out/shapes/sft_vlm/last: no such checkpoint directory (nor one of vans, base, shapes, shapes-sft, tiny, random:PRESET)"
+        f"error: --init out/shapes/sft_vlm/last: {no_such}"
     assert run("grpo_stage1.py", "--config", "config/shapes.py", "--init", "shapes-sft", "--out", "out/g1", *train) \
         .startswith("error: --vdm out/shapes/sft_vdm/last: no such checkpoint directory")
     for script in ("grpo_stage1.py", "grpo_stage2.py"):
-        flags = ["--init", "shapes-sft"] if script == "grpo_stage1.py" else ["--vlm", "shapes", "--val", str(shapes_small / "val.jsonl")]
+        flags = ["--init", "shapes-sft"] if script == "grpo_stage1.py" else ["--vlm", "shapes", *val]
         assert run(script, "--config", "config/shapes.py", *flags, "--vdm", "shapes", "--out", "out/g", *train) \
             .startswith("error: --clip data/shapes/clip: no such file or directory")
-    if not torch.cuda.is_available():
-        assert run("sft_vlm.py", "--model", "tiny", "--device", "cuda", "--out", "out/v", *train) == \
+    assert run("grpo_stage2.py", "--vlm", "shapes", "--vdm", "shapes-sft", "--train", "nope.jsonl", *val) == \
+        "error: --train nope.jsonl: no such manifest"
+    assert run("sft_vlm.py", "--model", "nothere", "--out", "out/v", *train) == f"error: --model nothere: {no_such}"
+    assert run("sft_vdm.py", "--model", "tiny", "--out", "out/d", *train, "--val", "nope.jsonl") == \
+        "error: --val nope.jsonl: no such manifest"  # before the training manifest's videos are read
+    for world_script in ("train-vae", "train-clip"):  # the Shapes world's own training
+        assert run("shapes.py", world_script, "--train", "nope.jsonl") == "error: --train nope.jsonl: no such manifest"
+    manifest = ["--manifest", str(shapes_small / "val.jsonl")]
+    for flags, message in ((["--manifest", "nope.jsonl", "--model", "tiny"], "error: nope.jsonl: no such manifest"),
+                           ([*manifest, "--model", "nothere"], f"error: --model nothere: {no_such}"),
+                           ([*manifest, "--model", "tiny", "--i3d", "nope.safetensors"],
+                            "error: --i3d nope.safetensors: I3D weights not found; run `python eval.py --fetch-i3d` once"),
+                           ([*manifest, "--model", "tiny", "--clip", "nope"], "error: --clip nope: no such file or directory"),
+                           ([*manifest, "--predictions", "nope"], "error: --predictions nope: no such directory")):
+        assert run("eval.py", *flags).startswith(message)
+    if not torch.cuda.is_available():  # the device is known once torch is there, still before any weight is read
+        assert run("sft_vlm.py", "--model", "tiny", "--device", "cuda", "--out", "out/v", *train, env={"X": ""}) == \
             "error: --device cuda: no CUDA GPU is available here (use --device cpu)"
-    # flags that cannot work: argparse's usage, then its error line
-    for script, flags, message in (
-            ("grpo_stage1.py", ["--minibatches", "3"], "--minibatches 3 must split the 8 completions"),
-            ("grpo_stage2.py", ["--train-fraction", "0.01"], "--train-fraction 0.01: trains int(20 x it) SDE steps"),
-            ("grpo_stage2.py", ["--rewards", "clip_v=1,clip_v=2"], "--rewards: two rewards named 'clip_v'")):
+    # flags that cannot work: argparse's usage, then its error line (--rewards is read by rewards.py, with torch)
+    for script, flags, message, env in (
+            ("grpo_stage1.py", ["--minibatches", "3"], "--minibatches 3 must split the 8 completions", {"PYTHONPATH": str(no_torch)}),
+            ("grpo_stage2.py", ["--train-fraction", "0.01"], "--train-fraction 0.01: trains int(20 x it) SDE steps",
+             {"PYTHONPATH": str(no_torch)}),
+            ("grpo_stage2.py", ["--rewards", "clip_v=1,clip_v=2", "--vlm", "shapes", "--vdm", "shapes-sft", *val],
+             "--rewards: two rewards named 'clip_v'", {})):
         r = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags, "--out", "out/g", *train],
-                           capture_output=True, text=True, cwd=tmp_path)
+                           capture_output=True, text=True, cwd=tmp_path, env={**os.environ, **env})
         assert r.returncode == 2 and message in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
     assert not (tmp_path / "out").exists()
 

@@ -15,6 +15,7 @@ import torch
 
 import data
 import eval as ev
+import fvd
 import rewards
 from helpers import ROOT, moving_clip
 
@@ -199,17 +200,17 @@ def test_frechet_distance_against_scipy():
     b = rng.normal(size=(50, 8)) * 2 + 1
     s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     direct = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s_a + s_b - 2 * scipy.linalg.sqrtm(s_a @ s_b).real)
-    assert ev.frechet_distance(a, b) == pytest.approx(direct, rel=1e-8)
-    assert ev.frechet_distance(b, a) == pytest.approx(direct, rel=1e-8)
-    assert ev.frechet_distance(a[rng.permutation(60)], b[rng.permutation(50)]) == pytest.approx(direct, rel=1e-8)
-    assert abs(ev.frechet_distance(a, a)) < 1e-8
+    assert fvd.frechet_distance(a, b) == pytest.approx(direct, rel=1e-8)
+    assert fvd.frechet_distance(b, a) == pytest.approx(direct, rel=1e-8)
+    assert fvd.frechet_distance(a[rng.permutation(60)], b[rng.permutation(50)]) == pytest.approx(direct, rel=1e-8)
+    assert abs(fvd.frechet_distance(a, a)) < 1e-8
 
 
 def test_tf_resize_bilinear():
     """FVD's resize is TF1's resize_bilinear (no half-pixel centres), exact on a ramp. Catches:
     torch's default sampling grid, which shifts every pixel."""
     ramp = torch.arange(10.0).view(1, 1, 1, 10).expand(1, 1, 4, 10)
-    out = ev.tf_resize_bilinear(ramp, (8, 25))
+    out = fvd.tf_resize_bilinear(ramp, (8, 25))
     # TF1 maps output j to input j * in / out (no half-pixel centres); exact for a ramp until the clamp
     src = torch.arange(25.0) * 10 / 25
     torch.testing.assert_close(out[0, 0, 0], torch.where(src <= 9, src, torch.tensor(9.0)))
@@ -219,9 +220,9 @@ def test_tf_resize_bilinear():
 def test_i3d_shapes_and_min_frames():
     """The I3D has the checkpoint's parameters, gives 400 logits, and refuses clips under 9 frames.
     Catches: a layer missing, a clip too short for the network silently padded."""
-    model = ev.I3D().eval()
+    model = fvd.I3D().eval()
     assert sum(p.numel() for p in model.parameters()) == 12_704_544 - sum(  # the checkpoint's count minus BN stats
-        m.mean.numel() + m.var.numel() for m in model.modules() if isinstance(m, ev.Unit3D) and m.bn)
+        m.mean.numel() + m.var.numel() for m in model.modules() if isinstance(m, fvd.Unit3D) and m.bn)
     with torch.no_grad():
         assert model(torch.zeros(2, 3, 9, 224, 224)).shape == (2, 400)
         with pytest.raises(ValueError, match="at least 9 frames"):
@@ -234,10 +235,10 @@ def test_numpy_only_unpickler_refuses_code():
     import io
     import pickle
     arr = {"params": {"w": np.arange(3, dtype=np.float32)}}
-    loaded = ev._NumpyOnly(io.BytesIO(pickle.dumps(arr))).load()
+    loaded = fvd._NumpyOnly(io.BytesIO(pickle.dumps(arr))).load()
     np.testing.assert_array_equal(loaded["params"]["w"], arr["params"]["w"])
     with pytest.raises(pickle.UnpicklingError, match="refusing to unpickle"):
-        ev._NumpyOnly(io.BytesIO(pickle.dumps(os.system))).load()
+        fvd._NumpyOnly(io.BytesIO(pickle.dumps(os.system))).load()
 
 
 @needs_i3d
@@ -259,7 +260,7 @@ def test_i3d_matches_reference_jax_port(i3d):
 def test_fvd_identical_sets_is_zero(i3d):
     """FVD of a set against itself is 0 to 1e-9. Catches: an asymmetric or noisy Frechet distance."""
     clips = np.stack([moving_clip(9, 32, 32, seed=s) for s in range(3)])
-    assert abs(ev.fvd(clips, clips, i3d)) < 1e-9
+    assert abs(fvd.fvd(clips, clips, i3d)) < 1e-9
 
 
 @needs_i3d
@@ -271,7 +272,7 @@ def test_fvd_matches_tensorflow_reference(i3d):
     report (resize, scaling, covariance)."""
     black = np.zeros((8, 30, 64, 64, 3), np.uint8)
     white = np.full((8, 30, 64, 64, 3), 255, np.uint8)
-    assert ev.fvd(black, white, i3d) == pytest.approx(151.39244, abs=2e-3)
+    assert fvd.fvd(black, white, i3d) == pytest.approx(151.39244, abs=2e-3)
 
 
 def _eval_manifest(tmp_path, n=3):

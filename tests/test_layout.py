@@ -6,8 +6,9 @@ import os
 
 from helpers import ROOT
 
-PAPER = ["model.py", "checkpoint.py", "rewards.py", "data.py", "common.py", "infer.py", "eval.py", "bench.py",
+PAPER = ["model.py", "checkpoint.py", "rewards.py", "data.py", "common.py", "infer.py", "eval.py", "fvd.py", "bench.py",
          "sft_vlm.py", "sft_vdm.py", "grpo_stage1.py", "grpo_stage2.py"]
+SCRIPTS = ["infer.py", "eval.py", "sft_vlm.py", "sft_vdm.py", "grpo_stage1.py", "grpo_stage2.py"]
 
 
 def imports(path):
@@ -69,3 +70,34 @@ def test_the_shapes_page_is_what_its_script_writes():
     text = open(page.PAGE).read()
     assert page.rewrite(text) == text
     assert "| 5 | row 4 + stage 2 (Joint-GRPO) | 0.9423 ± 0.0057 | 258.25 ± 37.79 |" in text  # seeds 0, 1, 2 averaged
+
+
+def flag_argument(path, flag, keyword):
+    """The literal value of `keyword` in a file's parser.add_argument(flag, ...)."""
+    for node in ast.walk(ast.parse(open(os.path.join(ROOT, path)).read())):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument" and \
+                node.args and getattr(node.args[0], "value", None) == flag:
+            return next(ast.literal_eval(k.value) for k in node.keywords if k.arg == keyword)
+    raise KeyError(f"{path}: no {flag}")
+
+
+def test_what_the_scripts_know_before_torch_is_what_the_models_define(no_torch):
+    """The scripts parse their flags and check their paths before torch is imported, so the names they
+    need then are spelled out where torch is not: the built-in presets (checkpoint.BUILT_IN), the
+    reward normalisations (--norm) and the reference frames (--n-refs). Each must be model.py's and
+    rewards.py's, and every script's --help must come without torch. Catches: a preset added to
+    model.CONFIGS that --model rejects, a normalisation --norm cannot select, a parser that needs torch."""
+    import subprocess
+    import sys
+
+    import checkpoint
+    import model
+    import rewards
+    assert checkpoint.BUILT_IN == tuple(model.CONFIGS)
+    for script in ("grpo_stage1.py", "grpo_stage2.py"):
+        assert flag_argument(script, "--norm", "choices") == rewards.NORMALISATIONS
+    assert flag_argument("sft_vdm.py", "--n-refs", "default") == model.N_REFS
+    for script in SCRIPTS:
+        r = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True,
+                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(no_torch)})
+        assert r.returncode == 0 and r.stdout.startswith("usage: "), (script, r.stderr[-1000:])
