@@ -12,10 +12,11 @@ compiled (--attention, --compile).
     python bench.py --suite load     # host memory (peak RSS) of loading the full-size models as the
                                      # scripts do, from random weights written in the hub's layout
 
-One table: stage, ours (s), peer (s), ours / peer, peak memory (GB: CUDA memory allocated on a GPU,
-the process's resident set on a CPU; the peak during that stage). Every stage runs once to warm up,
-then --repeats times; the median is shown. The peer has no reference frames: `dit` is our sampler
-with the 6 reference latents in front, `dit, no refs` the same work as the peer's.
+One table: stage, ours and the peer's seconds (the median and the fastest of --repeats runs after one
+to warm up, ours and the peer's taking turns), their ratios, peak memory (GB: CUDA memory allocated on
+a GPU, the process's resident set on a CPU; the peak during that stage). The peer has no reference
+frames: `dit, no refs` is our sampler doing the peer's work, `dit` the same with the 6 reference
+latents in front, `refs` their encoding (VANS's own work: no peer does it).
 """
 
 import argparse
@@ -76,19 +77,22 @@ class PeakMemory:
             self.gb = self.peak / 1e9
 
 
-def timed(fn, device, repeats):
-    """-> (median seconds over `repeats` runs after a warm-up, peak GB, fn's last result)."""
+def timed(fns, device, repeats):
+    """-> for each of fns: ((median, min) seconds over `repeats` runs after a warm-up, peak GB, its last
+    result). The fns take turns run by run, so that the machine's drift falls on each alike."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    out = fn()
-    times = []
-    with PeakMemory(device) as mem:
-        for _ in range(repeats):
-            sync()
-            t0 = time.perf_counter()
-            out = fn()
-            sync()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times), mem.gb, out
+    outs = [fn() for fn in fns]
+    times, gb = [[] for _ in fns], [0.0 for _ in fns]
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            with PeakMemory(device) as mem:
+                sync()
+                t0 = time.perf_counter()
+                outs[i] = fn()
+                sync()
+                times[i].append(time.perf_counter() - t0)
+            gb[i] = max(gb[i], mem.gb)
+    return [((statistics.median(t), min(t)), g, out) for t, g, out in zip(times, gb, outs)]
 
 
 def build(suite, device):
@@ -142,7 +146,7 @@ def sft_step(vdm, x0, text, refs):
         with amp:
             model.flow_matching_loss(vdm, x0, text, refs, torch.Generator().manual_seed(0)).backward()
     opt.zero_grad(set_to_none=True)
-    seconds, gb, _ = timed(step, x0.device, args.repeats)
+    [(seconds, gb, _)] = timed([step], x0.device, args.repeats)
     dit.eval().requires_grad_(False)
     return seconds, gb, counter.get_total_flops()
 
@@ -326,36 +330,40 @@ if __name__ == "__main__":
     frames = clip[np.linspace(0, T - 1, model.VLM_FRAMES).round().astype(int)]
     question, caption = "What happens next?", "A red ball rolls to the left and bounces off the wall."
     neg_prompt = vdm.negative_prompt
-    rows = []  # (stage, ours s, peer s or None, GB)
+    rows = []  # (stage, ours (median, min) s, the peer's or None, GB)
 
     def stage(name, ours, peer=None):
-        s, gb, out = timed(ours, device, args.repeats)
-        p = timed(peer, device, args.repeats)[0] if peer else None
-        rows.append((name, s, p, gb))
+        (s, gb, out), *theirs = timed([ours, peer] if peer else [ours], device, args.repeats)
+        rows.append((name, s, theirs[0][0] if peer else None, gb))
         return out
 
-    inp = vlm.inputs([frames], [question])
-    stop = vlm.stop_ids()
-    stage("vlm", lambda: vlm.generate([frames], [question], "greedy", tokens),
-          lambda: vlm.model.generate(**inp, do_sample=False, max_new_tokens=tokens, eos_token_id=stop,
-                                     pad_token_id=vlm.processor.tokenizer.pad_token_id))
+    stop, tok = vlm.stop_ids(), vlm.processor.tokenizer
+
+    def peer_vlm():  # as transformers runs it: the processor's inputs, generate, the completion decoded
+        inp = vlm.inputs([frames], [question])  # (the chat template and the processor)
+        out = vlm.model.generate(**inp, do_sample=False, max_new_tokens=tokens, eos_token_id=stop,
+                                 pad_token_id=tok.pad_token_id)
+        return tok.batch_decode(out[:, inp["input_ids"].shape[1]:], skip_special_tokens=True)
+    stage("vlm", lambda: vlm.generate([frames], [question], "greedy", tokens), peer_vlm)
     with torch.no_grad():
         text, neg = stage("text", lambda: (vdm.encode_text([caption]), vdm.encode_text([neg_prompt])),
                           lambda: pipe.encode_prompt(caption, neg_prompt, True, max_sequence_length=512, device=device))
         refs = stage("refs", lambda: vdm.ref_latents(vdm.encode_video(
             torch.from_numpy(clip).permute(3, 0, 1, 2)[None].float().div(127.5).sub(1).to(device))))
         gen = lambda: torch.Generator().manual_seed(0)
-        latents = stage("dit", lambda: vdm.sample(text, neg, refs, T, H, W, steps=steps, cfg=5.0, generator=gen()),
-                        lambda: pipe(prompt_embeds=text.to(vdm.dit.dtype), negative_prompt_embeds=neg.to(vdm.dit.dtype),
-                                     num_frames=T, height=H, width=W, num_inference_steps=steps, guidance_scale=5.0,
-                                     output_type="latent", generator=gen()).frames)
-        stage("dit, no refs", lambda: vdm.sample(text, neg, None, T, H, W, steps=steps, cfg=5.0, generator=gen()))
+        latents = stage("dit", lambda: vdm.sample(text, neg, refs, T, H, W, steps=steps, cfg=5.0, generator=gen()))
+        stage("dit, no refs", lambda: vdm.sample(text, neg, None, T, H, W, steps=steps, cfg=5.0, generator=gen()),
+              lambda: pipe(prompt_embeds=text.to(vdm.dit.dtype), negative_prompt_embeds=neg.to(vdm.dit.dtype),
+                           num_frames=T, height=H, width=W, num_inference_steps=steps, guidance_scale=5.0,
+                           output_type="latent", generator=gen()).frames)
         mean = torch.tensor(pipe.vae.config.latents_mean).view(1, -1, 1, 1, 1).to(latents)
         std = torch.tensor(pipe.vae.config.latents_std).view(1, -1, 1, 1, 1).to(latents)
         stage("vae", lambda: vdm.decode(latents), lambda: pipe.vae.decode(latents.to(pipe.vae.dtype) * std + mean).sample)
-    total = sum(r[1] for r in rows if r[0] != "dit, no refs")
-    peer_total = sum(r[2] for r in rows if r[2] is not None)
-    rows.append(("answer (sum)", total, peer_total, max(r[3] for r in rows)))
+    total = lambda skip: [sum(r[1][i] for r in rows if r[0] not in skip) for i in (0, 1)]
+    peer_total = [sum(r[2][i] for r in rows if r[2] is not None) for i in (0, 1)]
+    gb = max(r[3] for r in rows)
+    rows += [("answer (sum)", total({"dit, no refs"}), peer_total, gb),  # VANS's answer against the plain Qwen-Wan one
+             ("answer, no refs (sum)", total({"dit", "refs"}), peer_total, gb)]  # the same work as the peer's
 
     # the whole answer as infer.py computes it, then with --offload (the VLM and the text encoder on the
     # CPU except while they run: the peak memory is the point)
@@ -379,7 +387,7 @@ if __name__ == "__main__":
     seconds, gb, flops = sft_step(vdm, latents[:1], text, refs.float())
     rows.append(("sft_vdm step", seconds, None, gb))
     s2, gb2 = grpo_stage2_step(vdm, text, neg, refs, (T, H, W), steps=20 if args.suite == "gpu" else 2)
-    rows.append(("grpo_stage2 step (8 videos)", s2, None, gb2))
+    rows.append(("grpo_stage2 step (8 videos)", (s2, s2), None, gb2))  # run once
     torch.nn.Module.to(vdm.dit, dit_dtype)  # the training steps train it in float32
     if device.type == "cuda":  # the DiT's kernels: cuDNN's attention, then torch.compile of its blocks
         with torch.no_grad():
@@ -391,10 +399,14 @@ if __name__ == "__main__":
             stage("dit, --compile", lambda: vdm.sample(text, neg, refs, T, H, W, steps=steps, cfg=5.0, generator=gen()))
 
     print(f"{args.suite} suite on {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}: answers of "
-          f"{T}x{H}x{W}, {steps} steps, CFG 5, {tokens} VLM tokens at most; median of {args.repeats}")
-    print("| stage | ours (s) | peer (s) | ours / peer | peak memory (GB) |\n|---|---|---|---|---|")
-    for name, s, p, g in rows:
-        print(f"| {name} | {s:.3f} | {'-' if p is None else f'{p:.3f}'} | {'-' if not p else f'{s / p:.2f}'} | {g:.2f} |")
+          f"{T}x{H}x{W}, {steps} steps, CFG 5, {tokens} VLM tokens at most; median and min of {args.repeats} runs")
+    print("| stage | ours (s) | peer (s) | ours / peer | ours, min (s) | peer, min (s) | ours / peer, min | peak memory (GB) |\n"
+          "|---|---|---|---|---|---|---|---|")
+    cell = lambda x: "-" if x is None else f"{x:.3f}"
+    for name, (s, s_min), p, g in rows:
+        p, p_min = p or (None, None)
+        print(f"| {name} | {s:.3f} | {cell(p)} | {'-' if not p else f'{s / p:.2f}'} | {s_min:.3f} | {cell(p_min)} | "
+              f"{'-' if not p else f'{s_min / p_min:.2f}'} | {g:.2f} |")
     peak = next((v for k, v in PEAK_BF16.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
-    print(f"sft_vdm step: {flops / 1e12:.2f} TFLOP" + (f", MFU {flops / seconds / peak:.1%} of {peak / 1e12:.0f} TFLOP/s bf16"
+    print(f"sft_vdm step: {flops / 1e12:.2f} TFLOP" + (f", MFU {flops / seconds[0] / peak:.1%} of {peak / 1e12:.0f} TFLOP/s bf16"
                                                       if peak else ""))

@@ -295,8 +295,13 @@ class VLM:
 
     @torch.no_grad()
     def generate(self, videos, questions, decoding="release", max_new_tokens=1024):
-        """-> list of completions (text after the assistant tag, special tokens removed). decoding: a DECODING name."""
-        return self.rollout(videos, questions, max_new_tokens, **DECODING[decoding])[1]
+        """-> list of completions (text after the assistant tag, special tokens removed). decoding: a DECODING name.
+        transformers' generate on the processor's inputs, as the release calls it."""
+        tok = self.processor.tokenizer
+        inp = self.inputs(videos, questions)
+        out = self.model.generate(**inp, max_new_tokens=max_new_tokens, **DECODING[decoding], eos_token_id=self.stop_ids(),
+                                  pad_token_id=tok.pad_token_id)
+        return tok.batch_decode(out[:, inp["input_ids"].shape[1]:], skip_special_tokens=True)
 
     @torch.no_grad()
     def rollout(self, videos, questions, max_new_tokens=1024, **settings):
@@ -304,11 +309,12 @@ class VLM:
         GRPO's), and keep what GRPO needs -> (inputs of the whole sequences, completions). The inputs
         hold prompt + completion tokens (the prompt left-padded, the completion right-padded) and
         "completion_mask" (B, n): the completion's tokens up to and including its stop token;
-        n = the longest completion."""
+        n = the longest completion. The vision tokens are never sampled: the sequence is read again
+        by the model, which would take one for a vision slot."""
         tok = self.processor.tokenizer
         stops = self.stop_ids()
         inp = self.inputs(videos, questions)
-        vision = tok.convert_tokens_to_ids(QWEN_SPECIAL[3:])  # never generated: they would be read as vision slots
+        vision = tok.convert_tokens_to_ids(QWEN_SPECIAL[3:])
         out = self.model.generate(**inp, max_new_tokens=max_new_tokens, **settings, eos_token_id=stops,
                                   pad_token_id=tok.pad_token_id, suppress_tokens=vision)
         completion = out[:, inp["input_ids"].shape[1]:]  # (B, n)
