@@ -74,8 +74,19 @@ def check_models(**flags):
             sys.exit(f"error: --{flag.replace('_', '-')} {e}")
 
 
-def check_clip(weights):
-    """--clip before any heavy work: a named weight (openai, random) or a file or directory that is there."""
+def check_clip(weights, rewards=None):
+    """--clip before any heavy work: a named weight (openai, random) or a file or directory that is there.
+    rewards: a --rewards spec (name=lambda,...); then only if it weights clip_v or clip_t (rewards.parse
+    reads the spec in full once torch is imported, and reports a malformed one)."""
+    def weighted(w):
+        try:
+            return float(w or 1) != 0
+        except ValueError:
+            return True
+    if rewards is not None:
+        lambdas = dict(item.partition("=")[::2] for item in rewards.split(",") if item)
+        if not any(weighted(lambdas[k]) for k in ("clip_v", "clip_t") if k in lambdas):
+            return
     if weights not in (None, "openai", "random") and not os.path.exists(weights):
         sys.exit(f"error: --clip {weights}: no such file or directory (expected openai, random, a local open_clip "
                  "ViT-B/32 weights file or a tiny-CLIP directory)")

@@ -117,7 +117,7 @@ last = os.path.join(args.out, "last")
 resume = args.resume and checkpoint.checkpoint_exists(last)
 common.check_models(**({} if resume else {"init": args.init}), vdm=args.vdm)
 common.check_frozen(last, resume, vdm=args.vdm)
-common.check_clip(args.clip)
+common.check_clip(args.clip, args.rewards)
 train, _ = data.read_manifests(args, min_frames=args.frames)
 
 import torch  # noqa: E402

@@ -133,7 +133,7 @@ last = os.path.join(args.out, "last")
 resume = args.resume and checkpoint.checkpoint_exists(last)
 common.check_models(vlm=args.vlm, vdm=args.vdm)
 common.check_frozen(last, resume, vlm=args.vlm, vdm=args.vdm)
-common.check_clip(args.clip)
+common.check_clip(args.clip, args.rewards)
 train, val = data.read_manifests(args, min_frames=args.frames)
 
 import torch  # noqa: E402

@@ -74,6 +74,18 @@ def test_scripts_check_their_inputs_before_torch(shapes_small, tmp_path, no_torc
     assert not (tmp_path / "out").exists()
 
 
+def test_clip_is_checked_where_the_rewards_use_it():
+    """--clip is checked before torch only when CLIP scores something: eval always, a GRPO run when its
+    --rewards weights clip_v or clip_t. Catches: a pixel-reward run refused for a CLIP it never loads."""
+    import common
+    for spec in ("shapes:brightness=1", "format=1,rouge_l=1,clip_v=0", "clip_v=0.0,clip_t=0"):
+        assert common.check_clip("nope", spec) is None
+    for spec in (None, "clip_v", "format=1,clip_t=0.5", "clip_v=1e-9", "clip_v=x"):  # x: rewards.parse's error, later
+        with pytest.raises(SystemExit, match="^error: --clip nope: no such file or directory"):
+            common.check_clip("nope", spec)
+    assert common.check_clip("openai", "clip_v=1") is None and common.check_clip(ROOT, "clip_v=1") is None
+
+
 @pytest.mark.slow
 def test_stopped_runs_keep_their_work(shapes_small, tmp_path):
     """Ctrl-C (SIGINT) during a training run: the step under way finishes, the run logs and saves that
