@@ -4,8 +4,9 @@ Writes the generated parts of docs/shapes.md from the small results files under 
     python docs/make_shapes_page.py                      # rewrite the page's tables from docs/results/
     python docs/make_shapes_page.py 1 out/shapes-seed1   # first take seed 1's rows from its run's
                                                          # eval/<row>/results.json into docs/results/
-    python docs/make_shapes_page.py stage2 out/s2-1000   # first take a stage-2 run's curve (log.jsonl,
-                                                         # val.jsonl) into docs/results/, and its figure
+    python docs/make_shapes_page.py stage2 lora out/s2-lora   # first take a stage-2 run's curve (log.jsonl,
+                                                              # val.jsonl) into docs/results/stage2/, as STAGE2's
+                                                              # run "lora"; the figure of them all
 
 Each generated part of the page sits between `<!-- begin: NAME -->` and `<!-- end: NAME -->`, and
 BLOCKS maps NAME to the function that writes it (markdown, from docs/results/ only). Everything
@@ -42,6 +43,12 @@ CLIPS = {
     "data/shapes/clip_hard": "with hard negatives: every future of 16 scenes in each batch, 2,000 steps",
     "data/shapes/clip_hard_perturbed": "the same, and 32 frames a batch made wrong as the DiT makes them "
                                        "(an object recoloured or doubled)",
+}
+# stage 2 over the paper's 1,000 steps: runs of the preset from the shipped models (docs/results/stage2/<name>.json)
+STAGE2 = {
+    "lora": "a LoRA r 32 on the DiT (Flow-GRPO's Wan2.1 setting)",
+    "full": "every DiT weight (config/shapes.py, the paper's)",
+    "random": "every DiT weight, a random reward (control)",
 }
 # shapes.why_not_shown's reasons -> words
 WHY = {"another object lost": "another object is not found in its colour at the start or the end",
@@ -114,26 +121,31 @@ def slope(x, y):
 
 
 def stage2_curve():
-    """docs/results/stage2_curve.json: the training reward's trend, and the held-out reward against step 0's"""
-    path = os.path.join(RESULTS, "stage2_curve.json")
-    if not os.path.exists(path):
+    """docs/results/stage2/*.json: each run's training reward trend, and its held-out reward against step 0's"""
+    runs = {name: load(path) for name in STAGE2 if os.path.exists(path := os.path.join(RESULTS, "stage2", f"{name}.json"))}
+    if not runs:
         return ("The preset's stage 2 over the paper's 1,000 steps has no committed results yet: `python "
-                "docs/make_shapes_page.py stage2 RUN` writes its curve here from the run's log.jsonl and val.jsonl.")
-    r = load(path)
-    x, y = np.array(r["steps"], float), np.array(r["reward"])
-    b, se = slope(x, y)
-    val = r["val"]  # {step: {prompt id: reward}}
-    first, last = min(val, key=int), max(val, key=int)
-    d = np.array([val[last][k] - val[first][k] for k in val[first]])
-    rows = [[k, f"{np.mean(list(v.values())):.4f}"] for k, v in sorted(val.items(), key=lambda kv: int(kv[0]))]
-    return (f"`{r['command']}` ({len(x)} steps, {r['hours']:.1f} h on 2 cores). The training reward (r_v2 + r_c2, "
-            f"a new prompt each step) has a least-squares slope of {b:.2e} ± {se:.1e} a step ({b / se:+.1f} standard "
-            f"errors); the held-out reward (the first {len(d)} validation prompts, each rendered by the ODE sampler "
-            f"from the same noise) goes from {np.mean(list(val[first].values())):.4f} at step {first} to "
-            f"{np.mean(list(val[last].values())):.4f} at step {last}, a paired difference of {d.mean():+.4f} ± "
-            f"{d.std(ddof=1) / np.sqrt(len(d)):.4f} ({d.mean() / (d.std(ddof=1) / np.sqrt(len(d))):+.1f} standard "
-            f"errors).\n\n" + table(["step", "held-out reward"], rows)
-            + "\n\n![stage 2 over 1,000 steps: the training reward and its running mean, and the held-out reward]"
+                "docs/make_shapes_page.py stage2 NAME RUN` writes its curve here from the run's log.jsonl and val.jsonl.")
+    rows, by_step = [], {}
+    for name, r in runs.items():
+        b, se = slope(np.array(r["steps"], float), np.array(r["reward"]))
+        val = r["val"]  # {step: {prompt id: r_v2 + r_c2}}
+        first, last = min(val, key=int), max(val, key=int)
+        d = np.array([val[last][k] - val[first][k] for k in val[first]])
+        dse = d.std(ddof=1) / np.sqrt(len(d))
+        rows.append([STAGE2[name], f"`{r['command']}`", f"{len(r['steps'])} ({r['hours']:.1f} h)",
+                     f"{b:.1e} ± {se:.1e} ({b / se:+.1f} SE)", f"{d.mean():+.4f} ± {dse:.4f} ({d.mean() / dse:+.1f} SE)"])
+        for k, v in val.items():
+            by_step.setdefault(int(k), {})[name] = f"{np.mean(list(v.values())):.4f}"
+    n = len(next(iter(runs.values()))["val"]["0"])
+    return (table(["stage 2", "command", "steps", "training reward: slope a step", "held-out reward: last minus step 0"],
+                  rows) + "\n\nThe training reward is r_v2 + r_c2 of each step's group (a new prompt each step; the "
+            "control logs them beside the random reward it trains on); its slope is a least-squares fit. The held-out "
+            f"reward is r_v2 + r_c2 of the first {n} validation prompts, each rendered by the ODE sampler from the same "
+            "noise every time, paired by prompt:\n\n"
+            + table(["step", *(STAGE2[k] for k in runs)], [[str(k), *(v.get(name, "") for name in runs)]
+                                                        for k, v in sorted(by_step.items())])
+            + "\n\n![stage 2: the training reward's running mean and the held-out reward of each run]"
               "(../assets/shapes_stage2_curve.png)")
 
 
@@ -145,36 +157,44 @@ BLOCKS = {
 }
 
 
-def take_stage2(run):
-    """a grpo_stage2.py run -> docs/results/stage2_curve.json (each step's training reward, each validation's
-    per-prompt reward from val.jsonl, the flags) and assets/shapes_stage2_curve.png"""
+def take_stage2(name, run):
+    """a grpo_stage2.py run -> docs/results/stage2/<name>.json (each step's r_v2 + r_c2, each validation's
+    per-prompt r_v2 + r_c2 from val.jsonl, the command), and assets/shapes_stage2_curve.png of every run there"""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    log = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))]
-    steps = [r for r in log if "reward" in r]
+    assert name in STAGE2, f"stage2 NAME: one of {', '.join(STAGE2)}"
+    steps = [r for r in map(json.loads, open(os.path.join(run, "log.jsonl"))) if "reward" in r]
     flags = load(os.path.join(run, "last", "meta.json"))["flags"]
-    weights = {k: float(w or 1) for k, _, w in (kv.partition("=") for kv in flags["rewards"].split(","))}
-    val = {str(r["step"]): {p["id"]: sum(w * p[k] for k, w in weights.items()) for p in r["prompts"]}
+    val = {str(r["step"]): {p["id"]: p["clip_v"] + p["clip_t"] for p in r["prompts"]}
            for r in map(json.loads, open(os.path.join(run, "val.jsonl")))}
+    extra = (f" --lora {flags['lora']}" if flags["lora"] else "") + \
+        (f" --rewards {flags['rewards']}" if flags["rewards"] != "clip_v=1,clip_t=1" else "") + \
+        (f" --stop-at {steps[-1]['step']}" if steps[-1]["step"] < flags["steps"] else "")
     out = {"command": f"python grpo_stage2.py --config config/shapes.py --vlm shapes --vdm shapes-sft "
-                      f"--clip weights/shapes-sft/clip --steps {steps[-1]['step']} --out {run}",
-           "hours": sum(r["time/rollout"] + r["time/decode"] + r["time/rewards"] + r["time/update"] for r in steps) / 3600,
-           "steps": [r["step"] for r in steps], "reward": [r["reward"] for r in steps], "val": val}
-    with open(os.path.join(RESULTS, "stage2_curve.json"), "w") as f:
+                      f"--clip weights/shapes-sft/clip --steps {flags['steps']}{extra} --out out/stage2-{name}",
+           "hours": float(np.median([r["sec_per_step"] for r in steps])) * len(steps) / 3600,  # (a paused run's pauses out)
+           "steps": [r["step"] for r in steps],
+           "reward": [r["rewards/clip_v/mean"] + r["rewards/clip_t/mean"] for r in steps], "val": val}
+    os.makedirs(os.path.join(RESULTS, "stage2"), exist_ok=True)
+    with open(os.path.join(RESULTS, "stage2", f"{name}.json"), "w") as f:
         json.dump(out, f)
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.2))
-    y = np.array(out["reward"])
-    a.plot(out["steps"], y, lw=0.5, alpha=0.5, label="each step")
-    a.plot(out["steps"][49:], np.convolve(y, np.ones(50) / 50, "valid"), label="mean of 50")
-    a.set(xlabel="step", ylabel="r_v2 + r_c2", title="training reward")
-    a.legend()
-    vs = sorted(val, key=int)
-    b.plot([int(k) for k in vs], [np.mean(list(val[k].values())) for k in vs], marker="o")
-    b.set(xlabel="step", ylabel="r_v2 + r_c2", title=f"held-out reward ({len(val[vs[0]])} prompts, fixed noise)")
+    for key in STAGE2:
+        path = os.path.join(RESULTS, "stage2", f"{key}.json")
+        if not os.path.exists(path):
+            continue
+        r = load(path)
+        a.plot(r["steps"][49:], np.convolve(r["reward"], np.ones(50) / 50, "valid"), label=key)
+        vs = sorted(r["val"], key=int)
+        b.plot([int(k) for k in vs], [np.mean(list(r["val"][k].values())) for k in vs], marker="o", label=key)
+    a.set(xlabel="step", ylabel="r_v2 + r_c2", title="training reward, mean of 50 steps")
+    b.set(xlabel="step", ylabel="r_v2 + r_c2", title="held-out reward (fixed prompts and noise)")
+    b.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(DOCS, "..", "assets", "shapes_stage2_curve.png"), dpi=100)
-    print(f"{run}: {len(steps)} steps, {len(val)} validations -> docs/results/stage2_curve.json, assets/shapes_stage2_curve.png")
+    print(f"{run}: {len(steps)} steps, {len(val)} validations -> docs/results/stage2/{name}.json, "
+          "assets/shapes_stage2_curve.png")
 
 
 def take_seed(seed, run):
@@ -217,8 +237,8 @@ def rewrite(page):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "stage2":
-        take_stage2(sys.argv[2])
+    if len(sys.argv) == 4 and sys.argv[1] == "stage2":
+        take_stage2(sys.argv[2], sys.argv[3])
     elif len(sys.argv) == 3:
         take_seed(int(sys.argv[1]), sys.argv[2])
     elif len(sys.argv) != 1:
