@@ -293,11 +293,8 @@ if __name__ == "__main__":
                    **({"captions": args.captions} if args.captions else {})}
         common.same_settings(record, made_by, write=False)
 
-    # --- scorers next: a missing weight file fails before any file is written
-    try:
-        i3d = fvd.load_i3d(args.i3d, args.device)
-    except FileNotFoundError as e:
-        infer.fail(e)
+    # --- scorers next: a weight file that does not load fails before any file is written
+    i3d = fvd.load_i3d(args.i3d, args.device)
     clip = common.load_clip(args.clip, [args.vdm or args.model], args.device)
     if args.clip == "random":
         print("warning: CLIP has random weights (--clip random): CLIP-V / CLIP-T are not meaningful", file=sys.stderr)
