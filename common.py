@@ -65,9 +65,11 @@ def add_run_flags(parser, out, steps):
 def check_models(**flags):
     """Before any heavy work: each flag=value names a model that checkpoint.load knows (vans, base, a
     model shipped in weights/, tiny, random:PRESET) or an existing checkpoint directory; else one error
-    line naming the flag and the path."""
+    line naming the flag and the path. A value of None (a flag not given) is skipped."""
     import checkpoint
     for flag, name in flags.items():
+        if name is None:
+            continue
         try:
             checkpoint.check_name(name)
         except checkpoint.CheckpointError as e:

@@ -251,7 +251,7 @@ if __name__ == "__main__":
         infer.fail("--manifest is required")
 
     # --- every path checked before torch is imported: a mistake is one error line within a second
-    infer.check_models(args)
+    common.check_models(model=args.model, vdm=args.vdm)
     if args.predictions and not os.path.isdir(args.predictions):
         infer.fail(f"--predictions {args.predictions}: no such directory")
     if not os.path.isfile(args.i3d):

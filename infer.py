@@ -21,6 +21,7 @@ import os
 import sys
 import time
 
+import common
 import data
 
 # -----------------------------------------------------------------------------
@@ -86,17 +87,6 @@ def check_out(path):
         fail(f"--out {path}: no such directory {parent}")
     if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
         fail(f"--out {path}: not writable")
-
-
-def check_models(args):
-    """--model and --vdm: names checkpoint.load knows, or checkpoint directories (nothing loaded, no torch)."""
-    import checkpoint
-    for flag in ("model", "vdm"):
-        if getattr(args, flag):
-            try:
-                checkpoint.check_name(getattr(args, flag))
-            except checkpoint.CheckpointError as e:
-                fail(f"--{flag} {e}")
 
 
 def settle_flags(args):
@@ -240,7 +230,7 @@ if __name__ == "__main__":
     if not args.question.strip():
         fail("the question is empty")
     check_out(args.out)
-    check_models(args)
+    common.check_models(model=args.model, vdm=args.vdm)
     settle_flags(args)
     size_warning(args.video, size, args)
 

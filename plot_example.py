@@ -9,6 +9,7 @@ and frames of the answer video, made by infer.py's own code path.
 import argparse
 import sys
 
+import common
 import data
 import infer
 
@@ -47,7 +48,7 @@ if __name__ == "__main__":
         data.probe(args.video)
     except data.VideoError as e:
         infer.fail(e)
-    infer.check_models(args)
+    common.check_models(model=args.model, vdm=args.vdm)
     infer.settle_flags(args)
     import torch
     vlm, vdm = infer.load_models(args)
