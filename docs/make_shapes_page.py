@@ -133,14 +133,21 @@ def stage2_curve():
         first, last = min(val, key=int), max(val, key=int)
         d = np.array([val[last][k] - val[first][k] for k in val[first]])
         dse = d.std(ddof=1) / np.sqrt(len(d))
-        rows.append([STAGE2[name], f"`{r['command']}`", f"{len(r['steps'])} ({r['hours']:.1f} h)",
-                     f"{b:.1e} ± {se:.1e} ({b / se:+.1f} SE)", f"{d.mean():+.4f} ± {dse:.4f} ({d.mean() / dse:+.1f} SE)"])
+        spread = f"{np.median(r['reward_std']):.3f} / {np.std(r['reward']):.3f}" if "reward_std" in r else "-"
+        rows.append([STAGE2[name], f"`{r['command']}`", str(len(r["steps"])),
+                     f"{b:.1e} ± {se:.1e} ({b / se:+.1f} SE)", spread,
+                     f"{d.mean():+.4f} ± {dse:.4f} ({d.mean() / dse:+.1f} SE)"])
         for k, v in val.items():
             by_step.setdefault(int(k), {})[name] = f"{np.mean(list(v.values())):.4f}"
     n = len(next(iter(runs.values()))["val"]["0"])
-    return (table(["stage 2", "command", "steps", "training reward: slope a step", "held-out reward: last minus step 0"],
-                  rows) + "\n\nThe training reward is r_v2 + r_c2 of each step's group (a new prompt each step; the "
-            "control logs them beside the random reward it trains on); its slope is a least-squares fit. The held-out "
+    return (table(["stage 2", "command", "steps", "training reward: slope a step",
+                   "its spread: in a group (median) / between steps", "held-out reward: last minus step 0"], rows)
+            + "\n\nThe training reward is r_v2 + r_c2 of each step's group (a new prompt each step; the "
+            "control logs them beside the random reward it trains on); its slope is a least-squares fit; its spread "
+            "is the median over steps of its standard deviation within the group, against the standard deviation of "
+            "the steps' means (the control's log has the spread of the random reward it trains on, not theirs). The runs "
+            "shared their 2 cores with other work, so their logged times are not the preset's cost: a step is 8.6-9.0 s "
+            "on idle cores ([performance.md](performance.md)). The held-out "
             f"reward is r_v2 + r_c2 of the first {n} validation prompts, each rendered by the ODE sampler from the same "
             "noise every time, paired by prompt:\n\n"
             + table(["step", *(STAGE2[k] for k in runs)], [[str(k), *(v.get(name, "") for name in runs)]
@@ -173,9 +180,10 @@ def take_stage2(name, run):
         (f" --stop-at {steps[-1]['step']}" if steps[-1]["step"] < flags["steps"] else "")
     out = {"command": f"python grpo_stage2.py --config config/shapes.py --vlm shapes --vdm shapes-sft "
                       f"--clip weights/shapes-sft/clip --steps {flags['steps']}{extra} --out out/stage2-{name}",
-           "hours": float(np.median([r["sec_per_step"] for r in steps])) * len(steps) / 3600,  # (a paused run's pauses out)
            "steps": [r["step"] for r in steps],
            "reward": [r["rewards/clip_v/mean"] + r["rewards/clip_t/mean"] for r in steps], "val": val}
+    if flags["rewards"] == "clip_v=1,clip_t=1":  # reward_std is the spread of what the run trains on
+        out["reward_std"] = [r["reward_std"] for r in steps]
     os.makedirs(os.path.join(RESULTS, "stage2"), exist_ok=True)
     with open(os.path.join(RESULTS, "stage2", f"{name}.json"), "w") as f:
         json.dump(out, f)
