@@ -146,8 +146,8 @@ def stage2_curve():
             "control logs them beside the random reward it trains on); its slope is a least-squares fit; its spread "
             "is the median over steps of its standard deviation within the group, against the standard deviation of "
             "the steps' means (the control's log has the spread of the random reward it trains on, not theirs). The runs "
-            "shared their 2 cores with other work, so their logged times are not the preset's cost: a step is 8.6-9.0 s "
-            "on idle cores ([performance.md](performance.md)). The held-out "
+            "shared their 2 cores with other work, so their logged times are not the preset's cost, which "
+            "[performance.md](performance.md) measures on idle cores. The held-out "
             f"reward is r_v2 + r_c2 of the first {n} validation prompts, each rendered by the ODE sampler from the same "
             "noise every time, paired by prompt:\n\n"
             + table(["step", *(STAGE2[k] for k in runs)], [[str(k), *(v.get(name, "") for name in runs)]
@@ -175,14 +175,15 @@ def take_stage2(name, run):
     flags = load(os.path.join(run, "last", "meta.json"))["flags"]
     val = {str(r["step"]): {p["id"]: p["clip_v"] + p["clip_t"] for p in r["prompts"]}
            for r in map(json.loads, open(os.path.join(run, "val.jsonl")))}
+    clip_rewards = flags["rewards"] == "clip_v=1,clip_t=1"  # stage 2's own; else a control's
     extra = (f" --lora {flags['lora']}" if flags["lora"] else "") + \
-        (f" --rewards {flags['rewards']}" if flags["rewards"] != "clip_v=1,clip_t=1" else "") + \
+        ("" if clip_rewards else f" --rewards {flags['rewards']}") + \
         (f" --stop-at {steps[-1]['step']}" if steps[-1]["step"] < flags["steps"] else "")
     out = {"command": f"python grpo_stage2.py --config config/shapes.py --vlm shapes --vdm shapes-sft "
                       f"--clip weights/shapes-sft/clip --steps {flags['steps']}{extra} --out out/stage2-{name}",
            "steps": [r["step"] for r in steps],
            "reward": [r["rewards/clip_v/mean"] + r["rewards/clip_t/mean"] for r in steps], "val": val}
-    if flags["rewards"] == "clip_v=1,clip_t=1":  # reward_std is the spread of what the run trains on
+    if clip_rewards:  # reward_std is the spread of what the run trains on
         out["reward_std"] = [r["reward_std"] for r in steps]
     os.makedirs(os.path.join(RESULTS, "stage2"), exist_ok=True)
     with open(os.path.join(RESULTS, "stage2", f"{name}.json"), "w") as f:
